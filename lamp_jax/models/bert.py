@@ -1,0 +1,320 @@
+"""BERT-family masked language models (BERT, RoBERTa, DistilBERT) in Flax.
+
+Why Flax Linen and not NNX: LAMP needs the forward pass as a *pure function of a
+params pytree* so that a different (masked) copy of the params can be passed per
+relation under ``jax.vmap``. ``nn.Module.apply({"params": p}, ...)`` is exactly
+that, with no graph/state split-merge round trip, and its params are a plain
+nested dict whose paths are the keys of the checkpoint table in ``params.py``
+and of the mask pytree in ``lamp_jax.masks``.
+
+The three families share one post-LayerNorm encoder and differ only in:
+position ids (RoBERTa offsets them past the padding index), whether token-type
+embeddings exist (DistilBERT has none) and the LayerNorm epsilon; all of that is
+read from ``ModelConfig``.
+
+Parameter tree (Linen names; kernels are stored ``[in, out]``)::
+
+    embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+    embeddings/layer_norm/{scale,bias}
+    layer_<i>/attention/{query,key,value,output}/{kernel,bias}
+    layer_<i>/attention_norm/{scale,bias}
+    layer_<i>/ffn_in/{kernel,bias}     layer_<i>/ffn_out/{kernel,bias}
+    layer_<i>/ffn_norm/{scale,bias}
+    mlm_head/transform/{kernel,bias}   mlm_head/layer_norm/{scale,bias}
+    mlm_head/bias                      mlm_head/decoder/kernel (only when untied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FAMILIES = ("bert", "roberta", "distilbert")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a BERT-family MLM (hashable: it is a static jit argument)."""
+
+    family: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # 0 means no token-type embeddings (DistilBERT)
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_act: str = "gelu"
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Builds the config from a Hugging Face ``config.json`` dict."""
+        model_type = hf.get("model_type", "bert")
+        if model_type == "distilbert":
+            return cls(
+                family="distilbert",
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["dim"],
+                num_layers=hf["n_layers"],
+                num_heads=hf["n_heads"],
+                intermediate_size=hf["hidden_dim"],
+                max_position_embeddings=hf["max_position_embeddings"],
+                type_vocab_size=0,
+                layer_norm_eps=1e-12,
+                pad_token_id=hf.get("pad_token_id", 0),
+                hidden_act=hf.get("activation", "gelu"),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            )
+        if model_type in ("roberta", "xlm-roberta", "camembert"):
+            family = "roberta"
+        elif model_type == "bert":
+            family = "bert"
+        else:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; lamp-jax supports BERT, RoBERTa "
+                "(incl. distilroberta) and DistilBERT checkpoints"
+            )
+        return cls(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
+            hidden_act=hf.get("hidden_act", "gelu"),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_hf_dict` (used when we save our own models)."""
+        if self.family == "distilbert":
+            return {
+                "model_type": "distilbert",
+                "architectures": ["DistilBertForMaskedLM"],
+                "vocab_size": self.vocab_size,
+                "dim": self.hidden_size,
+                "n_layers": self.num_layers,
+                "n_heads": self.num_heads,
+                "hidden_dim": self.intermediate_size,
+                "max_position_embeddings": self.max_position_embeddings,
+                "pad_token_id": self.pad_token_id,
+                "activation": self.hidden_act,
+                "tie_word_embeddings": self.tie_word_embeddings,
+            }
+        return {
+            "model_type": self.family,
+            "architectures": ["BertForMaskedLM" if self.family == "bert" else "RobertaForMaskedLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def position_ids_for(input_ids: jax.Array, config: ModelConfig) -> jax.Array:
+    """Position ids as each family's reference implementation makes them."""
+    if config.family == "roberta":
+        # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id.
+        not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=-1) * not_pad + config.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+
+
+class Embeddings(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids):
+        c = self.config
+        embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
+        x = embed(c.vocab_size, "word_embeddings")(input_ids)
+        x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids_for(input_ids, c))
+        if c.type_vocab_size:
+            x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+
+
+class SelfAttention(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_bias):
+        c = self.config
+        dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
+        split = lambda t: t.reshape(*t.shape[:-1], c.num_heads, c.head_dim)  # noqa: E731
+        q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim)
+        # Softmax in float32 whatever the compute dtype: bf16 softmax over long rows loses mass.
+        probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        context = context.reshape(*context.shape[:-2], c.hidden_size)
+        return dense("output")(context), probs
+
+
+class EncoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_bias):
+        c = self.config
+        norm = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        attended, probs = SelfAttention(c, self.dtype, name="attention")(x, attention_bias)
+        x = norm("attention_norm")(x + attended)
+        h = nn.Dense(c.intermediate_size, dtype=self.dtype, name="ffn_in")(x)
+        h = nn.Dense(c.hidden_size, dtype=self.dtype, name="ffn_out")(_activation(c.hidden_act)(h))
+        return norm("ffn_norm")(x + h), probs
+
+
+class MLMHead(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, word_embeddings):
+        c = self.config
+        # RoBERTa's head always uses exact GELU, whatever hidden_act says.
+        act = _activation("gelu" if c.family == "roberta" else c.hidden_act)
+        x = act(nn.Dense(c.hidden_size, dtype=self.dtype, name="transform")(x))
+        x = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        if c.tie_word_embeddings:
+            logits = x @ word_embeddings.T.astype(self.dtype)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="decoder")(x)
+        bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,))
+        # Logits always come out in float32: the loss and the ranking need the precision.
+        return logits.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class MaskedLM(nn.Module):
+    """Encoder + MLM head. See :func:`mlm_forward` for the pure functional entry point."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        output_positions=None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        c = self.config
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = Embeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids)
+        # Additive bias: padded keys get the most negative float, as the reference does.
+        attention_bias = jnp.where(
+            attention_mask[:, None, None, :].astype(bool), 0.0, jnp.finfo(jnp.float32).min
+        ).astype(jnp.float32)
+        hidden_states, attentions = [x], []
+        for i in range(c.num_layers):
+            x, probs = EncoderLayer(c, self.dtype, name=f"layer_{i}")(x, attention_bias)
+            hidden_states.append(x)
+            attentions.append(probs)
+        if output_positions is not None:
+            # Gather before the head: the vocabulary projection is the costliest matmul and
+            # LAMP only needs it at the [MASK] position(s).
+            pos = jnp.asarray(output_positions)
+            gather_idx = pos if pos.ndim == 2 else pos[:, None]
+            x = jnp.take_along_axis(x, gather_idx[..., None], axis=1)
+            if pos.ndim == 1:
+                x = x[:, 0]
+        word_embeddings = self.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+        logits = MLMHead(c, self.dtype, name="mlm_head")(x, word_embeddings)
+        out = {"logits": logits}
+        if output_hidden_states:
+            out["hidden_states"] = tuple(hidden_states)
+        if output_attentions:
+            out["attentions"] = tuple(attentions)
+        return out
+
+
+def mlm_forward(
+    params: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    config: ModelConfig,
+    token_type_ids: jax.Array | None = None,
+    output_positions: jax.Array | None = None,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    dtype: Any = jnp.float32,
+) -> dict[str, Any]:
+    """Pure forward pass: ``params`` pytree + token ids -> MLM outputs.
+
+    Args:
+      params: the model's parameter pytree (as made by :func:`init_params` or
+        ``lamp_jax.models.params.load_mlm``), possibly with masked kernels.
+      input_ids, attention_mask: ``[B, L]`` int arrays (mask is 1 for real tokens).
+      output_positions: optional ``[B]`` (or ``[B, K]``) positions; when given, logits are
+        computed only there, shape ``[B, V]`` (or ``[B, K, V]``) instead of ``[B, L, V]``.
+      output_hidden_states: also return the embedding output and every layer's output.
+      output_attentions: also return every layer's attention probabilities ``[B, H, L, L]``.
+      dtype: compute dtype (``jnp.bfloat16`` for mixed precision); logits are float32.
+
+    Returns:
+      dict with ``logits`` and, when asked, ``hidden_states`` / ``attentions`` tuples.
+    """
+    return MaskedLM(config, dtype).apply(
+        {"params": params},
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        output_positions,
+        output_hidden_states,
+        output_attentions,
+    )
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+    """Randomly initialised params (Flax default initialisers) for ``config``."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return MaskedLM(config).init(rng, ids, jnp.ones_like(ids))["params"]
