@@ -170,7 +170,8 @@ class Embeddings(nn.Module):
         c = self.config
         embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
         x = embed(c.vocab_size, "word_embeddings")(input_ids)
-        x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids_for(input_ids, c))
+        positions = position_ids_for(input_ids, c)
+        x = x + embed(c.max_position_embeddings, "position_embeddings")(positions)
         if c.type_vocab_size:
             x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
