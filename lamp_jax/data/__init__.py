@@ -1,0 +1,49 @@
+"""Data pipeline: LAMA facts -> tokenised fixed-shape arrays -> relation-stacked batches.
+
+``tfds_lama`` is not imported here because importing tensorflow_datasets costs time that most
+callers (tests, the embedded toy world) do not need; import it explicitly.
+"""
+
+from lamp_jax.data.batching import RelationBatcher
+from lamp_jax.data.encode import EncodedPrompts, EncodeReport, encode_facts
+from lamp_jax.data.lama import (
+    LAMA_CONCEPTNET_RELATIONS,
+    Fact,
+    ReadReport,
+    download_lama_conceptnet,
+    read_lama_jsonl,
+)
+from lamp_jax.data.splits import (
+    reference_protocol_split,
+    split_by_fact,
+    split_fact_ids,
+    split_facts,
+)
+from lamp_jax.data.triples import (
+    CKBC_TO_LAMA,
+    TEMPLATES,
+    Triple,
+    read_ckbc,
+    triples_to_facts,
+)
+
+__all__ = [
+    "CKBC_TO_LAMA",
+    "LAMA_CONCEPTNET_RELATIONS",
+    "TEMPLATES",
+    "EncodeReport",
+    "EncodedPrompts",
+    "Fact",
+    "ReadReport",
+    "RelationBatcher",
+    "Triple",
+    "download_lama_conceptnet",
+    "encode_facts",
+    "read_ckbc",
+    "read_lama_jsonl",
+    "reference_protocol_split",
+    "split_by_fact",
+    "split_fact_ids",
+    "split_facts",
+    "triples_to_facts",
+]

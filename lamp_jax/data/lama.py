@@ -1,0 +1,283 @@
+"""Reading LAMA ConceptNet cloze facts (jsonl) and fetching the official file.
+
+Why a hand-written reader instead of ``pandas.read_json``: the LAMA files come in slightly different
+variants (``obj_label`` vs ``obj``, ``sub_label`` vs ``sub``, extra keys such as
+``masked_negations``), and the reference implementation silently drops whatever it cannot use.
+Here every line either becomes a :class:`Fact` or is *counted* in a :class:`ReadReport`, and a
+malformed line names ``file:line`` so a corrupt download is found at once instead of shrinking
+the data set without notice.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+MASK = "[MASK]"
+
+#: The 16 relations of LAMA's ConceptNet probe, in the order used throughout lamp-jax.
+LAMA_CONCEPTNET_RELATIONS: tuple[str, ...] = (
+    "AtLocation",
+    "CapableOf",
+    "Causes",
+    "CausesDesire",
+    "Desires",
+    "HasA",
+    "HasPrerequisite",
+    "HasProperty",
+    "HasSubevent",
+    "IsA",
+    "MadeOf",
+    "MotivatedByGoal",
+    "NotDesires",
+    "PartOf",
+    "ReceivesAction",
+    "UsedFor",
+)
+
+#: Official LAMA data archive and the ConceptNet member inside it.
+LAMA_DATA_URL = "https://dl.fbaipublicfiles.com/LAMA/data.zip"
+LAMA_CONCEPTNET_MEMBER = "data/ConceptNet/test.jsonl"
+#: Number of lines of the official ConceptNet file (used only to warn about odd downloads).
+LAMA_CONCEPTNET_LINES = 29_774
+CACHED_NAME = "lama_conceptnet_test.jsonl"
+
+_MAX_EXAMPLES = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    """One LAMA fact: a (subject, relation, object) triple with its cloze sentences.
+
+    ``sentences`` keep LAMA's literal ``[MASK]`` placeholder; the tokenizer-specific mask token is
+    substituted only at encoding time so the same facts serve BERT and RoBERTa alike.
+    """
+
+    relation: str
+    subject: str
+    obj: str
+    sentences: tuple[str, ...]
+    uuid: str
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What :func:`read_lama_jsonl` kept, skipped and why (nothing is dropped silently)."""
+
+    path: str
+    lines: int = 0
+    blank_lines: int = 0
+    facts: int = 0
+    sentences: int = 0
+    malformed: int = 0
+    malformed_examples: list[str] = dataclasses.field(default_factory=list)
+    sentences_bad_mask_count: int = 0
+    facts_without_usable_sentence: int = 0
+    skipped_relations: dict[str, int] = dataclasses.field(default_factory=dict)
+    missing_subject: int = 0
+    missing_uuid: int = 0
+    facts_per_relation: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One human-readable paragraph, for logs and notebooks."""
+        parts = [
+            f"{self.path}: {self.lines} lines -> {self.facts} facts, {self.sentences} sentences",
+            f"blank lines {self.blank_lines}",
+            f"malformed lines skipped {self.malformed}",
+            f"sentences without exactly one {MASK} dropped {self.sentences_bad_mask_count}",
+            f"facts left without a usable sentence {self.facts_without_usable_sentence}",
+            f"missing subject {self.missing_subject}",
+            f"missing uuid {self.missing_uuid}",
+        ]
+        text = "; ".join(parts)
+        if self.skipped_relations:
+            skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped_relations.items()))
+            text += f"; facts of unrequested relations skipped: {skipped}"
+        if self.facts_per_relation:
+            kept = ", ".join(f"{k}={v}" for k, v in sorted(self.facts_per_relation.items()))
+            text += f"; facts per relation: {kept}"
+        if self.malformed_examples:
+            text += "; e.g. " + " | ".join(self.malformed_examples)
+        return text
+
+
+def _first_present(record: Mapping[str, Any], keys: Iterable[str]) -> Any:
+    for key in keys:
+        if key in record and record[key] is not None:
+            return record[key]
+    return None
+
+
+def _parse_line(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
+    """Validate one jsonl line; returns the cleaned fields or raises ValueError naming ``where``."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    relation = record.get("pred")
+    if not isinstance(relation, str) or not relation.strip():
+        raise ValueError(f"{where}: missing or empty required key 'pred'")
+    obj = _first_present(record, ("obj_label", "obj"))
+    if not isinstance(obj, str) or not obj.strip():
+        raise ValueError(f"{where}: missing or empty required key 'obj_label' (or 'obj')")
+    sentences = record.get("masked_sentences")
+    if sentences is None:
+        raise ValueError(f"{where}: missing required key 'masked_sentences'")
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise ValueError(f"{where}: 'masked_sentences' must be a list of strings")
+    if not sentences:
+        raise ValueError(f"{where}: no masked sentence")
+    subject = _first_present(record, ("sub_label", "sub"))
+    uuid = record.get("uuid")
+    notes = []
+    if not isinstance(subject, str) or not subject.strip():
+        subject, notes = "", notes + ["missing_subject"]
+    if uuid is None or str(uuid) == "":
+        uuid, notes = "", notes + ["missing_uuid"]
+    fields = {
+        "relation": relation.strip(),
+        "subject": subject.strip(),
+        "obj": obj.strip(),
+        "sentences": sentences,
+        "uuid": str(uuid),
+    }
+    return fields, notes
+
+
+def read_lama_jsonl(
+    path: str | os.PathLike[str],
+    relations: Iterable[str] | None = None,
+    *,
+    strict: bool = True,
+) -> tuple[list[Fact], ReadReport]:
+    """Read a LAMA-format jsonl file into :class:`Fact` objects plus a :class:`ReadReport`.
+
+    Args:
+      path: the jsonl file (e.g. LAMA's ``data/ConceptNet/test.jsonl``).
+      relations: keep only these relations (others are counted per relation in
+        ``report.skipped_relations``); ``None`` keeps every relation.
+      strict: if True (default) a malformed line (bad JSON, missing ``pred``/object/
+        ``masked_sentences``, empty sentence list) raises ``ValueError("file:line: ...")``;
+        if False such lines are skipped and counted in ``report.malformed``.
+
+    Sentences without exactly one ``[MASK]`` are dropped and counted; a fact whose sentences are
+    all dropped is dropped too (``facts_without_usable_sentence``). A missing subject or uuid is
+    tolerated (they are not needed for cloze probing): subject becomes ``""``, uuid becomes
+    ``"<file name>:<line>"``, both counted.
+    """
+    path = Path(path)
+    wanted = None if relations is None else frozenset(relations)
+    report = ReadReport(path=str(path))
+    facts: list[Fact] = []
+    skipped: collections.Counter[str] = collections.Counter()
+    per_relation: collections.Counter[str] = collections.Counter()
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            report.lines += 1
+            if not line.strip():
+                report.blank_lines += 1
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                fields, notes = _parse_line(line, where)
+            except ValueError as err:
+                if strict:
+                    raise
+                report.malformed += 1
+                if len(report.malformed_examples) < _MAX_EXAMPLES:
+                    report.malformed_examples.append(str(err))
+                continue
+            if wanted is not None and fields["relation"] not in wanted:
+                skipped[fields["relation"]] += 1
+                continue
+            if "missing_subject" in notes:
+                report.missing_subject += 1
+            if "missing_uuid" in notes:
+                report.missing_uuid += 1
+                fields["uuid"] = f"{path.name}:{lineno}"
+            good = tuple(s for s in fields["sentences"] if s.count(MASK) == 1)
+            report.sentences_bad_mask_count += len(fields["sentences"]) - len(good)
+            if not good:
+                report.facts_without_usable_sentence += 1
+                continue
+            fields["sentences"] = good
+            facts.append(Fact(**fields))
+            per_relation[fields["relation"]] += 1
+            report.sentences += len(good)
+    report.facts = len(facts)
+    report.skipped_relations = dict(skipped)
+    report.facts_per_relation = dict(per_relation)
+    return facts, report
+
+
+def download_lama_conceptnet(
+    cache_dir: str | os.PathLike[str],
+    *,
+    url: str | None = None,
+    keep_zip: bool = False,
+    timeout_s: float = 60.0,
+) -> Path:
+    """Return the path of LAMA's ConceptNet ``test.jsonl``, downloading it once into ``cache_dir``.
+
+    Why only the standard library: the file is fetched once per machine, and urllib needs no extra
+    dependency. The archive (``LAMA_DATA_URL`` unless ``url`` is given; the module constant is read
+    at call time so tests can monkeypatch it to a ``file://`` zip) is written atomically, only the
+    ConceptNet member is extracted, and the zip is removed unless ``keep_zip``.
+
+    Raises:
+      ConnectionError: the download failed (e.g. no internet); the message says where to put a
+        manually downloaded file so the next call finds it.
+      ValueError: the archive lacks ``data/ConceptNet/test.jsonl``.
+    """
+    cache_dir = Path(cache_dir)
+    target = cache_dir / CACHED_NAME
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    url = LAMA_DATA_URL if url is None else url
+    zip_path = cache_dir / "lama_data.zip"
+    if not zip_path.is_file():
+        partial = zip_path.with_name(zip_path.name + ".part")
+        try:
+            with (
+                urllib.request.urlopen(url, timeout=timeout_s) as response,
+                partial.open("wb") as out,
+            ):
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except (urllib.error.URLError, OSError) as err:
+            partial.unlink(missing_ok=True)
+            raise ConnectionError(
+                f"could not download the LAMA data archive from {url}: {err}. If this machine is "
+                f"offline, download it elsewhere and copy its member {LAMA_CONCEPTNET_MEMBER} to "
+                f"{target} (or the zip to {zip_path})."
+            ) from err
+        partial.replace(zip_path)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            try:
+                info = archive.getinfo(LAMA_CONCEPTNET_MEMBER)
+            except KeyError:
+                raise ValueError(
+                    f"{zip_path} (from {url}) has no member {LAMA_CONCEPTNET_MEMBER}"
+                ) from None
+            partial_target = target.with_name(target.name + ".part")
+            with archive.open(info) as src, partial_target.open("wb") as out:
+                shutil.copyfileobj(src, out, length=1 << 20)
+            partial_target.replace(target)
+    except zipfile.BadZipFile as err:
+        zip_path.unlink(missing_ok=True)
+        raise ValueError(f"{zip_path} (from {url}) is not a valid zip archive: {err}") from err
+    if not keep_zip:
+        zip_path.unlink(missing_ok=True)
+    return target
