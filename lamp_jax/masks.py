@@ -229,11 +229,11 @@ def init_mask_logits(
             leaf = init.value + init.std * jax.random.normal(key, shape, dtype)
         else:
             leaf = jax.random.uniform(key, shape, dtype, init.low, init.high)
-        _nested(tree, path, leaf)
+        insert_path(tree, path, leaf)
     return tree
 
 
-def _nested(tree: dict[str, Any], path: Sequence[str], leaf: Any) -> dict[str, Any]:
+def insert_path(tree: dict[str, Any], path: Sequence[str], leaf: Any) -> dict[str, Any]:
     node = tree
     for key in path[:-1]:
         node = node.setdefault(key, {})
@@ -309,7 +309,11 @@ def apply_masks(
     Pure: ``frozen_params`` is not modified and only the masked kernels are new arrays; the
     frozen params are wrapped in ``stop_gradient`` so they never receive gradients.
     """
-    masks = compute_masks(mask_logits, mode, rng)
+    return multiply_masks(frozen_params, compute_masks(mask_logits, mode, rng))
+
+
+def multiply_masks(frozen_params: Mapping[str, Any], masks: Mapping[str, Any]) -> dict[str, Any]:
+    """Params with ``kernel * mask`` for every leaf of ``masks`` (multipliers, not logits)."""
     frozen = jax.lax.stop_gradient(frozen_params)
     out = frozen
     for path, mask in jax.tree_util.tree_flatten_with_path(masks)[0]:
@@ -318,9 +322,9 @@ def apply_masks(
         if mask.shape != kernel.shape:
             raise ValueError(
                 f"mask for {'/'.join(keys)} has shape {mask.shape}, kernel {kernel.shape}; "
-                "pass ONE relation's mask logits (no leading relation axis)"
+                "pass ONE relation's masks (no leading relation axis)"
             )
-        out = _set(out, keys, kernel * mask.astype(kernel.dtype))
+        out = _set(out, keys, kernel * jnp.asarray(mask).astype(kernel.dtype))
     return out
 
 

@@ -61,8 +61,10 @@ def make_mesh(
 ) -> Mesh:
     """A ``("relation", "data")`` mesh over ``devices`` (default: all).
 
-    By default relations get as many devices as evenly divide them, and the rest split each
-    relation's batch (which must then divide evenly, checked here with a clear message).
+    Relations get as many devices as evenly divide them (or ``relation_parallelism``), and each
+    relation's batch is split over as many of the remaining devices as divide the batch size.
+    Devices that fit neither are left idle (``mesh.devices.size`` tells how many are used), so
+    a run never fails for an awkward device count; pick sizes that divide evenly to use them all.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -72,14 +74,8 @@ def make_mesh(
             f"relation_parallelism {rel} must divide both the device count {n} and the "
             f"relation count {num_relations}"
         )
-    data = n // rel
-    if batch_size % data:
-        raise ValueError(
-            f"{n} devices with {rel} on the relation axis leave {data} for the batch axis, "
-            f"which does not divide the batch size {batch_size}; change the batch size or "
-            "relation_parallelism"
-        )
-    return Mesh(np.asarray(devices).reshape(rel, data), (RELATION, DATA))
+    data = math.gcd(n // rel, batch_size)
+    return Mesh(np.asarray(devices[: rel * data]).reshape(rel, data), (RELATION, DATA))
 
 
 def relation_sharding(mesh: Mesh) -> NamedSharding:

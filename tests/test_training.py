@@ -166,9 +166,10 @@ def test_eight_devices_equal_one_device(frozen, relation_parallelism):
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
 
 
-def test_mesh_errors_are_explained():
-    with pytest.raises(ValueError, match="does not divide the batch size 6"):
-        make_mesh(2, 6, jax.devices())
+def test_mesh_shapes_and_errors():
+    assert dict(make_mesh(16, 32).shape) == {"relation": 8, "data": 1}
+    assert dict(make_mesh(2, 6).shape) == {"relation": 2, "data": 2}  # 4 of 8 devices fit
+    assert dict(make_mesh(3, 8).shape) == {"relation": 1, "data": 8}
     with pytest.raises(ValueError, match="must divide both"):
         make_mesh(6, 8, jax.devices(), relation_parallelism=4)
 

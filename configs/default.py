@@ -1,0 +1,60 @@
+"""Default run: the embedded toy world and its tiny pretrained MLM, on CPU, in a few minutes.
+
+    python train.py                                   # this config
+    python train.py --config.epochs=2 --workdir=/tmp/run
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "embedded"  # hub id ("bert-base-uncased"), local directory, or "embedded"
+    c.dtype = "float32"  # "bfloat16" halves memory; logits and loss stay float32
+    c.seed = 0  # mask init, training noise and batch order
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "embedded"  # "embedded", "lama" (download LAMA ConceptNet) or a jsonl path
+    c.data.cache_dir = "~/.cache/lamp_jax"  # where "lama" downloads to
+    c.data.relations = ()  # relation names to train; empty = every relation in the data
+    c.data.max_length = 64  # prompts longer than this (in tokens) are skipped and counted
+    c.data.split = "by_fact"  # "by_fact" (held-out facts) or "reference" (train = test, as LAMP)
+    c.data.fractions = (0.5, 0.2, 0.3)  # train / dev / test share of each relation's facts
+    c.data.seed = 0  # which facts are held out
+
+    c.mask = ml_collections.ConfigDict()
+    c.mask.first_layer = ml_collections.FieldReference(None, field_type=int)  # None: top half
+    c.mask.last_layer = ml_collections.FieldReference(None, field_type=int)  # None: last layer
+    c.mask.matrices = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+    c.mask.mode = "stochastic"  # "stochastic" (binary concrete) or "deterministic" (STE)
+    c.mask.tau = 0.1  # concrete temperature (the reference's value)
+    c.mask.threshold = 0.5  # hard-mask threshold on sigmoid(G)
+    c.mask.ste_grad = "identity"  # deterministic backward: "identity" or "sigmoid"
+    c.mask.eval_kind = "threshold"  # inference: "threshold" (binary) or "expectation"
+    c.mask.init = "constant"  # "constant", "normal", "uniform" or "target"
+    c.mask.init_value = 0.0  # constant / normal mean: 0 -> 50% initial sparsity
+    c.mask.init_std = 1.0  # normal std (and the noise of "target")
+    c.mask.init_low = 0.0  # uniform lower bound
+    c.mask.init_high = 1.0  # uniform upper bound
+    c.mask.init_sparsity = 0.5  # "target": the initial sparsity to start from
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-2  # the toy model needs larger steps than bert-base's 3e-4
+    c.optim.warmup_fraction = 0.2  # of each relation's updates
+    c.optim.clip_norm = 5.0  # per-relation global norm; 0 disables
+    c.optim.weight_decay = 0.0  # > 0: AdamW
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.sparsity_weight = 0.0  # weight of the expected-density (L0) penalty; 0 = off
+    c.loss.target_sparsity = ml_collections.FieldReference(None, field_type=float)
+
+    c.batch_size = 16  # prompts per relation per step
+    c.epochs = 6
+    c.batching = "per_relation"  # "per_relation" (reference) or "balanced"
+    c.eval_every = 0  # steps between dev evaluations; 0 = once per epoch
+    c.relation_chunk = 0  # > 0: vmap this many relations at a time (memory-bound devices)
+    c.relation_parallelism = 0  # devices on the relation axis; 0 = as many as divide R
+    c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
+    c.plots = True
+    c.stop_after = 0  # > 0: stop this invocation after N steps (preemption drill; rerun resumes)
+    return c

@@ -1,0 +1,9 @@
+"""LAMP on LAMA ConceptNet with roberta-base (objects are matched as space-prefixed tokens)."""
+
+from configs import bert_base_conceptnet
+
+
+def get_config():
+    c = bert_base_conceptnet.get_config()
+    c.model = "roberta-base"
+    return c

@@ -1,0 +1,11 @@
+"""A smoke run of the default in well under a minute (one epoch, no plots or specialization)."""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.epochs = 1
+    c.specialization = False
+    c.plots = False
+    return c

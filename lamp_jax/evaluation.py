@@ -1,0 +1,163 @@
+"""Ranking metrics of the object token at [MASK]: P@k, MRR, per relation, pooled and macro.
+
+Definitions (once, here; the reference swapped macro and micro and double-counted the pooled
+denominator):
+
+* rank of a prompt = 1 + number of vocabulary entries scored strictly higher than the object;
+* P@k of a relation = fraction of its prompts with rank <= k; MRR = mean of 1 / rank;
+* **micro** (pooled) = over all prompts of all relations; **macro** = mean over relations of the
+  per-relation value (relations without prompts are left out of the mean).
+
+Token ids are compared, never decoded strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lamp_jax.masks import MaskMode, apply_masks
+from lamp_jax.models.bert import ModelConfig, mlm_forward
+from lamp_jax.parallel import map_relations
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def _logits_at_mask(params, batch, model_config, dtype):
+    return mlm_forward(params, batch["input_ids"], batch["attention_mask"], config=model_config,
+                       output_positions=batch["mask_pos"], dtype=dtype)["logits"]
+
+
+def batch_rank_stats(
+    mask_logits: Any | None,
+    frozen_params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model_config: ModelConfig,
+    mode: MaskMode,
+    ks: Sequence[int] = DEFAULT_KS,
+    relation_chunk: int | None = None,
+    dtype: Any = jnp.float32,
+) -> dict[str, jax.Array]:
+    """Per-relation sums over one ``[R, B, ...]`` batch: ``hits`` [R, K], ``rr`` [R], ``count`` [R].
+
+    ``mask_logits=None`` evaluates the full (unpruned) model on every relation's prompts.
+    Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses.
+    """
+
+    def one_relation(g, b):
+        params = frozen_params if g is None else apply_masks(frozen_params, g, mode)
+        logits = _logits_at_mask(params, b, model_config, dtype)
+        target = jnp.take_along_axis(logits, b["obj_id"][:, None], axis=-1)
+        rank = 1 + jnp.sum(logits > target, axis=-1)
+        w = b["weight"].astype(jnp.float32)
+        hits = jnp.stack([jnp.sum((rank <= k) * w) for k in ks])
+        return {"hits": hits, "rr": jnp.sum(w / rank), "count": jnp.sum(w),
+                "rank": jnp.where(w > 0, rank, 0)}
+
+    if mask_logits is None:
+        return jax.vmap(lambda b: one_relation(None, b))(batch)
+    return map_relations(one_relation, relation_chunk)(mask_logits, batch)
+
+
+@dataclasses.dataclass
+class RankingResult:
+    """Metrics of one evaluation. Arrays are per relation, in ``relations`` order."""
+
+    relations: tuple[str, ...]
+    ks: tuple[int, ...]
+    hits: np.ndarray  # [R, K] number of prompts with rank <= k
+    reciprocal_rank_sum: np.ndarray  # [R]
+    count: np.ndarray  # [R]
+
+    def precision_at(self, k: int) -> np.ndarray:
+        """[R] P@k per relation (NaN for relations without prompts)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.hits[:, self.ks.index(k)] / self.count
+
+    def mrr(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.reciprocal_rank_sum / self.count
+
+    def micro(self, k: int = 1) -> float:
+        """Pooled P@k: correct over all prompts of all relations."""
+        return float(self.hits[:, self.ks.index(k)].sum() / max(self.count.sum(), 1))
+
+    def macro(self, k: int = 1) -> float:
+        """Mean over relations (with prompts) of per-relation P@k."""
+        return float(np.nanmean(self.precision_at(k)))
+
+    def summary(self) -> dict[str, Any]:
+        per_relation = {
+            r: {**{f"P@{k}": float(self.precision_at(k)[i]) for k in self.ks},
+                "MRR": float(self.mrr()[i]), "count": int(self.count[i])}
+            for i, r in enumerate(self.relations) if self.count[i] > 0
+        }
+        return {
+            **{f"micro_P@{k}": self.micro(k) for k in self.ks},
+            **{f"macro_P@{k}": self.macro(k) for k in self.ks},
+            "micro_MRR": float(self.reciprocal_rank_sum.sum() / max(self.count.sum(), 1)),
+            "macro_MRR": float(np.nanmean(self.mrr())),
+            "count": int(self.count.sum()),
+            "per_relation": per_relation,
+        }
+
+
+def make_rank_fn(model_config: ModelConfig, mode: MaskMode, ks: Sequence[int] = DEFAULT_KS,
+                 relation_chunk: int | None = None, dtype: Any = jnp.float32):
+    """Jitted :func:`batch_rank_stats` with its configuration bound."""
+    return jax.jit(partial(batch_rank_stats, model_config=model_config, mode=mode, ks=tuple(ks),
+                           relation_chunk=relation_chunk, dtype=dtype))
+
+
+def evaluate(
+    rank_fn,
+    mask_logits: Any | None,
+    frozen_params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    relations: Sequence[str],
+    ks: Sequence[int] = DEFAULT_KS,
+    put_batch=None,
+) -> RankingResult:
+    """Accumulates :func:`batch_rank_stats` over batches (e.g. ``batcher.eval_batches()``).
+
+    ``ks`` must be the ones ``rank_fn`` was made with.
+    """
+    num = len(relations)
+    hits, rr, count = np.zeros((num, len(ks))), np.zeros(num), np.zeros(num)
+    for batch in batches:
+        arrays = {k: v for k, v in batch.items() if k != "index"}
+        stats = rank_fn(mask_logits, frozen_params, put_batch(arrays) if put_batch else arrays)
+        hits += np.asarray(stats["hits"])
+        rr += np.asarray(stats["rr"])
+        count += np.asarray(stats["count"])
+    return RankingResult(tuple(relations), tuple(ks), hits, rr, count)
+
+
+def specialization_matrix(
+    rank_fn,
+    mask_logits: Any,
+    frozen_params: Any,
+    batches: Sequence[dict[str, np.ndarray]],
+    relations: Sequence[str],
+    put_batch=None,
+) -> np.ndarray:
+    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
+
+    The diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
+    diagonal (the paper's Figure: another relation's mask hurts).
+    """
+    num = len(relations)
+    matrix = np.zeros((num, num))
+    for a in range(num):
+        borrowed = jax.tree.map(lambda g, a=a: jnp.broadcast_to(g[a], g.shape), mask_logits)
+        result = evaluate(rank_fn, borrowed, frozen_params, batches, relations,
+                          put_batch=put_batch)
+        matrix[a] = result.precision_at(1)
+    return matrix

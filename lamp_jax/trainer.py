@@ -1,0 +1,240 @@
+"""The training run behind ``train.py``: data -> masks for every relation -> metrics, plots, files.
+
+Side effects (reading data, printing, checkpoints, plots) live here; everything numeric is a
+call into the pure functions of ``masks``, ``training`` and ``evaluation``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from lamp_jax import evaluation, plots
+from lamp_jax.checkpoint import RunCheckpoints, export_binary_masks
+from lamp_jax.data import (
+    LAMA_CONCEPTNET_RELATIONS,
+    RelationBatcher,
+    download_lama_conceptnet,
+    encode_facts,
+    read_lama_jsonl,
+    reference_protocol_split,
+    split_by_fact,
+)
+from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
+from lamp_jax.models.params import LoadedMLM, load_mlm
+from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.training import (
+    LossConfig,
+    OptimConfig,
+    init_train_state,
+    jit_train_step,
+    make_optimizer,
+    place_state,
+    state_shardings,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_model_and_data(config: ml_collections.ConfigDict) -> tuple[str, Path]:
+    """Where the model and the LAMA-format jsonl come from ("embedded" = shipped toy world)."""
+    model = config.model
+    source = config.data.source
+    if model == "embedded" or source == "embedded":
+        from lamp_jax.embedded import ensure_embedded_model
+
+        embedded = ensure_embedded_model()
+        model = str(embedded) if model == "embedded" else model
+        if source == "embedded":
+            return model, embedded / "lama_probe.jsonl"
+    if source == "lama":
+        return model, download_lama_conceptnet(Path(config.data.cache_dir).expanduser())
+    return model, Path(source).expanduser()
+
+
+def mask_settings(config: ml_collections.ConfigDict, mlm: LoadedMLM):
+    m = config.mask
+    spec = MaskSpec.create(mlm.config, m.first_layer, m.last_layer, tuple(m.matrices))
+    mode = MaskMode(m.mode, tau=m.tau, threshold=m.threshold, ste_grad=m.ste_grad)
+    init = MaskInit(m.init, value=m.init_value, std=m.init_std, low=m.init_low,
+                    high=m.init_high, sparsity=m.init_sparsity)
+    return spec, mode, init
+
+
+def prepare_data(config, tokenizer, jsonl: Path, log=print):
+    """Reads, encodes and splits; prints what was kept and skipped (nothing silently)."""
+    wanted = tuple(config.data.relations) or None
+    facts, read_report = read_lama_jsonl(jsonl, relations=wanted)
+    log(read_report.summary())
+    present = sorted({f.relation for f in facts},
+                     key=lambda r: (LAMA_CONCEPTNET_RELATIONS + (r,)).index(r))
+    relations = wanted or tuple(present)
+    encoded, encode_report = encode_facts(facts, tokenizer, relations,
+                                          max_length=config.data.max_length)
+    log(encode_report.summary())
+    if len(encoded) == 0:
+        raise ValueError(f"no usable prompts in {jsonl} (see the report above)")
+    if config.data.split == "reference":
+        log("split: reference protocol (train = dev = test = all prompts; NOT held-out numbers)")
+        splits = reference_protocol_split(len(encoded))
+    else:
+        splits = split_by_fact(encoded, tuple(config.data.fractions), config.data.seed)
+    data = {name: encoded.subset(idx) for name, idx in splits.items()}
+    log("prompts per split: " + ", ".join(f"{k}={len(v)}" for k, v in data.items()))
+    return relations, data
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
+                       log=print) -> dict[str, Any]:
+    """Learns one mask per relation, selects by dev macro P@1, reports held-out test metrics.
+
+    Resumes from ``workdir/checkpoints`` when a run was interrupted. Writes ``run.json``,
+    ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics.
+    """
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[config.dtype]
+    model_source, jsonl = resolve_model_and_data(config)
+    mlm = load_mlm(model_source, dtype=dtype)
+    log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
+        f"hidden {mlm.config.hidden_size}); data: {jsonl}")
+    relations, data = prepare_data(config, mlm.tokenizer, jsonl, log)
+    spec, mode, init = mask_settings(config, mlm)
+    eval_mode = mode.for_inference(config.mask.eval_kind)
+
+    train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
+                            config.epochs)
+    mesh = make_mesh(len(relations), config.batch_size,
+                     relation_parallelism=config.relation_parallelism or None)
+    log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
+        f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
+        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices)")
+
+    rng = jax.random.key(config.seed)
+    logits = init_mask_logits(spec, mlm.params, len(relations), init, mode, rng)
+    optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
+                        config.optim.clip_norm or None, config.optim.weight_decay)
+    loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
+                      compute_dtype=dtype)
+    state = init_train_state(logits, make_optimizer(optim), train.steps_per_relation,
+                             jax.random.fold_in(rng, 1))
+    state = place_state(state, mesh)
+    frozen = replicate(mlm.params, mesh)
+    chunk = config.relation_chunk or None
+    step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
+                             relation_chunk=chunk, state_sharding=state_shardings(state, mesh))
+    rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype)
+    put = lambda b: shard_batch(b, mesh)  # noqa: E731
+    eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation")
+                            .eval_batches()) for name, d in data.items()}
+
+    _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode)
+    checkpoints = RunCheckpoints(workdir)
+    restored = checkpoints.restore_latest(state)
+    if restored is not None:
+        state = restored
+        log(f"resumed from step {int(state.step)}")
+
+    def dev_score(logits) -> evaluation.RankingResult:
+        return evaluation.evaluate(rank_fn, logits, frozen, eval_sets["dev"], relations,
+                                   put_batch=put)
+
+    eval_every = config.eval_every or max(1, train.num_steps // config.epochs)
+    history = []
+    start, first_step = time.perf_counter(), int(state.step)
+    bar = tqdm(range(first_step, train.num_steps), desc="training masks", unit="step",
+               initial=first_step, total=train.num_steps)
+    for step in bar:
+        state, metrics = step_fn(state, frozen, put(_model_inputs(train.batch_at(step))))
+        done = step + 1
+        if done % eval_every == 0 or done == train.num_steps:
+            dev = dev_score(state.mask_logits)
+            ce = np.asarray(metrics["ce"])[np.asarray(metrics["count"]) > 0]
+            record = {"step": done, "train_ce": float(ce.mean()) if ce.size else None,
+                      "dev_macro_P@1": dev.macro(1), "dev_micro_P@1": dev.micro(1)}
+            history.append(record)
+            bar.set_postfix(dev_macro_p1=f"{dev.macro(1):.3f}")
+            if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
+                record["best"] = True
+            checkpoints.save(state)
+        if config.stop_after and done - first_step >= config.stop_after and done < train.num_steps:
+            checkpoints.save(state)
+            checkpoints.wait()
+            checkpoints.close()
+            log(f"stopped after step {done} as asked (stop_after); run again to resume")
+            return {"stopped_at": done, "history": history}
+    bar.close()
+    checkpoints.wait()
+    train_seconds = time.perf_counter() - start
+
+    best = checkpoints.restore_best(state.mask_logits)
+    summary = _final_report(config, workdir, rank_fn, best, frozen, eval_sets, relations, spec,
+                            mode, put, log)
+    summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
+                   best_dev_macro_P1=checkpoints.best_score())
+    (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    checkpoints.close()
+    return summary
+
+
+def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+def _final_report(config, workdir, rank_fn, best, frozen, eval_sets, relations, spec, mode,
+                  put, log) -> dict[str, Any]:
+    test = eval_sets["test"]
+    pruned = evaluation.evaluate(rank_fn, best, frozen, test, relations, put_batch=put)
+    full = evaluation.evaluate(rank_fn, None, frozen, test, relations, put_batch=put)
+    sparsity = sparsity_stats(best, spec, mode.threshold)
+    summary = {"test": {"pruned": pruned.summary(), "full": full.summary()},
+               "sparsity": {k: v.tolist() for k, v in sparsity.items()},
+               "relations": list(relations)}
+    log(_table(relations, full, pruned, sparsity["total"]))
+    log(f"test macro P@1: full {full.macro(1):.3f} -> pruned {pruned.macro(1):.3f}; "
+        f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f}")
+    spec_matrix = None
+    if config.specialization:
+        spec_matrix = evaluation.specialization_matrix(rank_fn, best, frozen, test, relations,
+                                                       put_batch=put)
+        summary["specialization"] = spec_matrix.tolist()
+        diagonal = np.diag(spec_matrix)
+        off = spec_matrix[~np.eye(len(relations), dtype=bool)].reshape(len(relations), -1)
+        log(f"specialization: own mask P@1 {np.nanmean(diagonal):.3f}, other relations' masks "
+            f"{np.nanmean(off):.3f}, full model {full.macro(1):.3f}")
+    export_binary_masks(workdir / "masks.npz", best, spec, tuple(relations), mode.threshold)
+    if config.plots:
+        written = plots.write_run_plots(workdir / "plots", relations, full, pruned, sparsity,
+                                        spec, spec_matrix)
+        log("plots: " + ", ".join(str(p) for p in written))
+    return summary
+
+
+def _table(relations, full, pruned, sparsity_total) -> str:
+    lines = [f"{'relation':<18}{'prompts':>8}{'full P@1':>10}{'pruned P@1':>12}{'sparsity':>10}"]
+    for i, r in enumerate(relations):
+        lines.append(f"{r:<18}{int(pruned.count[i]):>8}{full.precision_at(1)[i]:>10.3f}"
+                     f"{pruned.precision_at(1)[i]:>12.3f}{sparsity_total[i]:>10.3f}")
+    return "\n".join(lines)
+
+
+def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode):
+    run = {
+        "model": model_source,
+        "data": str(jsonl),
+        "dtype": config.dtype,
+        "relations": list(relations),
+        "mask": {"layers": list(spec.layers), "matrices": list(spec.matrices),
+                 "mode": mode.kind, "tau": mode.tau, "threshold": mode.threshold,
+                 "ste_grad": mode.ste_grad, "eval_kind": eval_mode.kind},
+        "config": config.to_dict(),
+    }
+    (workdir / "run.json").write_text(json.dumps(run, indent=2, default=str))

@@ -1,0 +1,125 @@
+"""train.py's run on a tiny local model: outputs, metrics, resume, notebook API, mask export."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lamp_jax.api import load_run
+from lamp_jax.checkpoint import load_binary_masks, restore_best_masks
+from lamp_jax.data import read_lama_jsonl
+from lamp_jax.masks import hard_mask, multiply_masks
+from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
+from lamp_jax.models.params import load_mlm, save_mlm
+from lamp_jax.trainer import train_and_evaluate
+from tests.tokenizer_fixtures import make_bert_tokenizer, words_of
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from configs import default  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    facts, _ = read_lama_jsonl(FIXTURE)
+    texts = [s for f in facts for s in f.sentences] + [f.obj for f in facts]
+    tokenizer = make_bert_tokenizer(directory, words_of(texts))
+    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)
+    save_mlm(directory, init_params(config, jax.random.key(0)), config, tokenizer)
+    return directory
+
+
+def _config(model_dir, **overrides):
+    c = default.get_config()
+    c.model, c.data.source = str(model_dir), str(FIXTURE)
+    c.batch_size, c.epochs, c.optim.learning_rate = 2, 3, 0.05
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    summary = train_and_evaluate(_config(model_dir), workdir, log=lambda *_: None)
+    return workdir, summary
+
+
+def test_run_writes_its_outputs(finished_run):
+    workdir, summary = finished_run
+    for name in ("run.json", "metrics.json", "masks.npz", "plots/p_at_1_per_relation.png",
+                 "plots/sparsity_per_layer.png", "plots/specialization.png"):
+        assert (workdir / name).exists(), name
+    assert json.loads((workdir / "metrics.json").read_text())["steps"] == summary["steps"]
+    num = len(summary["relations"])
+    assert np.asarray(summary["specialization"]).shape == (num, num)
+    assert len(summary["history"]) == 3  # one dev evaluation per epoch
+
+
+def test_full_model_metrics_match_a_plain_forward(finished_run, model_dir):
+    """Independent check of the batched, sharded evaluation: one prompt at a time."""
+    workdir, summary = finished_run
+    full = summary["test"]["full"]
+    mlm = load_mlm(model_dir)
+    from lamp_jax.data import encode_facts, split_by_fact
+
+    facts, _ = read_lama_jsonl(FIXTURE)
+    encoded, _ = encode_facts(facts, mlm.tokenizer, tuple(summary["relations"]))
+    test = encoded.subset(split_by_fact(encoded, (0.5, 0.2, 0.3), 0)["test"])
+    correct = {}
+    for i in range(len(test)):
+        logits = mlm_forward(mlm.params, test.input_ids[i:i + 1], test.attention_mask[i:i + 1],
+                             config=mlm.config)["logits"][0, test.mask_pos[i]]
+        rel = summary["relations"][test.relation[i]]
+        correct.setdefault(rel, []).append(int(np.argmax(logits)) == test.obj_id[i])
+    assert full["count"] == len(test)
+    for rel, hits in correct.items():
+        assert full["per_relation"][rel]["P@1"] == pytest.approx(np.mean(hits))
+    assert full["micro_P@1"] == pytest.approx(np.mean(sum(correct.values(), [])))
+    assert full["macro_P@1"] == pytest.approx(np.mean([np.mean(h) for h in correct.values()]))
+
+
+def test_notebook_api_and_mask_export(finished_run):
+    workdir, summary = finished_run
+    run = load_run(workdir)
+    assert run.relations == tuple(summary["relations"])
+    top = run.predict("You are likely to find a book in a [MASK].", relation="AtLocation", k=3)
+    assert len(top) == 3 and all(isinstance(t, str) for t, _ in top)
+    assert sum(p for _, p in top) <= 1.0 + 1e-6
+    np.testing.assert_allclose(run.sparsity()["total"], summary["sparsity"]["total"])
+    with pytest.raises(KeyError, match="unknown relation"):
+        run.masked_params("NoSuchRelation")
+
+    bits, spec, relations = load_binary_masks(workdir / "masks.npz")
+    assert relations == run.relations and spec == run.spec
+    for packed, logits in zip(jax.tree.leaves(bits), jax.tree.leaves(run.mask_logits),
+                              strict=True):
+        np.testing.assert_array_equal(packed, hard_mask(np.asarray(logits), 0.5))
+    r = run.relation_index("AtLocation")
+    from_bits = multiply_masks(run.mlm.params, jax.tree.map(lambda b: b[r], bits))
+    for a, b in zip(jax.tree.leaves(from_bits), jax.tree.leaves(run.masked_params("AtLocation")),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_run_resumes_to_the_same_result(finished_run, model_dir, tmp_path):
+    workdir, summary = finished_run
+    cfg = _config(model_dir, specialization=False, plots=False)
+    partial = train_and_evaluate(_config(model_dir, stop_after=4, specialization=False,
+                                         plots=False), tmp_path, log=lambda *_: None)
+    assert partial["stopped_at"] == 4
+    resumed = train_and_evaluate(cfg, tmp_path, log=lambda *_: None)
+    assert resumed["test"] == {k: summary["test"][k] for k in ("pruned", "full")}
+    for a, b in zip(jax.tree.leaves(restore_best_masks(tmp_path)),
+                    jax.tree.leaves(restore_best_masks(workdir)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
