@@ -26,7 +26,7 @@ from lamp_jax.masks import MaskMode, apply_masks
 from lamp_jax.models.bert import ModelConfig, mlm_forward
 from lamp_jax.parallel import map_relations
 
-DEFAULT_KS = (1, 5, 10)
+DEFAULT_KS = (1, 2, 3, 5, 10)
 
 
 def _logits_at_mask(params, batch, model_config, dtype):

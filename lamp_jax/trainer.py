@@ -136,7 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation")
                             .eval_batches()) for name, d in data.items()}
 
-    _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode)
+    _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
+                    mlm.config)
     checkpoints = RunCheckpoints(workdir)
     restored = checkpoints.restore_latest(state)
     if restored is not None:
@@ -161,6 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             record = {"step": done, "train_ce": float(ce.mean()) if ce.size else None,
                       "dev_macro_P@1": dev.macro(1), "dev_micro_P@1": dev.micro(1)}
             history.append(record)
+            with open(workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
             bar.set_postfix(dev_macro_p1=f"{dev.macro(1):.3f}")
             if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
                 record["best"] = True
@@ -176,8 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     train_seconds = time.perf_counter() - start
 
     best = checkpoints.restore_best(state.mask_logits)
-    summary = _final_report(config, workdir, rank_fn, best, frozen, eval_sets, relations, spec,
-                            mode, put, log)
+    summary = final_report(config, workdir, mlm.config, best, frozen, eval_sets, relations,
+                            spec, mode, put, log)
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
                    best_dev_macro_P1=checkpoints.best_score())
     (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -189,13 +192,23 @@ def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k != "index"}
 
 
-def _final_report(config, workdir, rank_fn, best, frozen, eval_sets, relations, spec, mode,
+def final_report(config, workdir, model_config, best, frozen, eval_sets, relations, spec, mode,
                   put, log) -> dict[str, Any]:
     test = eval_sets["test"]
+    chunk, dtype = config.relation_chunk or None, DTYPES[config.dtype]
+    eval_mode = mode.for_inference(config.mask.eval_kind)
+    rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype)
     pruned = evaluation.evaluate(rank_fn, best, frozen, test, relations, put_batch=put)
     full = evaluation.evaluate(rank_fn, None, frozen, test, relations, put_batch=put)
+    # The other inference kind too: binary subnetwork vs soft sigmoid(G) multipliers.
+    other_kind = "expectation" if config.mask.eval_kind == "threshold" else "threshold"
+    other_fn = evaluation.make_rank_fn(model_config, mode.for_inference(other_kind),
+                                       relation_chunk=chunk, dtype=dtype)
+    other = evaluation.evaluate(other_fn, best, frozen, test, relations, put_batch=put)
     sparsity = sparsity_stats(best, spec, mode.threshold)
-    summary = {"test": {"pruned": pruned.summary(), "full": full.summary()},
+    summary = {"test": {"pruned": pruned.summary(), "full": full.summary(),
+                        f"pruned_{other_kind}": other.summary()},
+               "split": config.data.split,
                "sparsity": {k: v.tolist() for k, v in sparsity.items()},
                "relations": list(relations)}
     log(_table(relations, full, pruned, sparsity["total"]))
@@ -226,9 +239,13 @@ def _table(relations, full, pruned, sparsity_total) -> str:
     return "\n".join(lines)
 
 
-def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode):
+def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
+                    model_config):
+    """Writes run.json; refuses a workdir whose earlier run used another model or mask layout
+    (its checkpoints could not be resumed into this configuration)."""
     run = {
         "model": model_source,
+        "model_config": model_config.to_hf_dict(),
         "data": str(jsonl),
         "dtype": config.dtype,
         "relations": list(relations),
@@ -237,4 +254,20 @@ def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode,
                  "ste_grad": mode.ste_grad, "eval_kind": eval_mode.kind},
         "config": config.to_dict(),
     }
-    (workdir / "run.json").write_text(json.dumps(run, indent=2, default=str))
+    path = workdir / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for key in ("model_config", "relations"):
+            if previous.get(key) != run[key]:
+                raise ValueError(
+                    f"{workdir} holds a run with a different {key} ({previous.get(key)} vs now "
+                    f"{run[key]}); its checkpoints do not fit this configuration. Use another "
+                    "--workdir or delete that one."
+                )
+        for key in ("layers", "matrices"):
+            if previous["mask"][key] != run["mask"][key]:
+                raise ValueError(
+                    f"{workdir} holds masks over {key} {previous['mask'][key]}, this config "
+                    f"asks for {run['mask'][key]}; use another --workdir or delete that one."
+                )
+    path.write_text(json.dumps(run, indent=2, default=str))

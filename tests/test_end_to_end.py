@@ -57,6 +57,9 @@ def finished_run(model_dir, tmp_path_factory):
 
 def test_run_writes_its_outputs(finished_run):
     workdir, summary = finished_run
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert "pruned_expectation" in summary["test"]
+    assert set(summary["test"]["pruned"]) >= {"micro_P@2", "macro_P@3", "macro_MRR"}
     for name in ("run.json", "metrics.json", "masks.npz", "plots/p_at_1_per_relation.png",
                  "plots/sparsity_per_layer.png", "plots/specialization.png"):
         assert (workdir / name).exists(), name
@@ -119,7 +122,24 @@ def test_interrupted_run_resumes_to_the_same_result(finished_run, model_dir, tmp
                                          plots=False), tmp_path, log=lambda *_: None)
     assert partial["stopped_at"] == 4
     resumed = train_and_evaluate(cfg, tmp_path, log=lambda *_: None)
-    assert resumed["test"] == {k: summary["test"][k] for k in ("pruned", "full")}
+    assert resumed["test"] == summary["test"]
     for a, b in zip(jax.tree.leaves(restore_best_masks(tmp_path)),
                     jax.tree.leaves(restore_best_masks(workdir)), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_workdir_of_another_mask_layout_is_refused(finished_run, model_dir):
+    workdir, _ = finished_run
+    with pytest.raises(ValueError, match="masks over layers"):
+        train_and_evaluate(_config(model_dir, **{"mask.first_layer": 0}), workdir,
+                           log=lambda *_: None)
+
+
+def test_reevaluate_cli_reproduces_the_run_metrics(finished_run):
+    from lamp_jax.evaluate import main
+
+    workdir, summary = finished_run
+    main(["--workdir", str(workdir)])
+    again = json.loads((workdir / "eval_test.json").read_text())
+    assert again["test"] == summary["test"]
+    np.testing.assert_equal(again["specialization"], summary["specialization"])  # NaN: no prompts

@@ -1,0 +1,60 @@
+"""Re-evaluates a saved run: ``python -m lamp_jax.evaluate --workdir DIR [--split test]``.
+
+Rebuilds the data split exactly as training did (from ``DIR/run.json``), restores the best masks
+and prints/writes the full-vs-pruned metrics, the specialization matrix and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from lamp_jax.checkpoint import restore_best_masks
+from lamp_jax.data import RelationBatcher
+from lamp_jax.masks import MaskMode, MaskSpec
+from lamp_jax.models.params import load_mlm
+from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.trainer import DTYPES, final_report, prepare_data
+
+
+def reevaluate(workdir: str | Path, split: str = "test", model: str | None = None,
+               log=print) -> dict[str, Any]:
+    """Metrics of the run in ``workdir`` on ``split``; also written to ``DIR/eval_<split>.json``."""
+    workdir = Path(workdir)
+    run = json.loads((workdir / "run.json").read_text())
+    config = ml_collections.ConfigDict(run["config"])
+    mlm = load_mlm(model or run["model"], dtype=DTYPES[run["dtype"]])
+    relations, data = prepare_data(config, mlm.tokenizer, Path(run["data"]), log)
+    if list(relations) != run["relations"]:
+        raise ValueError(f"the data now yields relations {relations}, the run has "
+                         f"{run['relations']}")
+    mask = run["mask"]
+    spec = MaskSpec(tuple(mask["layers"]), tuple(mask["matrices"]))
+    mode = MaskMode(mask["mode"], mask["tau"], mask["threshold"], mask["ste_grad"])
+    mesh = make_mesh(len(relations), config.batch_size,
+                     relation_parallelism=config.relation_parallelism or None)
+    eval_sets = {"test": list(RelationBatcher(data[split], config.batch_size).eval_batches())}
+    summary = final_report(config, workdir, mlm.config, restore_best_masks(workdir),
+                           replicate(mlm.params, mesh), eval_sets, relations, spec, mode,
+                           lambda b: shard_batch(b, mesh), log)
+    (workdir / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="a run directory written by train.py")
+    parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    parser.add_argument("--model", default=None, help="load the frozen model from here instead")
+    args = parser.parse_args(argv)
+    reevaluate(args.workdir, args.split, args.model)
+    print(f"devices: {jax.device_count()}; wrote {Path(args.workdir) / f'eval_{args.split}.json'}")
+
+
+if __name__ == "__main__":
+    main()
