@@ -23,16 +23,19 @@ from configs import default  # noqa: E402
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_bert")
+def make_tiny_model(directory: Path) -> Path:
+    """A random 2-layer BERT whose word-level vocabulary covers the fixture's words."""
     facts, _ = read_lama_jsonl(FIXTURE)
     texts = [s for f in facts for s in f.sentences] + [f.obj for f in facts]
     tokenizer = make_bert_tokenizer(directory, words_of(texts))
     config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
                          intermediate_size=64, max_position_embeddings=64)
-    save_mlm(directory, init_params(config, jax.random.key(0)), config, tokenizer)
-    return directory
+    return save_mlm(directory, init_params(config, jax.random.key(0)), config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _config(model_dir, **overrides):

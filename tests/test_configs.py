@@ -1,0 +1,47 @@
+"""Config files: the paper's setting is what it claims, and train.py's CLI wiring works."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.mark.parametrize("name", ["default", "runlocal", "bert_base_conceptnet",
+                                  "roberta_base_conceptnet", "distilbert_conceptnet"])
+def test_configs_load(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.mask.mode in ("stochastic", "deterministic")
+    assert config.batching in ("per_relation", "balanced")
+
+
+def test_bert_base_config_is_the_papers_setting():
+    c = importlib.import_module("configs.bert_base_conceptnet").get_config()
+    assert (c.model, c.data.source) == ("bert-base-uncased", "lama")
+    assert (c.mask.first_layer, c.mask.last_layer) == (6, 11)
+    assert (c.mask.init, c.mask.init_value, c.mask.tau) == ("constant", 1.0, 0.1)
+    assert (c.optim.learning_rate, c.optim.warmup_fraction, c.optim.clip_norm) == (3e-4, 0.2, 5.0)
+    assert (c.batch_size, c.epochs) == (32, 6)
+
+
+@pytest.mark.slow
+def test_train_py_command_line(tmp_path):
+    """The CLI with overrides, on a tiny local model (the test fixture of test_end_to_end)."""
+    from tests.test_end_to_end import FIXTURE, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--config=configs/runlocal.py", f"--workdir={workdir}",
+           f"--config.model={model}", f"--config.data.source={FIXTURE}",
+           "--config.batch_size=2", "--config.mask.mode=deterministic",
+           "--config.mask.init=normal", "--config.mask.init_value=1.0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: test macro P@1" in done.stdout
+    run = json.loads((workdir / "run.json").read_text())
+    assert run["mask"]["mode"] == "deterministic" and run["config"]["batch_size"] == 2
