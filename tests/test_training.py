@@ -110,9 +110,10 @@ def test_vmapped_step_equals_separate_single_relation_steps(frozen):
 
 def test_inactive_relation_is_untouched(frozen):
     state, optim = _state(frozen, 2)
-    before = state  # train_step is not jitted here, so nothing is donated
-    new, metrics = train_step(state, frozen, synthetic_batch(2, 4, empty=(0,)), model_config=CONFIG,
-                              loss_config=LossConfig(), optim_config=optim)
+    before = state  # jitted without donation, so the old state stays readable
+    step = jax.jit(lambda s, b: train_step(s, frozen, b, model_config=CONFIG,
+                                           loss_config=LossConfig(), optim_config=optim))
+    new, metrics = step(state, synthetic_batch(2, 4, empty=(0,)))
     for old, cur in zip(jax.tree.leaves(before.mask_logits), jax.tree.leaves(new.mask_logits),
                         strict=True):
         np.testing.assert_array_equal(cur[0], old[0])
