@@ -7,7 +7,7 @@
 Multi-host TPU pods: run the same command on every host with --distributed.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run configuration.")
@@ -17,6 +17,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     import jax
 
     if _DISTRIBUTED.value:

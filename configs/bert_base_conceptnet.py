@@ -14,6 +14,7 @@ def get_config():
     c.data.max_length = 48
     c.data.fractions = (0.6, 0.2, 0.2)
     c.mask.first_layer, c.mask.last_layer = 6, 11
+    c.mask.mode = "stochastic"
     c.mask.init_value = 1.0  # about 27% initial sparsity, the reference default
     c.mask.tau = 0.1
     c.optim.learning_rate = 3e-4  # the reference's settings

@@ -5,7 +5,7 @@ from configs import default
 
 def get_config():
     c = default.get_config()
-    c.epochs = 1
+    c.epochs = 5
     c.specialization = False
     c.plots = False
     return c
