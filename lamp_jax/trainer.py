@@ -264,10 +264,10 @@ def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode,
                     f"{run[key]}); its checkpoints do not fit this configuration. Use another "
                     "--workdir or delete that one."
                 )
-        for key in ("layers", "matrices"):
+        for key in ("layers", "matrices", "mode"):
             if previous["mask"][key] != run["mask"][key]:
                 raise ValueError(
-                    f"{workdir} holds masks over {key} {previous['mask'][key]}, this config "
+                    f"{workdir} holds masks with {key} {previous['mask'][key]}, this config "
                     f"asks for {run['mask'][key]}; use another --workdir or delete that one."
                 )
     path.write_text(json.dumps(run, indent=2, default=str))

@@ -133,8 +133,11 @@ def test_interrupted_run_resumes_to_the_same_result(finished_run, model_dir, tmp
 
 def test_workdir_of_another_mask_layout_is_refused(finished_run, model_dir):
     workdir, _ = finished_run
-    with pytest.raises(ValueError, match="masks over layers"):
+    with pytest.raises(ValueError, match="masks with layers"):
         train_and_evaluate(_config(model_dir, **{"mask.first_layer": 0}), workdir,
+                           log=lambda *_: None)
+    with pytest.raises(ValueError, match="masks with mode deterministic"):
+        train_and_evaluate(_config(model_dir, **{"mask.mode": "stochastic"}), workdir,
                            log=lambda *_: None)
 
 
