@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.split = "by_fact"  # "by_fact" (held-out facts) or "reference" (train = test, as LAMP)
     c.data.fractions = (0.5, 0.2, 0.3)  # train / dev / test share of each relation's facts
     c.data.seed = 0  # which facts are held out
+    c.data.on_error = "stop"  # malformed jsonl line: "stop" (name file:line) or "skip" (count)
 
     c.mask = ml_collections.ConfigDict()
     c.mask.first_layer = ml_collections.FieldReference(None, field_type=int)  # None: top half
@@ -59,5 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.relation_parallelism = 0  # devices on the relation axis; 0 = as many as divide R
     c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
     c.plots = True
+    c.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" (name step, relation) or "skip"
     c.stop_after = 0  # > 0: stop this invocation after N steps (preemption drill; rerun resumes)
     return c

@@ -11,6 +11,7 @@ Layout of a run directory (``workdir``)::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,27 @@ class RunCheckpoints:
             return
         self.latest.save(step, args=ocp.args.StandardSave(_to_saveable(state)))
 
-    def restore_latest(self, template: TrainState) -> TrainState | None:
-        """The latest saved state laid out (shapes, dtypes, shardings) like ``template``."""
-        step = self.latest.latest_step()
-        if step is None:
-            return None
+    def restore_latest(self, template: TrainState, log=print) -> TrainState | None:
+        """The newest readable state, laid out (shapes, dtypes, shardings) like ``template``.
+
+        A checkpoint that cannot be read (truncated or corrupted files) is reported and the next
+        older one is tried: resuming from an older step replays deterministically to the same
+        result. Half-written checkpoints never appear here (Orbax commits by atomic rename).
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-        raw = self.latest.restore(step, args=ocp.args.StandardRestore(abstract))
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                raw = self.latest.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as err:  # tensorstore/orbax raise many types for damaged files
+                log(f"warning: checkpoint step {step} under {self.workdir / 'checkpoints'} "
+                    f"cannot be read ({type(err).__name__}: {str(err)[:200]}); trying an older "
+                    "one")
+                continue
+            return self._state_from(template, raw)
+        return None
+
+    @staticmethod
+    def _state_from(template: TrainState, raw: dict[str, Any]) -> TrainState:
         return template.replace(
             mask_logits=raw["mask_logits"], opt_state=raw["opt_state"],
             relation_steps=raw["relation_steps"], total_steps=raw["total_steps"],
@@ -63,15 +78,26 @@ class RunCheckpoints:
         best = self.best_score()
         if best is not None and score <= best:
             return False
-        self.best.save(step, args=ocp.args.StandardSave({"mask_logits": mask_logits}),
-                       metrics={"score": float(score)}, force=True)
+        tree = {"mask_logits": mask_logits, "score": np.float64(score)}
+        self.best.save(step, args=ocp.args.StandardSave(tree), metrics={"score": float(score)},
+                       force=True)
         self.best.wait_until_finished()
-        (self.workdir / "best_score.json").write_text(json.dumps({"step": step, "score": score}))
+        _atomic_write(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))
         return True
 
     def best_score(self) -> float | None:
+        """Score of the saved best masks. ``best_score.json`` is a cache: if a kill fell between
+        saving the masks and writing it, the score is read back from the checkpoint itself."""
+        step = self.best.latest_step()
+        if step is None:
+            return None
         path = self.workdir / "best_score.json"
-        return json.loads(path.read_text())["score"] if path.exists() else None
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if cached.get("step") == step:
+            return cached["score"]
+        score = float(self.best.restore(step, args=ocp.args.StandardRestore())["score"])
+        _atomic_write(path, json.dumps({"step": step, "score": score}))
+        return score
 
     def restore_best(self, template_logits: Any | None = None) -> Any:
         return restore_best_masks(self.workdir, template_logits)
@@ -85,6 +111,12 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def restore_best_masks(workdir: str | Path, template_logits: Any | None = None) -> Any:
     """The best mask logits of a run, as numpy arrays (or laid out like ``template_logits``)."""
     directory = Path(workdir).absolute() / "best"
@@ -96,7 +128,7 @@ def restore_best_masks(workdir: str | Path, template_logits: Any | None = None) 
             raw = manager.restore(step, args=ocp.args.StandardRestore())
         else:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                    {"mask_logits": template_logits})
+                                    {"mask_logits": template_logits, "score": np.float64(0)})
             raw = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     return raw["mask_logits"]
 

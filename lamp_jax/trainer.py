@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lamp_jax import evaluation, plots
 from lamp_jax.checkpoint import RunCheckpoints, export_binary_masks
+from lamp_jax.config_checks import validate_config
 from lamp_jax.data import (
     LAMA_CONCEPTNET_RELATIONS,
     RelationBatcher,
@@ -72,7 +73,8 @@ def mask_settings(config: ml_collections.ConfigDict, mlm: LoadedMLM):
 def prepare_data(config, tokenizer, jsonl: Path, log=print):
     """Reads, encodes and splits; prints what was kept and skipped (nothing silently)."""
     wanted = tuple(config.data.relations) or None
-    facts, read_report = read_lama_jsonl(jsonl, relations=wanted)
+    facts, read_report = read_lama_jsonl(jsonl, relations=wanted,
+                                         strict=config.data.on_error == "stop")
     log(read_report.summary())
     present = sorted({f.relation for f in facts},
                      key=lambda r: (LAMA_CONCEPTNET_RELATIONS + (r,)).index(r))
@@ -82,6 +84,10 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
     log(encode_report.summary())
     if len(encoded) == 0:
         raise ValueError(f"no usable prompts in {jsonl} (see the report above)")
+    empty = [r for r, n in zip(relations, encoded.counts_per_relation(), strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"config.data.relations lists {empty}, which have no usable prompts in "
+                         f"{jsonl}; relations with prompts: {sorted(set(present) - set(empty))}")
     if config.data.split == "reference":
         log("split: reference protocol (train = dev = test = all prompts; NOT held-out numbers)")
         splits = reference_protocol_split(len(encoded))
@@ -99,8 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     Resumes from ``workdir/checkpoints`` when a run was interrupted. Writes ``run.json``,
     ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics.
     """
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    validate_config(config)
+    workdir = _writable_workdir(workdir)
     dtype = DTYPES[config.dtype]
     model_source, jsonl = resolve_model_and_data(config)
     mlm = load_mlm(model_source, dtype=dtype)
@@ -139,10 +145,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
                     mlm.config)
     checkpoints = RunCheckpoints(workdir)
-    restored = checkpoints.restore_latest(state)
+    restored = checkpoints.restore_latest(state, log)
     if restored is not None:
         state = restored
         log(f"resumed from step {int(state.step)}")
+    _truncate_metrics_log(workdir / "metrics.jsonl", int(state.step))
 
     def dev_score(logits) -> evaluation.RankingResult:
         return evaluation.evaluate(rank_fn, logits, frozen, eval_sets["dev"], relations,
@@ -150,24 +157,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     eval_every = config.eval_every or max(1, train.num_steps // config.epochs)
     history = []
-    start, first_step = time.perf_counter(), int(state.step)
+    start, first_step, pending = time.perf_counter(), int(state.step), None
     bar = tqdm(range(first_step, train.num_steps), desc="training masks", unit="step",
                initial=first_step, total=train.num_steps)
     for step in bar:
         state, metrics = step_fn(state, frozen, put(_model_inputs(train.batch_at(step))))
         done = step + 1
+        # Checked one step late, so the host never stalls the device queue to look.
+        if pending is not None:
+            _check_finite(pending, done - 1, relations, config.on_nonfinite, log)
+        pending = metrics
         if done % eval_every == 0 or done == train.num_steps:
+            _check_finite(pending, done, relations, config.on_nonfinite, log)
+            pending = None
             dev = dev_score(state.mask_logits)
             ce = np.asarray(metrics["ce"])[np.asarray(metrics["count"]) > 0]
             record = {"step": done, "train_ce": float(ce.mean()) if ce.size else None,
                       "dev_macro_P@1": dev.macro(1), "dev_micro_P@1": dev.micro(1)}
             history.append(record)
-            with open(workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             bar.set_postfix(dev_macro_p1=f"{dev.macro(1):.3f}")
             if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
                 record["best"] = True
             checkpoints.save(state)
+            with open(workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if config.stop_after and done - first_step >= config.stop_after and done < train.num_steps:
             checkpoints.save(state)
             checkpoints.wait()
@@ -186,6 +199,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
     checkpoints.close()
     return summary
+
+
+def _writable_workdir(workdir: str | Path) -> Path:
+    """Creates the workdir and proves it writable now, not at the first checkpoint."""
+    workdir = Path(workdir).absolute()
+    probe = workdir / ".write_test"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the workdir {workdir}: {err.strerror or err} "
+                      "(checkpoints, metrics and plots go there; pick another --workdir or "
+                      "free space)") from err
+    return workdir
+
+
+def _truncate_metrics_log(path: Path, step: int) -> None:
+    """Drops records of steps after the resumed one: they will be recomputed, not duplicated."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _check_finite(metrics, step: int, relations, policy: str, log) -> None:
+    """The step already refused non-finite updates; here we stop or say it was skipped."""
+    finite = np.asarray(metrics["finite"])
+    if finite.all():
+        return
+    bad = [r for r, ok in zip(relations, finite, strict=True) if not ok]
+    message = (f"non-finite loss or gradient at step {step} for relation(s) {bad}; their masks "
+               "were left unchanged")
+    if policy == "stop":
+        raise FloatingPointError(message + " (config.on_nonfinite='skip' skips such updates)")
+    log("warning: " + message)
 
 
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -163,10 +163,13 @@ def train_step(
                              optim_config.learning_rate, optim_config.warmup_fraction)
     new_logits = jax.tree.map(lambda g, u: g - _per_relation(lr, u) * u, state.mask_logits, updates)
 
-    # A relation with no data in this batch (it finished its epochs) keeps its logits and state.
-    active = metrics["count"] > 0
+    # A relation with no data in this batch (it finished its epochs) keeps its logits and state,
+    # and so does one whose loss or gradient is not finite: NaN never reaches the masks.
+    grad_norm = jax.vmap(optax.global_norm)(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    active = (metrics["count"] > 0) & finite
     keep = partial(jax.tree.map, lambda new, old: jnp.where(_per_relation(active, new), new, old))
-    metrics = dict(metrics, lr=lr * active, grad_norm=jax.vmap(optax.global_norm)(grads))
+    metrics = dict(metrics, lr=lr * active, grad_norm=grad_norm, finite=finite)
     if loss_config.sparsity_weight:
         metrics["density"] = jax.vmap(lambda g: expected_density(g, loss_config.mode))(new_logits)
     new_state = state.replace(

@@ -1,11 +1,8 @@
 """The embedded toy world and its shipped MLM: determinism, format, and the LAMA situation."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from lamp_jax import world
 from lamp_jax.data import encode_facts, read_lama_jsonl
@@ -16,8 +13,6 @@ from lamp_jax.embedded import (
     pretrain_embedded_mlm,
 )
 from lamp_jax.models.params import load_mlm
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
 
 
 def test_world_is_deterministic_and_well_formed():
@@ -83,21 +78,3 @@ def test_shipped_model_knows_the_facts_but_the_probes_hide_them():
     # Measured on the shipped asset: knowledge phrasing 0.99, probe phrasing 0.18.
     assert knowledge > 0.95
     assert probe < 0.3
-
-
-@pytest.mark.slow
-def test_default_run_shows_the_effect(tmp_path):
-    """`python train.py`'s config: held-out macro P@1 of the subnetworks >= full model + 10 pts."""
-    from configs import default
-    from lamp_jax.trainer import train_and_evaluate
-
-    config = default.get_config()
-    config.plots = False
-    summary = train_and_evaluate(config, tmp_path, log=lambda *_: None)
-    full = summary["test"]["full"]["macro_P@1"]
-    pruned = summary["test"]["pruned"]["macro_P@1"]
-    # Measured: full 0.172, pruned 0.459 (held-out facts, best epoch chosen on dev).
-    assert pruned >= full + 0.10
-    matrix = np.asarray(summary["specialization"])
-    off_diagonal = matrix[~np.eye(len(matrix), dtype=bool)]
-    assert np.mean(np.diag(matrix)) > np.mean(off_diagonal) + 0.2

@@ -155,6 +155,13 @@ def _parse_line(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
     return fields, notes
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
 def read_lama_jsonl(
     path: str | os.PathLike[str],
     relations: Iterable[str] | None = None,
@@ -182,14 +189,17 @@ def read_lama_jsonl(
     facts: list[Fact] = []
     skipped: collections.Counter[str] = collections.Counter()
     per_relation: collections.Counter[str] = collections.Counter()
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    # Binary read, decoded line by line: a bad byte is then one malformed line named by number,
+    # not a UnicodeDecodeError for the whole file.
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
             report.lines += 1
-            if not line.strip():
-                report.blank_lines += 1
-                continue
             where = f"{path}:{lineno}"
             try:
+                line = _decode(raw, where)
+                if not line.strip():
+                    report.blank_lines += 1
+                    continue
                 fields, notes = _parse_line(line, where)
             except ValueError as err:
                 if strict:

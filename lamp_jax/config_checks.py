@@ -1,0 +1,90 @@
+"""Checks a run configuration before anything is loaded or compiled.
+
+Every problem names the config field (``config.mask.tau``) and what is allowed, and all problems
+are reported at once, so a bad command line fails in a second instead of after model loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lamp_jax.masks import MATRICES
+
+_CHOICES = {
+    "dtype": ("float32", "bfloat16"),
+    "data.split": ("by_fact", "reference"),
+    "data.on_error": ("stop", "skip"),
+    "mask.mode": ("stochastic", "deterministic"),
+    "mask.ste_grad": ("identity", "sigmoid"),
+    "mask.eval_kind": ("threshold", "expectation"),
+    "mask.init": ("constant", "normal", "uniform", "target"),
+    "batching": ("per_relation", "balanced"),
+    "on_nonfinite": ("stop", "skip"),
+}
+# field -> (lowest, highest, whether the bounds themselves are allowed)
+_RANGES = {
+    "data.max_length": (4, None, True),
+    "mask.tau": (0.0, None, False),
+    "mask.threshold": (0.0, 1.0, False),
+    "mask.init_std": (0.0, None, True),
+    "mask.init_sparsity": (0.0, 1.0, False),
+    "optim.learning_rate": (0.0, None, False),
+    "optim.warmup_fraction": (0.0, 1.0, True),
+    "optim.clip_norm": (0.0, None, True),
+    "optim.weight_decay": (0.0, None, True),
+    "loss.sparsity_weight": (0.0, None, True),
+    "batch_size": (1, None, True),
+    "epochs": (1, None, True),
+    "eval_every": (0, None, True),
+    "relation_chunk": (0, None, True),
+    "relation_parallelism": (0, None, True),
+    "stop_after": (0, None, True),
+}
+
+
+def _get(config: Any, dotted: str) -> Any:
+    node = config
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def _in_range(value: Any, low: Any, high: Any, inclusive: bool) -> bool:
+    if inclusive:
+        return (low is None or value >= low) and (high is None or value <= high)
+    return (low is None or value > low) and (high is None or value < high)
+
+
+def validate_config(config: Any) -> None:
+    """Raises ValueError listing every out-of-range or unknown field of a train.py config."""
+    problems = []
+    for field, allowed in _CHOICES.items():
+        value = _get(config, field)
+        if value not in allowed:
+            problems.append(f"config.{field} = {value!r}; choose one of {allowed}")
+    for field, (low, high, inclusive) in _RANGES.items():
+        value = _get(config, field)
+        if not isinstance(value, int | float) or not _in_range(value, low, high, inclusive):
+            brackets = "[]" if inclusive else "()"
+            span = f"{brackets[0]}{low}, {'inf' if high is None else high}{brackets[1]}"
+            problems.append(f"config.{field} = {value!r}; must be in {span}")
+    unknown = [m for m in config.mask.matrices if m not in MATRICES]
+    if unknown or not config.mask.matrices:
+        problems.append(f"config.mask.matrices = {tuple(config.mask.matrices)!r}; choose a "
+                        f"non-empty subset of {tuple(MATRICES)}")
+    for field in ("mask.first_layer", "mask.last_layer"):
+        value = _get(config, field)
+        if value is not None and value < 0:
+            problems.append(f"config.{field} = {value}; layer indices start at 0")
+    first, last = config.mask.first_layer, config.mask.last_layer
+    if first is not None and last is not None and first > last:
+        problems.append(f"config.mask.first_layer {first} > config.mask.last_layer {last}")
+    fractions = tuple(config.data.fractions)
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        problems.append(f"config.data.fractions = {fractions}; need three positive train/dev/"
+                        "test shares summing to 1")
+    target = config.loss.target_sparsity
+    if target is not None and not 0.0 < target < 1.0:
+        problems.append(f"config.loss.target_sparsity = {target}; must be in (0, 1) or None")
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))

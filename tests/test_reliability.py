@@ -1,0 +1,218 @@
+"""Bad input, bad configs, NaNs, damaged checkpoints and kill -9: clear failures, nothing lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lamp_jax.checkpoint import restore_best_masks
+from lamp_jax.models.params import load_mlm, save_mlm
+from lamp_jax.trainer import train_and_evaluate
+from tests.test_end_to_end import FIXTURE, _config, make_tiny_model
+
+ROOT = Path(__file__).parents[1]
+QUIET = {"log": lambda *_: None}
+GOOD_LINE = {"sub": "book", "obj": "library", "pred": "AtLocation", "obj_label": "library",
+             "masked_sentences": ["You are likely to find a book in a [MASK]."], "uuid": "u1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def _write(path: Path, lines: list) -> Path:
+    with open(path, "wb") as f:
+        for line in lines:
+            if not isinstance(line, bytes):
+                line = (line if isinstance(line, str) else json.dumps(line)).encode()
+            f.write(line + b"\n")
+    return path
+
+
+def _fixture_lines() -> list[bytes]:
+    return FIXTURE.read_bytes().splitlines()
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{not json", r"bad.jsonl:3: .*JSON"),
+    (json.dumps({"sub": "x", "pred": "AtLocation", "masked_sentences": ["a [MASK] ."]}),
+     r"bad.jsonl:3: .*obj"),
+    (b"\xff\xfe not utf-8", r"bad.jsonl:3: not valid UTF-8"),
+])
+def test_malformed_line_stops_with_file_and_line_or_is_skipped_and_counted(
+        model_dir, tmp_path, bad, message):
+    lines = _fixture_lines()
+    data = _write(tmp_path / "bad.jsonl", lines[:2] + [bad] + lines[2:])
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(_config(model_dir, **{"data.source": str(data)}), tmp_path / "a",
+                           **QUIET)
+    said = []
+    summary = train_and_evaluate(
+        _config(model_dir, **{"data.source": str(data), "data.on_error": "skip",
+                              "specialization": False, "plots": False}),
+        tmp_path / "b", log=said.append)
+    assert "malformed lines skipped 1" in said[1]
+    assert summary["test"]["full"]["count"] > 0
+
+
+@pytest.mark.parametrize("content", [[], [""], [{**GOOD_LINE, "masked_sentences": ["no mask"]}],
+                                     [{**GOOD_LINE, "obj": "ice cream", "obj_label": "ice cream"}]])
+def test_no_usable_prompts_is_a_clear_stop_before_compiling(model_dir, tmp_path, content):
+    data = _write(tmp_path / "empty.jsonl", content)
+    with pytest.raises(ValueError, match=r"no usable prompts in .*empty.jsonl"):
+        train_and_evaluate(_config(model_dir, **{"data.source": str(data)}), tmp_path / "w",
+                           **QUIET)
+
+
+def test_requested_relation_missing_from_data_is_named(model_dir, tmp_path):
+    config = _config(model_dir, **{"data.relations": ("AtLocation", "MadeOf")})
+    with pytest.raises(ValueError, match=r"lists \['MadeOf'\], which have no usable prompts"):
+        train_and_evaluate(config, tmp_path, **QUIET)
+
+
+def test_relations_not_requested_are_counted_not_trained(model_dir, tmp_path):
+    said = []
+    config = _config(model_dir, **{"data.relations": ("AtLocation", "IsA"),
+                                   "specialization": False, "plots": False})
+    summary = train_and_evaluate(config, tmp_path, log=said.append)
+    assert summary["relations"] == ["AtLocation", "IsA"]
+    assert "facts of unrequested relations skipped: CapableOf=" in said[1]
+
+
+def test_out_of_range_config_is_refused_naming_every_field(model_dir, tmp_path):
+    config = _config(model_dir, **{"mask.tau": 0.0, "mask.threshold": 1.5, "batch_size": 0,
+                                   "mask.mode": "stochastc"})
+    with pytest.raises(ValueError) as err:
+        train_and_evaluate(config, tmp_path / "w", **QUIET)
+    for field in ("config.mask.tau = 0.0", "config.mask.threshold = 1.5",
+                  "config.batch_size = 0", "config.mask.mode = 'stochastc'"):
+        assert field in str(err.value)
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=r"mask layers 1\..5 are not within the model's 0..1"):
+        train_and_evaluate(_config(model_dir, **{"mask.first_layer": 1, "mask.last_layer": 5}),
+                           tmp_path / "w2", **QUIET)
+
+
+def test_unwritable_workdir_fails_fast(model_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot write to the workdir"):
+        train_and_evaluate(_config(model_dir), blocker / "run", **QUIET)
+
+
+def _model_with_nan(model_dir: Path, out: Path) -> Path:
+    mlm = load_mlm(model_dir)
+    params = jax.tree.map(np.asarray, mlm.params)
+    params["layer_1"]["ffn_out"]["kernel"] = params["layer_1"]["ffn_out"]["kernel"].copy()
+    params["layer_1"]["ffn_out"]["kernel"][0, 0] = np.nan
+    return save_mlm(out, params, mlm.config, mlm.tokenizer)
+
+
+def test_nan_stops_with_step_and_relation_or_is_skipped(model_dir, tmp_path):
+    broken = _model_with_nan(model_dir, tmp_path / "nan_model")
+    with pytest.raises(FloatingPointError, match=r"at step 1 for relation\(s\) \['AtLocation'"):
+        train_and_evaluate(_config(model_dir, model=str(broken)), tmp_path / "a", **QUIET)
+    said = []
+    train_and_evaluate(_config(model_dir, model=str(broken), on_nonfinite="skip",
+                               specialization=False, plots=False), tmp_path / "b",
+                       log=said.append)
+    assert any("non-finite loss" in line for line in said)
+    masks = restore_best_masks(tmp_path / "b")
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(masks))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_an_older_one(model_dir, tmp_path):
+    quick = {"specialization": False, "plots": False}
+    reference = train_and_evaluate(_config(model_dir, **quick), tmp_path / "ref", **QUIET)
+    work = tmp_path / "run"
+    train_and_evaluate(_config(model_dir, stop_after=5, **quick), work, **QUIET)
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 2
+    damaged = 0
+    for f in (work / "checkpoints" / str(steps[-1])).rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncate
+            damaged += 1
+    assert damaged
+    said = []
+    resumed = train_and_evaluate(_config(model_dir, **quick), work, log=said.append)
+    assert any(f"checkpoint step {steps[-1]}" in line and "cannot be read" in line
+               for line in said)
+    assert any(f"resumed from step {steps[0]}" in line for line in said)
+    assert resumed["test"] == reference["test"]
+
+
+def _train_cmd(workdir: Path) -> list[str]:
+    # The embedded default with a checkpoint every 4 steps, so kills often land near a save.
+    return [sys.executable, "train.py", f"--workdir={workdir}", "--config.eval_every=4",
+            "--config.plots=False"]
+
+
+@pytest.mark.slow
+def test_kill_9_several_times_then_resume_gives_identical_masks(tmp_path):
+    """Soak test on the embedded default: kill -9 at random moments, restart the same command."""
+    reference = tmp_path / "reference"
+    done = subprocess.run(_train_cmd(reference), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_the_default_run_shows_the_effect(json.loads((reference / "metrics.json").read_text()))
+    work, kills, rng = tmp_path / "killed", 0, np.random.default_rng(0)
+    for _ in range(12):
+        proc = subprocess.Popen(_train_cmd(work), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        # Wait until this process is training (a checkpoint newer than before appears), then
+        # kill it at a random moment of the next few seconds.
+        deadline = time.time() + 120
+        before = _latest_step(work)
+        while _latest_step(work) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if kills == 3:
+            break
+    assert kills == 3
+    done = subprocess.run(_train_cmd(work), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for a, b in zip(jax.tree.leaves(restore_best_masks(work)),
+                    jax.tree.leaves(restore_best_masks(reference)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (work, reference)]
+    assert metrics[0]["test"] == metrics[1]["test"]
+    history = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == sorted({h["step"] for h in history})  # no repeats
+    # Never a half-written checkpoint among the ones Orbax would resume from.
+    assert all(p.name.isdigit() for p in (work / "checkpoints").iterdir()
+               if not p.name.startswith("."))
+
+
+def _assert_the_default_run_shows_the_effect(summary: dict) -> None:
+    """`python train.py`'s result: held-out macro P@1 of the subnetworks >= full model + 10 pts,
+    and each subnetwork is specialized to its relation."""
+    full = summary["test"]["full"]["macro_P@1"]
+    pruned = summary["test"]["pruned"]["macro_P@1"]
+    # Measured: full 0.172, pruned 0.459 (held-out facts, best checkpoint chosen on dev).
+    assert pruned >= full + 0.10
+    matrix = np.asarray(summary["specialization"])
+    off_diagonal = matrix[~np.eye(len(matrix), dtype=bool)]
+    assert np.mean(np.diag(matrix)) > np.mean(off_diagonal) + 0.2
+
+
+def _latest_step(workdir: Path) -> int:
+    directory = workdir / "checkpoints"
+    if not directory.exists():
+        return -1
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    return max(steps, default=-1)
