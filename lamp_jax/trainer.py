@@ -74,7 +74,7 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
     """Reads, encodes and splits; prints what was kept and skipped (nothing silently)."""
     wanted = tuple(config.data.relations) or None
     facts, read_report = read_lama_jsonl(jsonl, relations=wanted,
-                                         strict=config.data.on_error == "stop")
+                                         strict=config.data.get("on_error", "stop") == "stop")
     log(read_report.summary())
     present = sorted({f.relation for f in facts},
                      key=lambda r: (LAMA_CONCEPTNET_RELATIONS + (r,)).index(r))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from lamp_jax.data.lama import LAMA_CONCEPTNET_RELATIONS, MASK, Fact
@@ -144,17 +144,21 @@ class TriplesReport:
         )
 
 
-def fill_template(relation: str, head: str) -> str:
+def fill_template(relation: str, head: str, templates: Mapping[str, str] = TEMPLATES) -> str:
     """The cloze sentence of ``relation`` for ``head`` (first letter capitalised)."""
-    text = TEMPLATES[relation].format(head=head)
+    text = templates[relation].format(head=head)
     return text[:1].upper() + text[1:] if not text.startswith(MASK) else text
 
 
 def triples_to_facts(
     triples: Iterable[Triple],
     relations: Sequence[str] = LAMA_CONCEPTNET_RELATIONS,
+    templates: Mapping[str, str] = TEMPLATES,
 ) -> tuple[list[Fact], TriplesReport]:
     """Facts ``(head, relation, tail)`` with the relation's template as the single sentence.
+
+    ``templates`` maps a relation to a cloze with ``{head}`` and ``[MASK]`` (default
+    :data:`TEMPLATES`; pass your own to change the wording).
 
     Triples with label 0 (corrupted negatives of dev1/dev2) are skipped and counted, as are triples
     of relations outside ``relations`` or without a template. The uuid is ``"ckbc-<i>"`` with i the
@@ -169,10 +173,10 @@ def triples_to_facts(
         if triple.label == 0:
             report.negative_label += 1
             continue
-        if triple.relation not in wanted or triple.relation not in TEMPLATES:
+        if triple.relation not in wanted or triple.relation not in templates:
             skipped[triple.relation] += 1
             continue
-        sentence = fill_template(triple.relation, triple.head)
+        sentence = fill_template(triple.relation, triple.head, templates)
         facts.append(Fact(triple.relation, triple.head, triple.tail, (sentence,), f"ckbc-{i}"))
     report.facts = len(facts)
     report.skipped_relations = dict(skipped)

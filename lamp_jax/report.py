@@ -1,0 +1,176 @@
+"""Analyses of a saved run, written to ``DIR/report/`` with an ``index.md``.
+
+    python -m lamp_jax.report --workdir runs/default [--ckbc PATH/conceptnet_ckbc/test.txt]
+
+Writes: ``specialization.json/png`` (all R x R pairs in one pass), ``combination.json/png`` (the
+search over combined masks), ``kbc.json`` (knowledge-base completion: CKBC triples if given, and
+for the embedded world its own facts), ``representations.json/png`` (PCA of [MASK] states with
+silhouette scores, [MASK] attention full vs subnetwork).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lamp_jax import plots  # noqa: E402
+from lamp_jax.analysis import combine, kbc, representations, specialization  # noqa: E402
+from lamp_jax.api import Run, load_run  # noqa: E402
+from lamp_jax.data import RelationBatcher, Triple, read_ckbc  # noqa: E402
+from lamp_jax.evaluation import evaluate, make_rank_fn  # noqa: E402
+from lamp_jax.masks import multiply_masks  # noqa: E402
+from lamp_jax.trainer import prepare_data  # noqa: E402
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def specialization_section(run: Run, test_batches, out: Path) -> dict[str, Any]:
+    matrix = specialization.specialization_matrix_batched(
+        run.mask_logits, run.mlm.params, test_batches, run.mlm.config, run.mode)
+    rank_fn = make_rank_fn(run.mlm.config, run.mode, dtype=run.mlm.dtype)
+    full = evaluate(rank_fn, None, run.mlm.params, test_batches, run.relations).precision_at(1)
+    result = {"matrix": matrix.tolist(), "relations": list(run.relations),
+              **specialization.summarize(matrix, full)}
+    result["figure"] = _save(plots.specialization_heatmap(run.relations, matrix),
+                             out / "specialization.png")
+    return result
+
+
+def combination_section(run: Run, dev_batches, out: Path, max_size: int) -> dict[str, Any]:
+    """Which single combined mask serves all relations' dev prompts best (macro P@1)."""
+    rank_fn = make_rank_fn(run.mlm.config, run.mode, ks=(1,), dtype=run.mlm.dtype)
+
+    def score(multipliers):
+        params = multiply_masks(run.mlm.params, multipliers)
+        return evaluate(rank_fn, None, params, dev_batches, run.relations, (1,)).macro(1)
+
+    found = combine.choose_combination(score, run.mask_logits, range(len(run.relations)),
+                                       max_size)
+    names = [", ".join(run.relations[i] for i in row["relations"]) + f" ({row['method']})"
+             for row in found["search"][:12]]
+    for row in found["search"]:
+        row["relations"] = [run.relations[i] for i in row["relations"]]
+    full = evaluate(rank_fn, None, run.mlm.params, dev_batches, run.relations, (1,)).macro(1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(names[::-1], [row["score"] for row in found["search"][:12]][::-1])
+    ax.axvline(full, color="k", ls="--", label=f"full model {full:.2f}")
+    ax.set_xlabel("dev macro P@1 with one combined mask for all relations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return {"full_model_dev_macro_P@1": full, **found,
+            "figure": _save(fig, out / "combination.png")}
+
+
+def representation_section(run: Run, test_batch, out: Path) -> dict[str, Any]:
+    labels = np.repeat(np.arange(len(run.relations)), test_batch["weight"].shape[1])
+    real = test_batch["weight"].reshape(-1) > 0
+    result, fig, axes = {}, *plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, (name, logits) in zip(axes, (("full model", None), ("own subnetwork",
+                                                                  run.mask_logits)), strict=True):
+        states, attention = representations.mask_states(run.mlm, test_batch, logits, run.mode)
+        flat = states.reshape(-1, states.shape[-1])[real]
+        score = representations.silhouette_score(flat, labels[real])
+        points = representations.pca_2d(flat)
+        for r, relation in enumerate(run.relations):
+            sel = labels[real] == r
+            ax.scatter(points[sel, 0], points[sel, 1], s=12, label=relation)
+        ax.set_title(f"{name}: silhouette {score:.2f}")
+        result[name] = {"silhouette": score, "attention_first_prompt":
+                        attention[0, 0].tolist()}
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("[MASK] states of test prompts (PCA), coloured by relation")
+    fig.tight_layout()
+    result["figure"] = _save(fig, out / "representations.png")
+    return result
+
+
+def world_triples() -> tuple[list[Triple], dict[str, str]]:
+    from lamp_jax import world
+
+    templates = {r: spec.probe.replace("{s}", "{head}") for r, spec in world.RELATIONS.items()}
+    return [Triple(f.relation, f.subject, f.obj, None) for f in world.make_facts(0)], templates
+
+
+def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2,
+                 log=print) -> Path:
+    workdir = Path(workdir)
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    run = load_run(workdir)
+    info = json.loads((workdir / "run.json").read_text())
+    config = ml_collections.ConfigDict(info["config"])
+    _, data = prepare_data(config, run.mlm.tokenizer, Path(info["data"]), log=lambda *_: None)
+    batches = {name: list(RelationBatcher(d, config.batch_size).eval_batches())
+               for name, d in data.items()}
+    sections = {
+        "specialization": specialization_section(run, batches["test"], out),
+        "combination": combination_section(run, batches["dev"], out, max_size),
+        "representations": representation_section(run, batches["test"][0], out),
+    }
+    kbc_results = {}
+    if config.model == "embedded":
+        triples, templates = world_triples()
+        kbc_results["embedded world facts"] = kbc.knowledge_base_completion(
+            triples, run.mlm, run.mask_logits, run.relations, run.mode, templates)
+    if ckbc:
+        kbc_results[str(ckbc)] = kbc.knowledge_base_completion(
+            read_ckbc(ckbc), run.mlm, run.mask_logits, run.relations, run.mode)
+    sections["kbc"] = kbc_results
+    for name, result in sections.items():
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / "index.md").write_text(_index(sections))
+    log(f"report written to {out / 'index.md'}")
+    return out
+
+
+def _index(sections: dict[str, Any]) -> str:
+    s, c, r = sections["specialization"], sections["combination"], sections["representations"]
+    lines = ["# lamp-jax report", "", "## Specialization (test P@1, macro)", "",
+             f"own subnetwork {s['own_mask_macro_P@1']:.3f}, other relations' subnetworks "
+             f"{s['other_masks_macro_P@1']:.3f}, full model {s['full_model_macro_P@1']:.3f}", "",
+             f"![specialization]({s['figure']})", "", "## Combined masks (dev macro P@1)", "",
+             f"best: {', '.join(c['best']['relations'])} ({c['best']['method']}) "
+             f"{c['best']['score']:.3f}; full model {c['full_model_dev_macro_P@1']:.3f}; "
+             f"{len(c['search'])} combinations searched (combination.json)", "",
+             f"![combination]({c['figure']})", "", "## Knowledge-base completion", ""]
+    for source, result in sections["kbc"].items():
+        if "full" in result:
+            lines.append(f"- {source}: {result['ranked']} ranked; Hits@1 full "
+                         f"{result['full']['Hits@1']:.3f} -> subnetwork "
+                         f"{result['subnetwork']['Hits@1']:.3f}; MRR {result['full']['MRR']:.3f}"
+                         f" -> {result['subnetwork']['MRR']:.3f}; skipped "
+                         f"{result['skipped_at_encoding']}")
+        else:
+            lines.append(f"- {source}: nothing rankable ({result})")
+    lines += ["", "## Representations", "",
+              f"silhouette of relations in [MASK] states: full model "
+              f"{r['full model']['silhouette']:.3f}, own subnetwork "
+              f"{r['own subnetwork']['silhouette']:.3f}", "", f"![representations]({r['figure']})",
+              ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--ckbc", default=None, help="a ConceptNet triples file to complete")
+    parser.add_argument("--max-size", type=int, default=2, help="largest mask combination")
+    args = parser.parse_args(argv)
+    write_report(args.workdir, args.ckbc, args.max_size)
+
+
+if __name__ == "__main__":
+    main()
