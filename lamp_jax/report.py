@@ -94,7 +94,29 @@ def representation_section(run: Run, test_batch, out: Path) -> dict[str, Any]:
     fig.suptitle("[MASK] states of test prompts (PCA), coloured by relation")
     fig.tight_layout()
     result["figure"] = _save(fig, out / "representations.png")
+    result["attention_figure"] = _save(attention_figure(run, test_batch), out / "attention.png")
     return result
+
+
+def attention_figure(run: Run, batch, relations: int = 3):
+    """Last-layer attention of [MASK] (mean over heads) on the first prompt of a few relations,
+    full model vs that relation's subnetwork."""
+    _, full = representations.mask_states(run.mlm, batch, None, run.mode)
+    _, pruned = representations.mask_states(run.mlm, batch, run.mask_logits, run.mode)
+    shown = min(relations, len(run.relations))
+    fig, axes = plt.subplots(shown, 1, figsize=(8, 2.2 * shown))
+    for r, ax in enumerate(np.atleast_1d(axes)):
+        length = int(batch["attention_mask"][r, 0].sum())
+        tokens = run.mlm.tokenizer.convert_ids_to_tokens(batch["input_ids"][r, 0, :length])
+        x = np.arange(length)
+        ax.bar(x - 0.2, full[r, 0, :length], 0.4, label="full model")
+        ax.bar(x + 0.2, pruned[r, 0, :length], 0.4, label=f"{run.relations[r]} subnetwork")
+        ax.set_xticks(x, tokens, fontsize=8)
+        ax.set_ylabel("attention")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("last-layer attention from [MASK]")
+    fig.tight_layout()
+    return fig
 
 
 def world_triples() -> tuple[list[Triple], dict[str, str]]:
@@ -159,7 +181,7 @@ def _index(sections: dict[str, Any]) -> str:
               f"silhouette of relations in [MASK] states: full model "
               f"{r['full model']['silhouette']:.3f}, own subnetwork "
               f"{r['own subnetwork']['silhouette']:.3f}", "", f"![representations]({r['figure']})",
-              ""]
+              "", f"![attention]({r['attention_figure']})", ""]
     return "\n".join(lines)
 
 

@@ -123,7 +123,8 @@ def test_report_writes_every_section_and_links_every_figure(run_dir):
     out = write_report(run_dir, max_size=1, log=lambda *_: None)
     index = (out / "index.md").read_text()
     figures = sorted(p.name for p in out.glob("*.png"))
-    assert figures == ["combination.png", "representations.png", "specialization.png"]
+    assert figures == ["attention.png", "combination.png", "representations.png",
+                       "specialization.png"]
     assert sorted(re.findall(r"\]\(([^)]+\.png)\)", index)) == figures
     for name in ("specialization", "combination", "representations", "kbc"):
         assert json.loads((out / f"{name}.json").read_text())
