@@ -5,7 +5,8 @@
 Writes: ``specialization.json/png`` (all R x R pairs in one pass), ``combination.json/png`` (the
 search over combined masks), ``kbc.json`` (knowledge-base completion: CKBC triples if given, and
 for the embedded world its own facts), ``representations.json/png`` (PCA of [MASK] states with
-silhouette scores, [MASK] attention full vs subnetwork).
+silhouette scores, [MASK] attention full vs subnetwork), and with ``--qa`` ``qa.json``
+(zero-shot multiple-choice accuracy, full model vs combined subnetworks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lamp_jax import plots  # noqa: E402
-from lamp_jax.analysis import combine, kbc, representations, specialization  # noqa: E402
+from lamp_jax.analysis import combine, kbc, qa, representations, specialization  # noqa: E402
 from lamp_jax.api import Run, load_run  # noqa: E402
 from lamp_jax.data import RelationBatcher, Triple, read_ckbc  # noqa: E402
 from lamp_jax.evaluation import evaluate, make_rank_fn  # noqa: E402
@@ -126,8 +127,20 @@ def world_triples() -> tuple[list[Triple], dict[str, str]]:
     return [Triple(f.relation, f.subject, f.obj, None) for f in world.make_facts(0)], templates
 
 
+def qa_section(run: Run, path: str, fmt: str, relations: list[str], method: str) -> dict:
+    """Accuracy of the full model vs the combination of ``relations``' subnetworks."""
+    questions = (qa.read_copa if fmt == "copa" else qa.read_commonsenseqa)(path)
+    chosen = [run.relation_index(r) for r in relations] or list(range(len(run.relations)))
+    combined = multiply_masks(run.mlm.params, combine.combine(run.mask_logits, chosen, method))
+    return {"file": str(path), "questions": len(questions),
+            "relations": [run.relations[i] for i in chosen], "method": method,
+            "full_accuracy": qa.accuracy(run.mlm.params, run.mlm, questions),
+            "combined_accuracy": qa.accuracy(combined, run.mlm, questions)}
+
+
 def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2,
-                 log=print) -> Path:
+                 log=print, qa_file: str | None = None, qa_format: str = "csqa",
+                 qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> Path:
     workdir = Path(workdir)
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +164,8 @@ def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2
         kbc_results[str(ckbc)] = kbc.knowledge_base_completion(
             read_ckbc(ckbc), run.mlm, run.mask_logits, run.relations, run.mode)
     sections["kbc"] = kbc_results
+    if qa_file:
+        sections["qa"] = qa_section(run, qa_file, qa_format, list(qa_relations), qa_method)
     for name, result in sections.items():
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / "index.md").write_text(_index(sections))
@@ -182,6 +197,12 @@ def _index(sections: dict[str, Any]) -> str:
               f"{r['full model']['silhouette']:.3f}, own subnetwork "
               f"{r['own subnetwork']['silhouette']:.3f}", "", f"![representations]({r['figure']})",
               "", f"![attention]({r['attention_figure']})", ""]
+    if "qa" in sections:
+        q = sections["qa"]
+        lines += ["## Zero-shot multiple-choice QA", "",
+                  f"{q['questions']} questions from {q['file']}: full model "
+                  f"{q['full_accuracy']:.3f}, {q['method']} of {', '.join(q['relations'])} "
+                  f"subnetworks {q['combined_accuracy']:.3f}", ""]
     return "\n".join(lines)
 
 
@@ -190,8 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--ckbc", default=None, help="a ConceptNet triples file to complete")
     parser.add_argument("--max-size", type=int, default=2, help="largest mask combination")
+    parser.add_argument("--qa", default=None, help="a CommonsenseQA jsonl or COPA xml file")
+    parser.add_argument("--qa-format", choices=("csqa", "copa"), default="csqa")
+    parser.add_argument("--qa-relations", default="", help="comma-separated; default: all")
+    parser.add_argument("--qa-method", choices=combine.METHODS, default="or")
     args = parser.parse_args(argv)
-    write_report(args.workdir, args.ckbc, args.max_size)
+    relations = tuple(r for r in args.qa_relations.split(",") if r)
+    write_report(args.workdir, args.ckbc, args.max_size, qa_file=args.qa,
+                 qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method)
 
 
 if __name__ == "__main__":

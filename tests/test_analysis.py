@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from lamp_jax.analysis import combine, kbc, representations, specialization
+from lamp_jax.analysis import combine, kbc, qa, representations, specialization
 from lamp_jax.api import load_run
 from lamp_jax.data import RelationBatcher, read_ckbc
 from lamp_jax.evaluation import make_rank_fn, specialization_matrix
@@ -131,3 +131,45 @@ def test_report_writes_every_section_and_links_every_figure(run_dir):
     rep = json.loads((out / "representations.json").read_text())
     # Measured on the default run: silhouette 0.33 (full) -> 0.45 (own subnetworks).
     assert -1 <= rep["full model"]["silhouette"] <= 1
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_qa_loaders_parse_the_real_formats():
+    csqa = qa.read_commonsenseqa(FIXTURES / "commonsenseqa_sample.jsonl")
+    assert len(csqa) == 10
+    real = csqa[-1]
+    assert real.id == "075e483d21c29a511267ef62bedc0461" and real.answer == 0
+    assert real.choices == ("ignore", "enforce", "authoritarian", "yell at", "avoid")
+    copa = qa.read_copa(FIXTURES / "copa_sample.xml")
+    assert [(q.id, q.connective, q.answer) for q in copa] == [("1", "because", 0),
+                                                              ("2", "so", 1)]
+    assert copa[0].context == "My body cast a shadow over the grass"
+    assert copa[0].choices == ("the sun was rising", "the grass was cut")
+
+
+def test_qa_scoring_picks_answers_the_model_knows(run):
+    """In a knowledge phrasing the model answers 99% of facts: the rule must pick those."""
+    from lamp_jax import world
+
+    facts = [f for f in world.make_facts(0) if f.relation == "AtLocation"][:12]
+    questions = []
+    for f in facts:
+        wrong = next(o for o in world.RELATIONS["AtLocation"].objects if o != f.obj)
+        questions.append(qa.Question(f.subject, f"the {f.subject} is kept in the",
+                                     (wrong, f.obj), 1, suffix=" ."))
+    assert qa.accuracy(run.mlm.params, run.mlm, questions) >= 11 / 12
+    scores = qa.score_choices(run.mlm.params, run.mlm, questions)
+    assert scores.shape == (12, 2) and np.all(scores <= 0)
+
+
+def test_qa_with_combined_subnetworks_in_the_report(run_dir):
+    out = write_report(run_dir, max_size=1, log=lambda *_: None,
+                       qa_file=str(FIXTURES / "copa_sample.xml"), qa_format="copa",
+                       qa_relations=("CapableOf", "Desires"), qa_method="soft")
+    result = json.loads((out / "qa.json").read_text())
+    assert result["questions"] == 2 and result["relations"] == ["CapableOf", "Desires"]
+    assert result["full_accuracy"] in (0.0, 0.5, 1.0)
+    assert result["combined_accuracy"] in (0.0, 0.5, 1.0)
+    assert "Zero-shot multiple-choice QA" in (out / "index.md").read_text()
