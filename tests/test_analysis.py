@@ -18,6 +18,7 @@ from lamp_jax.report import world_triples, write_report
 from lamp_jax.trainer import train_and_evaluate
 
 CKBC = Path(__file__).parents[2] / "shared" / "data" / "conceptnet_ckbc" / "train.txt"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -119,23 +120,6 @@ def test_silhouette_score_on_known_clusters():
     assert points.shape == (50, 2)
 
 
-def test_report_writes_every_section_and_links_every_figure(run_dir):
-    out = write_report(run_dir, max_size=1, log=lambda *_: None)
-    index = (out / "index.md").read_text()
-    figures = sorted(p.name for p in out.glob("*.png"))
-    assert figures == ["attention.png", "combination.png", "representations.png",
-                       "specialization.png"]
-    assert sorted(re.findall(r"\]\(([^)]+\.png)\)", index)) == figures
-    for name in ("specialization", "combination", "representations", "kbc"):
-        assert json.loads((out / f"{name}.json").read_text())
-    rep = json.loads((out / "representations.json").read_text())
-    # Measured on the default run: silhouette 0.33 (full) -> 0.45 (own subnetworks).
-    assert -1 <= rep["full model"]["silhouette"] <= 1
-
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
 def test_qa_loaders_parse_the_real_formats():
     csqa = qa.read_commonsenseqa(FIXTURES / "commonsenseqa_sample.jsonl")
     assert len(csqa) == 10
@@ -164,10 +148,20 @@ def test_qa_scoring_picks_answers_the_model_knows(run):
     assert scores.shape == (12, 2) and np.all(scores <= 0)
 
 
-def test_qa_with_combined_subnetworks_in_the_report(run_dir):
+def test_report_writes_every_section_and_links_every_figure(run_dir):
     out = write_report(run_dir, max_size=1, log=lambda *_: None,
                        qa_file=str(FIXTURES / "copa_sample.xml"), qa_format="copa",
                        qa_relations=("CapableOf", "Desires"), qa_method="soft")
+    index = (out / "index.md").read_text()
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == ["attention.png", "combination.png", "representations.png",
+                       "specialization.png"]
+    assert sorted(re.findall(r"\]\(([^)]+\.png)\)", index)) == figures
+    for name in ("specialization", "combination", "representations", "kbc", "qa"):
+        assert json.loads((out / f"{name}.json").read_text())
+    rep = json.loads((out / "representations.json").read_text())
+    # Measured on the default run: silhouette 0.33 (full) -> 0.45 (own subnetworks).
+    assert -1 <= rep["full model"]["silhouette"] <= 1
     result = json.loads((out / "qa.json").read_text())
     assert result["questions"] == 2 and result["relations"] == ["CapableOf", "Desires"]
     assert result["full_accuracy"] in (0.0, 0.5, 1.0)
