@@ -8,11 +8,12 @@ reproduces the LAMA situation LAMP addresses:
 2. The pretraining corpus states every fact in two *knowledge* phrasings per relation
    ("the cup is kept in the kitchen .", "people store the cup in the kitchen .").
 3. Each relation also has a *probe* phrasing in the LAMA style ("you are likely to find the cup
-   in the [MASK] ."), which never occurs with a real fact during pretraining; instead it occurs
-   with placeholders and a distractor ("you are likely to find it in the hurry ."), the way a
-   frequent collocation competes with knowledge in real corpora.
-4. So the pretrained model knows the facts (P@1 near 1 in the knowledge phrasings) but the probe
-   mostly surfaces the distractor, and a relation-specific subnetwork has room to elicit them.
+   in the [MASK] ."), which never occurs with a real subject during pretraining, only with
+   placeholders and a distractor ("you are likely to find it in the hurry .").
+4. So the pretrained model knows the facts (P@1 0.99 in a knowledge phrasing) but the probe does
+   not elicit them: measured on the shipped model, probe P@1 is 0.18, and 42% of its answers
+   are objects of *other* relations (the relation cue is lost; the distractor itself is never
+   predicted for a real subject). A relation-specific subnetwork has room to elicit the facts.
 5. All facts, including those later held out from mask training, are in the pretraining corpus:
    the masks must learn to *elicit* knowledge for unseen facts, not to memorise them.
 
