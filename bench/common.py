@@ -1,38 +1,48 @@
-"""Shared pieces of the benchmarks: model sizes, random batches, timing, peak memory."""
+"""Shared pieces of the benchmarks: model sizes, random batches, timing, peak memory, FLOPs."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 SIZES = {
-    # About a minute for both sides of train_throughput on a 2-core CPU.
+    # About a minute for train_throughput (both sides, three rounds) on a 2-core CPU.
     "small": dict(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4,
                   intermediate_size=512, layers=(2, 3)),
     # bert-base shapes (random weights), masks on layers 6..11 as in the paper: for GPUs.
     "base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
                  intermediate_size=3072, layers=tuple(range(6, 12))),
 }
+MASK_ID = 4  # any id works for random weights; it only marks where the object goes
+
+
+def model_shape(size: dict) -> dict:
+    """The architecture part of a SIZES entry (without the masked layers)."""
+    return {k: v for k, v in size.items() if k != "layers"}
 
 
 def random_batch(relations: int, batch: int, length: int, vocab: int, seed: int = 0) -> dict:
-    """``[R, B, L]`` prompts with a [MASK] (id 4) at a random position and random objects."""
+    """``[R, B, L]`` prompts with one [MASK] at a random position and random objects."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, vocab, (relations, batch, length)).astype(np.int32)
     mask_pos = rng.integers(1, length - 1, (relations, batch)).astype(np.int32)
-    np.put_along_axis(ids, mask_pos[..., None], 4, axis=-1)
+    np.put_along_axis(ids, mask_pos[..., None], MASK_ID, axis=-1)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask_pos": mask_pos,
             "obj_id": rng.integers(5, vocab, (relations, batch)).astype(np.int32),
             "weight": np.ones((relations, batch), np.float32)}
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (``fn`` must block until done)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -42,36 +52,127 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_side(module: str, side: str, args: list[str]) -> dict:
-    """Runs one side of a benchmark in its own process (separate peak memory) -> its JSON."""
+def cpu_threads() -> int:
+    """Cores this process may run on (what XLA's CPU thread pool sizes itself to)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine() -> str:
+    """CPU model and core count, for the printed report."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {cpu_threads()} cores, load average {os.getloadavg()[0]:.2f}"
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot (Linux /proc/stat; zeros elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return 0, 0
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def wait_for_quiet_cpu(max_wait_s: float, busy_below: float = 0.15) -> float:
+    """Waits (up to ``max_wait_s``) until the CPUs are nearly idle for one second, since other
+    processes on a shared machine distort timings; returns the busy fraction last seen."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(1.0)
+        busy1, total1 = _cpu_jiffies()
+        busy = (busy1 - busy0) / max(total1 - total0, 1)
+        if busy < busy_below or time.monotonic() >= deadline:
+            return busy
+
+
+def run_side(module: str, side: str, args: list[str], quiet_wait_s: float = 0.0) -> dict:
+    """Runs one side of a benchmark in its own process (separate peak memory) -> its JSON.
+
+    Adds ``others_cpu``: the share of the machine's CPU time that other processes used while
+    it ran (0 = we had the machine to ourselves), so contended rounds can be seen.
+    """
+    if quiet_wait_s:
+        wait_for_quiet_cpu(quiet_wait_s)
+    busy0, total0 = _cpu_jiffies()
+    own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-m", module, "--side", side, *args],
                          capture_output=True, text=True, check=False)
+    own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, total1 = _cpu_jiffies()
     if out.returncode:
         raise RuntimeError(f"{module} --side {side} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime) * ticks
+    result["others_cpu"] = max(0.0, (busy1 - busy0 - own) / max(total1 - total0, 1))
+    return result
 
 
-def train_flops_per_example(size: dict, length: int) -> float:
-    """Matmul FLOPs of one relation-example of the masked-LM step (forward + backward).
+def layer_flops(size: dict, length: int, rows: int | None = None) -> float:
+    """Matmul FLOPs of one encoder layer's forward for one sequence of ``length`` tokens whose
+    output is needed at ``rows`` of them (default all): keys and values for every token
+    (2*L*2*H^2), queries, attention output and FFN for the rows (2*rows*(2*H^2 + 2*H*F)), and
+    4*rows*L*H for the attention scores and the mixing of values."""
+    h, f = size["hidden_size"], size["intermediate_size"]
+    rows = length if rows is None else rows
+    return 2 * length * 2 * h * h + 2 * rows * (2 * h * h + 2 * h * f) + 4 * rows * length * h
 
-    Per layer forward: 2*L*(4*H^2 + 2*H*F) (Q, K, V, out, FFN in/out) + 4*L^2*H (scores and
-    mixing). Every layer runs forward; the masked layers also run backward, which costs twice
-    their forward (activation gradients plus the weight gradients that the mask gradients need);
-    layers below the lowest masked one need no backward. The MLM head runs at the [MASK] only:
-    2*H^2 + 2*H*V forward, twice that backward (activation gradients).
+
+def forward_flops(size: dict, length: int, *, start_layer: int = 0, rows_only: bool = True,
+                  head_positions: int = 1) -> float:
+    """Matmul FLOPs of one forward pass of one prompt: layers ``start_layer..N-1`` (the ones
+    below come from a cached prefix), the last layer only at [MASK] when ``rows_only``, and
+    the MLM head (2*H^2 + 2*H*V each) at ``head_positions`` positions."""
+    h, v, n = size["hidden_size"], size["vocab_size"], size["num_layers"]
+    layers = sum(layer_flops(size, length, 1 if rows_only and i == n - 1 else None)
+                 for i in range(start_layer, n))
+    return layers + head_positions * (2 * h * h + 2 * h * v)
+
+
+def train_flops_per_example(size: dict, length: int, *, cached_prefix: bool = True,
+                            rows_only: bool = True, head_positions: int = 1) -> float:
+    """Matmul FLOPs one side executes per relation-example of a step (forward + backward).
+
+    The forward is :func:`forward_flops`. Layers from the lowest masked one up and the head
+    also run backward, at twice their forward (activation gradients, and the weight gradients
+    the mask gradients are made of); layers below the lowest masked one need none.
+    lamp-jax: ``cached_prefix`` (the layers below the lowest masked one are not run in the
+    step; their one-off cost is timed separately) and ``rows_only``. The reference:
+    ``cached_prefix=False, rows_only=False, head_positions=length`` (Hugging Face's model runs
+    every layer on every row and the head at every position).
     """
-    h, f, v = size["hidden_size"], size["intermediate_size"], size["vocab_size"]
-    layer = 2 * length * (4 * h * h + 2 * h * f) + 4 * length * length * h
-    masked_and_above = size["num_layers"] - min(size["layers"])
-    head = 2 * h * h + 2 * h * v
-    return size["num_layers"] * layer + 2 * masked_and_above * layer + 3 * head
+    lowest = min(size["layers"])
+    upper = forward_flops(size, length, start_layer=lowest, rows_only=rows_only,
+                          head_positions=head_positions)
+    prefix = 0.0 if cached_prefix else forward_flops(size, length, head_positions=0) - \
+        forward_flops(size, length, start_layer=lowest, head_positions=0)
+    return prefix + 3 * upper
+
+
+def eval_flops_per_prompt(size: dict, length: int, *, start_layer: int = 0,
+                          rows_only: bool = True, head_positions: int = 1) -> float:
+    """Matmul FLOPs of one forward pass (see :func:`forward_flops`)."""
+    return forward_flops(size, length, start_layer=start_layer, rows_only=rows_only,
+                         head_positions=head_positions)
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Achieved float32 GFLOP/s of one large matmul: the practical peak of this device."""
+    """Achieved float32 GFLOP/s of one large jitted matmul: this device's practical peak."""
     import jax
     import jax.numpy as jnp
 
@@ -79,3 +180,54 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), repeats) / 1e9
+
+
+def jax_device_summary() -> dict[str, Any]:
+    """Kind and peak bytes in use of JAX's first device (0 where the backend keeps no stats)."""
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {"device": f"{device.platform}:{device.device_kind}",
+            "peak_device_mb": stats.get("peak_bytes_in_use", 0) / 2**20}
+
+
+def torch_setup() -> str:
+    """Gives torch as many threads as XLA gets; returns the device the baseline runs on."""
+    import torch
+
+    torch.set_num_threads(cpu_threads())
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_prompts(data: dict, device: str) -> list[list[dict]]:
+    """``[R, B, ...]`` numpy arrays -> per relation, a list of single-prompt torch tensors."""
+    import torch
+
+    relations, count = data["input_ids"].shape[:2]
+    keys = ("input_ids", "attention_mask", "mask_pos", "obj_id")
+    return [[{k: torch.as_tensor(data[k][r, i], dtype=torch.long, device=device) for k in keys}
+             for i in range(count)] for r in range(relations)]
+
+
+def torch_batches(data: dict, device: str) -> list[dict]:
+    """``[R, B, ...]`` numpy arrays -> per relation, the reference's batch with MLM labels."""
+    import torch
+
+    from bench.baseline_torch import mlm_labels
+
+    out = []
+    for r in range(data["input_ids"].shape[0]):
+        t = {k: torch.as_tensor(data[k][r], dtype=torch.long, device=device)
+             for k in ("input_ids", "attention_mask", "mask_pos", "obj_id")}
+        out.append({"input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
+                    "labels": mlm_labels(t["input_ids"], t["mask_pos"], t["obj_id"])})
+    return out
+
+
+def torch_bert_kwargs(size: dict, length: int) -> dict:
+    """BertConfig arguments for the same architecture as ``size``."""
+    return dict(vocab_size=size["vocab_size"], hidden_size=size["hidden_size"],
+                num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
+                intermediate_size=size["intermediate_size"],
+                max_position_embeddings=max(512, length))

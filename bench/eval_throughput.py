@@ -1,10 +1,16 @@
-"""Evaluation throughput: full model + every relation's subnetwork, batched (ours) vs one prompt
-at a time (the reference).
+"""Evaluation throughput: the full model + every relation's subnetwork, batched (ours) vs one
+prompt at a time (the reference).
 
-    python -m bench.eval_throughput                    # small config, 2-core CPU
-    python -m bench.eval_throughput --size base --relations 16 --prompts 256   # GPU
+    python -m bench.eval_throughput                    # small config, 2-core CPU, ~1 minute
+    python -m bench.eval_throughput --size base --relations 16 --prompts 512 --batch 128 \\
+        --baseline-prompts 16 --length 20              # bert-base shapes, GPU
 
-Figures are prompts per second, counting each prompt twice (full model and its subnetwork).
+Each prompt is evaluated twice, by its relation's binary subnetwork and by the full model, and
+counted twice: prompts/s = 2 * R * prompts / seconds. Ours calls ``evaluate`` (jitted
+``batch_rank_stats``) on ``[R, batch, L]`` batches; the baseline runs the reference's loop, with
+its surgery and state-dict reload per prompt (``per_prompt``, as the reference) and, for
+comparison, once per relation (``per_relation``). The sides alternate for ``--rounds`` rounds;
+figures are medians over rounds.
 """
 
 from __future__ import annotations
@@ -12,102 +18,162 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.common import SIZES, median_time, peak_rss_mb, random_batch, run_side
+import numpy as np
+
+from bench.common import (
+    SIZES,
+    eval_flops_per_prompt,
+    jax_device_summary,
+    machine,
+    median_time,
+    model_shape,
+    peak_rss_mb,
+    random_batch,
+    run_side,
+    torch_bert_kwargs,
+    torch_prompts,
+    torch_setup,
+)
 
 
-def ours(size: dict, relations: int, prompts: int, batch: int, length: int,
-         repeats: int) -> dict:
+def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repeats: int,
+         dtype: str) -> dict:
     import time
 
     import jax
+    import jax.numpy as jnp
 
     from lamp_jax.evaluation import evaluate, make_rank_fn
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
+    from lamp_jax.prefix import prefix_hidden_states
 
-    config = ModelConfig(**{k: v for k, v in size.items() if k != "layers"})
-    params = init_params(config, jax.random.key(0))
+    config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    params = jax.tree.map(lambda x: x.astype(compute), init_params(config, jax.random.key(0)))
     logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
                               MaskInit("normal", value=1.0), MaskMode(), jax.random.key(1))
-    rank_fn = make_rank_fn(config, MaskMode("threshold"))
+    start_layer = min(size["layers"])
+    rank_fn = make_rank_fn(config, MaskMode("threshold"), dtype=compute, start_layer=start_layer)
+    if prompts % batch:
+        raise ValueError(f"--prompts {prompts} must be a multiple of --batch {batch}")
     batches = [random_batch(relations, batch, length, config.vocab_size, seed=s)
                for s in range(prompts // batch)]
     names = tuple(str(r) for r in range(relations))
-    start = time.perf_counter()
-    evaluate(rank_fn, logits, params, batches[:1], names)
-    evaluate(rank_fn, None, params, batches[:1], names)
-    compile_s = time.perf_counter() - start
 
-    def both():
-        evaluate(rank_fn, logits, params, batches, names)
-        evaluate(rank_fn, None, params, batches, names)
+    def with_prefix(b: dict) -> dict:
+        # The frozen layers below the masked ones run once per prompt, for both evaluations.
+        rows = {k: b[k].reshape(relations * batch, length) for k in ("input_ids",
+                                                                      "attention_mask")}
+        hidden = prefix_hidden_states(params, rows["input_ids"], rows["attention_mask"],
+                                      model_config=config, stop_layer=start_layer, dtype=compute)
+        return dict(b, hidden=hidden.reshape(relations, batch, length, -1))
+
+    def both(chosen=batches):
+        ready = [with_prefix(b) for b in chosen]
+        evaluate(rank_fn, logits, params, ready, names)  # returns host numpy: synchronous
+        evaluate(rank_fn, None, params, ready, names)
+
+    start = time.perf_counter()
+    both(batches[:1])
+    compile_s = time.perf_counter() - start
+    cache_size = rank_fn._cache_size()
 
     seconds = median_time(both, repeats)
-    return {"seconds": seconds, "evaluated": 2 * relations * len(batches) * batch,
-            "compile_s": compile_s, "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "evaluated": 2 * relations * prompts, "compile_s": compile_s,
+            "recompiled": rank_fn._cache_size() != cache_size, "peak_rss_mb": peak_rss_mb(),
+            **jax_device_summary()}
 
 
-def baseline(size: dict, relations: int, prompts: int, length: int, repeats: int) -> dict:
-    import os
-
+def baseline(size: dict, relations: int, prompts: int, length: int, repeats: int,
+             surgery: str) -> dict:
     import torch
-    import transformers
 
-    from bench.baseline_torch import ReferenceLAMP
+    from bench.baseline_torch import ReferenceLAMP, reference_bert
     from lamp_jax.masks import MATRICES
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    config = transformers.BertConfig(
-        vocab_size=size["vocab_size"], hidden_size=size["hidden_size"],
-        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
-        intermediate_size=size["intermediate_size"], max_position_embeddings=512)
-    lamp = ReferenceLAMP(transformers.BertForMaskedLM(config), relations, size["layers"],
-                         list(MATRICES))
-    data = random_batch(relations, prompts, length, size["vocab_size"])
-    items = [[{k: torch.tensor(data[k][r, i]).long() for k in
-               ("input_ids", "attention_mask", "mask_pos", "obj_id")} for i in range(prompts)]
-             for r in range(relations)]
-
-    def both():
-        lamp.evaluate(items, subnetwork=True)
-        lamp.evaluate(items, subnetwork=False)
-
-    seconds = median_time(both, repeats)
+    device = torch_setup()
+    torch.manual_seed(0)
+    model = reference_bert(torch_bert_kwargs(size, length)).to(device)
+    lamp = ReferenceLAMP(model, relations, size["layers"], list(MATRICES), surgery=surgery)
+    items = torch_prompts(random_batch(relations, prompts, length, size["vocab_size"]), device)
+    lamp.evaluate([r[:1] for r in items])  # warm-up
+    seconds = median_time(lambda: lamp.evaluate(items), repeats)  # .tolist() syncs a GPU
     return {"seconds": seconds, "evaluated": 2 * relations * prompts,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="small")
     parser.add_argument("--relations", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=128, help="per relation (ours)")
+    parser.add_argument("--prompts", type=int, default=256, help="per relation (ours)")
+    parser.add_argument("--batch", type=int, default=128, help="ours: prompts per relation "
+                        "per call")
     parser.add_argument("--baseline-prompts", type=int, default=32, help="per relation")
-    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--length", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--surgery", choices=("per_prompt", "per_relation"),
+                        default="per_prompt", help="baseline (internal; main runs both)")
+    parser.add_argument("--quiet-wait", type=float, default=30.0,
+                        help="before each run, wait up to this many seconds for idle CPUs")
     parser.add_argument("--side", choices=("both", "ours", "torch"), default="both")
     args = parser.parse_args()
     size = SIZES[args.size]
     if args.side == "ours":
         print(json.dumps(ours(size, args.relations, args.prompts, args.batch, args.length,
-                              args.repeats)))
+                              args.repeats, args.dtype)))
         return
     if args.side == "torch":
         print(json.dumps(baseline(size, args.relations, args.baseline_prompts, args.length,
-                                  args.repeats)))
+                                  args.repeats, args.surgery)))
         return
+
     common = ["--size", args.size, "--relations", str(args.relations), "--prompts",
               str(args.prompts), "--baseline-prompts", str(args.baseline_prompts), "--batch",
-              str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats)]
-    a = run_side("bench.eval_throughput", "ours", common)
-    b = run_side("bench.eval_throughput", "torch", common)
-    rate_a, rate_b = a["evaluated"] / a["seconds"], b["evaluated"] / b["seconds"]
-    print(f"eval throughput, size={args.size}, R={args.relations}, L={args.length}")
-    print(f"{'':<30}{'prompts/s':>12}{'peak RSS MB':>13}")
-    print(f"{'lamp-jax (batched, jitted)':<30}{rate_a:>12.1f}{a['peak_rss_mb']:>13.0f}")
-    print(f"{'reference (one at a time)':<30}{rate_b:>12.1f}{b['peak_rss_mb']:>13.0f}")
-    print(f"ratio ours/baseline: {rate_a / rate_b:.1f}x (ours compiled in {a['compile_s']:.1f} s)")
+              str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats),
+              "--dtype", args.dtype]
+    runs: dict[str, list[dict]] = {"ours": [], "per_prompt": [], "per_relation": []}
+    for _ in range(args.rounds):
+        runs["ours"].append(run_side("bench.eval_throughput", "ours", common, args.quiet_wait))
+        for surgery in ("per_prompt", "per_relation"):
+            runs[surgery].append(run_side("bench.eval_throughput", "torch",
+                                          [*common, "--surgery", surgery], args.quiet_wait))
+
+    rates = {k: [r["evaluated"] / r["seconds"] for r in v] for k, v in runs.items()}
+    print(f"eval throughput: size={args.size}, R={args.relations}, L={args.length}, masked "
+          f"layers {list(size['layers'])}; full model + binary subnetworks, each prompt counted "
+          f"twice; ours {args.prompts} prompts/relation in batches of {args.batch} "
+          f"({args.dtype}), baseline {args.baseline_prompts} prompts/relation one at a time")
+    print(f"machine: {machine()}; {args.rounds} rounds, medians")
+    print(f"{'':<44}{'prompts/s':>11}{'ratio':>8}{'peak RSS MB':>13}")
+    names = {"ours": "lamp-jax (batched, jitted)",
+             "per_prompt": "reference (one at a time, surgery per prompt)",
+             "per_relation": "reference variant (surgery per relation)"}
+    ours_rate = float(np.median(rates["ours"]))
+    for key, name in names.items():
+        ratio = "" if key == "ours" else f"{ours_rate / np.median(rates[key]):.1f}x"
+        print(f"{name:<44}{np.median(rates[key]):>11.1f}{ratio:>8}"
+              f"{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}")
+    for key in ("per_prompt", "per_relation"):
+        per_round = [a / b for a, b in zip(rates["ours"], rates[key], strict=True)]
+        print(f"ratio per round vs {key}: {' '.join(f'{x:.1f}' for x in per_round)}")
+    print("CPU share used by other processes during each run (ours / per_prompt / per_relation):"
+          + "".join(f" {a['others_cpu']:.0%}/{b['others_cpu']:.0%}/{c['others_cpu']:.0%}"
+                    for a, b, c in zip(*runs.values(), strict=True)))
+    a = runs["ours"][0]
+    # Per prompt, ours runs the frozen prefix once and the layers above it twice.
+    lowest = min(size["layers"])
+    upper = eval_flops_per_prompt(size, args.length, start_layer=lowest)
+    prefix = eval_flops_per_prompt(size, args.length, head_positions=0) - \
+        eval_flops_per_prompt(size, args.length, start_layer=lowest, head_positions=0)
+    flops = (prefix + 2 * upper) / 2 * ours_rate
+    print(f"ours: compile {np.median([r['compile_s'] for r in runs['ours']]):.1f} s (not timed); "
+          f"recompiled while timing: {any(r['recompiled'] for r in runs['ours'])}; "
+          f"{flops / 1e9:.1f} GFLOP/s; device {a['device']}, peak device MB "
+          f"{max(r['peak_device_mb'] for r in runs['ours']):.0f}")
 
 
 if __name__ == "__main__":

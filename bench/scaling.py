@@ -1,9 +1,13 @@
-"""How our step's cost grows with the number of relations and of pruned layers.
+"""How our step's cost grows with the number of relations and with the number of pruned layers.
 
-    python -m bench.scaling            # small widths, 2-core CPU, ~2 minutes
+    python -m bench.scaling            # small widths, 2-core CPU, about 2 minutes
 
-Prints step time and time per relation-example; near-constant time per relation-example means
-cost grows linearly with the work and there is no per-relation overhead beyond it.
+Prints the step time, the time per relation-example and the time per model GFLOP (FLOPs counted
+as ``bench.common.train_flops_per_example`` for a step that runs the frozen layers too: no
+prefix cache here, so that depth is measured). Time per relation-example that stays flat as
+relations are added means cost grows linearly with the work, with no per-relation overhead
+beyond it; time per GFLOP that stays flat as layers are pruned means the same for depth. A
+least-squares line ``step = fixed + per_relation * R`` is printed for the first table.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import argparse
 import time
 
 import jax
+import numpy as np
 
-from bench.common import median_time, random_batch
+from bench.common import machine, median_time, random_batch, train_flops_per_example
 from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.training import (
@@ -24,9 +29,14 @@ from lamp_jax.training import (
     make_optimizer,
 )
 
+WIDE = dict(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
+DEEP = dict(vocab_size=1000, hidden_size=64, num_layers=12, num_heads=2, intermediate_size=256)
 
-def step_time(config: ModelConfig, layers: tuple[int, ...], relations: int, batch: int,
-              length: int, repeats: int) -> tuple[float, float]:
+
+def step_time(shape: dict, layers: tuple[int, ...], relations: int, batch: int, length: int,
+              repeats: int) -> tuple[float, float]:
+    """(median step seconds, compile seconds) of ``jit_train_step`` for these sizes."""
+    config = ModelConfig(**shape, max_position_embeddings=max(64, length))
     params = init_params(config, jax.random.key(0))
     mode = MaskMode("deterministic")
     logits = init_mask_logits(MaskSpec(layers, tuple(MATRICES)), params, relations,
@@ -52,28 +62,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--relations", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 6, 12])
+    parser.add_argument("--deep-relations", type=int, default=4)
     args = parser.parse_args()
-    shape = (args.batch, args.length, args.repeats)
+    b, length = args.batch, args.length
+    print(f"machine: {machine()}; medians of {args.repeats} steps")
 
-    small = ModelConfig(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4,
-                        intermediate_size=512, max_position_embeddings=64)
-    print(f"step time vs relations (hidden 128, 4 layers, masks on layers 2..3, "
-          f"B={args.batch}, L={args.length})")
-    print(f"{'relations':>10}{'step ms':>10}{'us / rel-example':>18}{'compile s':>11}")
-    for relations in (1, 4, 16, 64):
-        seconds, compile_s = step_time(small, (2, 3), relations, *shape)
-        print(f"{relations:>10}{1e3 * seconds:>10.1f}"
-              f"{1e6 * seconds / (relations * args.batch):>18.1f}{compile_s:>11.1f}")
+    print(f"\nstep time vs relations: hidden {WIDE['hidden_size']}, {WIDE['num_layers']} layers, "
+          f"FFN {WIDE['intermediate_size']}, vocab {WIDE['vocab_size']}, masks on layers 2..3 "
+          f"(all 6 matrices), B={b}, L={length}")
+    print(f"{'relations':>10}{'step ms':>10}{'us/rel-ex':>11}{'ms/GFLOP':>10}{'compile s':>11}")
+    size = {**WIDE, "layers": (2, 3)}
+    steps = []
+    for relations in args.relations:
+        seconds, compile_s = step_time(WIDE, (2, 3), relations, b, length, args.repeats)
+        steps.append(seconds)
+        gflop = train_flops_per_example(size, length, cached_prefix=False) * relations * b / 1e9
+        print(f"{relations:>10}{1e3 * seconds:>10.1f}{1e6 * seconds / (relations * b):>11.0f}"
+              f"{1e3 * seconds / gflop:>10.1f}{compile_s:>11.1f}", flush=True)
+    per_relation, fixed = np.polyfit(np.asarray(args.relations, float), np.asarray(steps), 1)
+    print(f"least squares: step = {1e3 * fixed:.1f} ms + {1e3 * per_relation:.2f} ms * R "
+          f"({1e6 * per_relation / b:.0f} us per relation-example)")
 
-    deep = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=12, num_heads=2,
-                       intermediate_size=256, max_position_embeddings=64)
-    print(f"\nstep time vs pruned layers (hidden 64, 12 layers, top layers pruned, 4 relations, "
-          f"B={args.batch}, L={args.length})")
-    print(f"{'layers':>10}{'step ms':>10}{'compile s':>11}")
-    for count in (1, 6, 12):
-        seconds, compile_s = step_time(deep, tuple(range(12 - count, 12)), 4, *shape)
-        print(f"{count:>10}{1e3 * seconds:>10.1f}{compile_s:>11.1f}")
+    print(f"\nstep time vs pruned layers: hidden {DEEP['hidden_size']}, {DEEP['num_layers']} "
+          f"layers, FFN {DEEP['intermediate_size']}, top layers pruned (all 6 matrices), "
+          f"{args.deep_relations} relations, B={b}, L={length}")
+    print(f"{'layers':>10}{'step ms':>10}{'us/rel-ex':>11}{'GFLOP':>8}{'ms/GFLOP':>10}"
+          f"{'compile s':>11}")
+    n = DEEP["num_layers"]
+    for count in args.layers:
+        layers = tuple(range(n - count, n))
+        seconds, compile_s = step_time(DEEP, layers, args.deep_relations, b, length,
+                                       args.repeats)
+        examples = args.deep_relations * b
+        gflop = train_flops_per_example({**DEEP, "layers": layers}, length,
+                                        cached_prefix=False) * examples / 1e9
+        print(f"{count:>10}{1e3 * seconds:>10.1f}{1e6 * seconds / examples:>11.0f}"
+              f"{gflop:>8.2f}{1e3 * seconds / gflop:>10.1f}{compile_s:>11.1f}", flush=True)
+    print("Every layer runs forward (the last one only at [MASK]); the backward pass starts at "
+          "the lowest pruned layer, so it covers 1, 6 or 12 layers (the GFLOP column).")
 
 
 if __name__ == "__main__":

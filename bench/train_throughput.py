@@ -1,11 +1,13 @@
 """Training throughput: lamp-jax's vmapped step vs the reference algorithm in PyTorch.
 
     python -m bench.train_throughput                   # small config, 2-core CPU, ~1 minute
-    python -m bench.train_throughput --size base --relations 16 --batch 32 --length 20  # GPU
+    python -m bench.train_throughput --size base --relations 16 --batch 32 --length 20 \\
+        --dtype bfloat16 --peak-tflops 989             # bert-base shapes on one H100
 
 Both sides use the same model shapes, relations, batch, length, masked layers and matrices, the
-deterministic (straight-through) mode, and Adam with per-relation clipping. Each side runs in its
-own process; figures are relation-examples per second (R * B / step time) and peak memory.
+same mask mode, and Adam with per-relation clipping. Each side runs in its own process (separate
+peak memory); the two alternate for ``--rounds`` rounds, and the figures are medians over rounds
+of each side's median step time. Relation-examples per second = R * B / step time.
 """
 
 from __future__ import annotations
@@ -13,19 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
 from bench.common import (
     SIZES,
+    jax_device_summary,
+    machine,
     matmul_peak_gflops,
     median_time,
+    model_shape,
     peak_rss_mb,
     random_batch,
     run_side,
+    torch_batches,
+    torch_bert_kwargs,
+    torch_setup,
     train_flops_per_example,
 )
 
 
-def ours(size: dict, relations: int, batch: int, length: int, repeats: int,
-         dtype: str) -> dict:
+def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
+         mode: str, relation_chunk: int | None, cache_prefix: bool) -> dict:
     import time
 
     import jax
@@ -33,6 +43,7 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int,
 
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
+    from lamp_jax.prefix import prefix_hidden_states
     from lamp_jax.training import (
         LossConfig,
         OptimConfig,
@@ -41,21 +52,38 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int,
         make_optimizer,
     )
 
-    config = ModelConfig(**{k: v for k, v in size.items() if k != "layers"})
-    params = init_params(config, jax.random.key(0))
-    mode = MaskMode("deterministic")
+    config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    # As the trainer does: frozen weights in the compute dtype, mask logits and Adam in float32.
+    params = jax.tree.map(lambda x: x.astype(compute), init_params(config, jax.random.key(0)))
+    mask_mode = MaskMode(mode)
     logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
-                              MaskInit("normal", value=1.0), mode, jax.random.key(1))
+                              MaskInit("normal", value=1.0), mask_mode, jax.random.key(1))
     optim = OptimConfig()
     state = init_train_state(logits, make_optimizer(optim), 10_000, jax.random.key(2))
-    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    step = jit_train_step(model_config=config, loss_config=LossConfig(mode,
-                          compute_dtype=compute), optim_config=optim)
-    data = jax.device_put(random_batch(relations, batch, length, config.vocab_size))
+    start_layer = min(size["layers"]) if cache_prefix else 0
+    step = jit_train_step(model_config=config, optim_config=optim, relation_chunk=relation_chunk,
+                          loss_config=LossConfig(mask_mode, compute_dtype=compute,
+                                                 start_layer=start_layer))
+    data = random_batch(relations, batch, length, config.vocab_size)
+    prefix_s = 0.0
+    if start_layer:
+        # The trainer computes the frozen layers once per prompt before training; time that for
+        # this step's R * B prompts, so it can be charged to each step of a run's epochs.
+        ids, attention = (data[k].reshape(relations * batch, length)
+                          for k in ("input_ids", "attention_mask"))
+        encode = lambda: prefix_hidden_states(params, ids, attention, model_config=config,  # noqa: E731
+                                              stop_layer=start_layer, dtype=compute)
+        hidden = encode()
+        prefix_s = median_time(encode, 3)
+        data["hidden"] = hidden.reshape(relations, batch, length, -1)
+    data = jax.device_put(data)
+
     start = time.perf_counter()
     state, _ = step(state, params, data)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - start
+    cache_size = step._cache_size()
 
     def one():
         nonlocal state
@@ -63,85 +91,149 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int,
         jax.block_until_ready(state.mask_logits)
 
     seconds = median_time(one, repeats)
-    memory = jax.devices()[0].memory_stats() or {}
-    return {"step_s": seconds, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
-            "matmul_peak_gflops": matmul_peak_gflops(),
-            "peak_device_mb": memory.get("peak_bytes_in_use", 0) / 2**20,
-            "device": jax.devices()[0].device_kind}
+    summary = jax_device_summary()
+    return {"step_s": seconds, "prefix_s": prefix_s, "compile_s": compile_s,
+            "peak_rss_mb": peak_rss_mb(),
+            # Compiled once, never again: the timed steps reuse the first executable.
+            "recompiled": step._cache_size() != cache_size,
+            "matmul_peak_gflops": matmul_peak_gflops() if summary["device"].startswith("cpu")
+            else 0.0, **summary}
 
 
-def baseline(size: dict, relations: int, batch: int, length: int, repeats: int) -> dict:
-    import os
-
+def baseline(size: dict, relations: int, batch: int, length: int, repeats: int,
+             mode: str) -> dict:
     import torch
-    import transformers
 
-    from bench.baseline_torch import ReferenceLAMP
+    from bench.baseline_torch import ReferenceLAMP, reference_bert
     from lamp_jax.masks import MATRICES
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = transformers.BertConfig(
-        vocab_size=size["vocab_size"], hidden_size=size["hidden_size"],
-        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
-        intermediate_size=size["intermediate_size"], max_position_embeddings=512)
-    model = transformers.BertForMaskedLM(config).to(device)
-    lamp = ReferenceLAMP(model, relations, size["layers"], list(MATRICES))
-    data = random_batch(relations, batch, length, size["vocab_size"])
-    batches = [{k: torch.tensor(v[r]).long().to(device) for k, v in data.items()
-                if k != "weight"} for r in range(relations)]
-    lamp.train_step(batches)  # warm-up
+    device = torch_setup()
+    torch.manual_seed(0)
+    model = reference_bert(torch_bert_kwargs(size, length)).to(device)
+    lamp = ReferenceLAMP(model, relations, size["layers"], list(MATRICES), mode=mode,
+                         total_steps=10_000)
+    batches = torch_batches(random_batch(relations, batch, length, size["vocab_size"]), device)
+    lamp.train_step(batches)  # warm-up (allocator, kernels)
 
     def one():
         lamp.train_step(batches)
         if device == "cuda":
             torch.cuda.synchronize()
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     seconds = median_time(one, repeats)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"step_s": seconds, "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_gpu,
-            "device": device}
+            "device": f"torch {device}:{name}", "threads": torch.get_num_threads()}
+
+
+def _fmt(values, digits: int = 4) -> str:
+    return " ".join(f"{v:.{digits}f}" for v in values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="small")
     parser.add_argument("--relations", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per relation")
     parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--baseline-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps of ours")
+    parser.add_argument("--baseline-repeats", type=int, default=3, help="timed baseline steps")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of both sides")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--mode", choices=("deterministic", "stochastic"),
+                        default="deterministic")
+    parser.add_argument("--relation-chunk", type=int, default=0,
+                        help="ours: vmap this many relations at a time (0 = all)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="device peak for MFU (e.g. 989 for H100 SXM bf16 dense); on a CPU "
+                        "the default is the measured float32 rate of a 2048^3 matmul")
+    parser.add_argument("--no-cache-prefix", action="store_true",
+                        help="ours: run the frozen layers below the masked ones in every step")
+    parser.add_argument("--epochs", type=int, default=6,
+                        help="ours: the one-off frozen-prefix cost is charged to the steps of "
+                        "this many epochs (the paper trains 6)")
+    parser.add_argument("--no-baseline", action="store_true", help="time ours only")
+    parser.add_argument("--quiet-wait", type=float, default=30.0,
+                        help="before each run, wait up to this many seconds for idle CPUs")
     parser.add_argument("--side", choices=("both", "ours", "torch"), default="both")
     args = parser.parse_args()
     size = SIZES[args.size]
     shape = (args.relations, args.batch, args.length)
     if args.side == "ours":
-        print(json.dumps(ours(size, *shape, args.repeats, args.dtype)))
+        print(json.dumps(ours(size, *shape, args.repeats, args.dtype, args.mode,
+                              args.relation_chunk or None, not args.no_cache_prefix)))
         return
     if args.side == "torch":
-        print(json.dumps(baseline(size, *shape, args.baseline_repeats)))
+        print(json.dumps(baseline(size, *shape, args.baseline_repeats, args.mode)))
         return
+
     common = ["--size", args.size, "--relations", str(args.relations), "--batch",
               str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats),
-              "--baseline-repeats", str(args.baseline_repeats), "--dtype", args.dtype]
-    a = run_side("bench.train_throughput", "ours", common)
-    b = run_side("bench.train_throughput", "torch", common)
+              "--baseline-repeats", str(args.baseline_repeats), "--dtype", args.dtype,
+              "--mode", args.mode, "--relation-chunk", str(args.relation_chunk)] + \
+        (["--no-cache-prefix"] if args.no_cache_prefix else [])
+    runs_a, runs_b = [], []
+    for _ in range(args.rounds):
+        runs_a.append(run_side("bench.train_throughput", "ours", common, args.quiet_wait))
+        if not args.no_baseline:
+            runs_b.append(run_side("bench.train_throughput", "torch", common,
+                                   args.quiet_wait))
+
     examples = args.relations * args.batch
-    print(f"train throughput, size={args.size}, R={args.relations}, B={args.batch}, "
-          f"L={args.length}, masked layers {size['layers']}, dtype {args.dtype}")
-    print(f"{'':<22}{'step s':>10}{'rel-examples/s':>16}{'peak RSS MB':>13}{'peak dev MB':>13}")
-    for name, r in (("lamp-jax (vmapped)", a), ("reference (torch)", b)):
-        print(f"{name:<22}{r['step_s']:>10.4f}{examples / r['step_s']:>16.1f}"
-              f"{r['peak_rss_mb']:>13.0f}{r['peak_device_mb']:>13.0f}")
-    print(f"ratio ours/baseline: {b['step_s'] / a['step_s']:.1f}x  "
-          f"(ours compiled once in {a['compile_s']:.1f} s; device {a['device']})")
-    flops = train_flops_per_example(size, args.length) * examples
-    achieved = flops / a["step_s"] / 1e9
-    print(f"model FLOPs per step {flops / 1e9:.2f} G; ours achieves {achieved:.1f} GFLOP/s = "
-          f"{100 * achieved / a['matmul_peak_gflops']:.0f}% of this device's measured matmul "
-          f"peak ({a['matmul_peak_gflops']:.0f} GFLOP/s); the baseline "
-          f"{flops / b['step_s'] / 1e9:.1f} GFLOP/s")
+    cached = not args.no_cache_prefix
+    flops = {"ours": train_flops_per_example(size, args.length, cached_prefix=cached) * examples,
+             "baseline": train_flops_per_example(size, args.length, cached_prefix=False,
+                                                 rows_only=False, head_positions=args.length)
+             * examples}
+    # Ours per step: the step itself plus its share of the one-off frozen-prefix pass.
+    for r in runs_a:
+        r["charged_s"] = r["step_s"] + r["prefix_s"] / args.epochs
+    print(f"train throughput: size={args.size}, R={args.relations}, B={args.batch}, "
+          f"L={args.length}, masked layers {list(size['layers'])} (all 6 matrices), "
+          f"{args.mode} masks, ours in {args.dtype}"
+          + (f", relation_chunk={args.relation_chunk}" if args.relation_chunk else ""))
+    print(f"machine: {machine()}; {args.rounds} rounds, medians")
+    if cached:
+        print(f"ours: frozen layers 0..{min(size['layers']) - 1} computed once per prompt; that "
+              f"pass, {np.median([r['prefix_s'] for r in runs_a]):.4f} s for one step's "
+              f"{examples} prompts, is charged 1/{args.epochs} per step ({args.epochs} epochs)")
+    print(f"{'':<26}{'step s':>10}{'rel-ex/s':>11}{'GFLOP':>8}{'GFLOP/s':>10}"
+          f"{'peak RSS MB':>13}{'peak dev MB':>13}")
+    rows = [("lamp-jax (vmapped step)", runs_a, "charged_s", flops["ours"])]
+    if runs_b:
+        rows.append(("reference (torch loop)", runs_b, "step_s", flops["baseline"]))
+    for name, runs, key, work in rows:
+        step_s = float(np.median([r[key] for r in runs]))
+        print(f"{name:<26}{step_s:>10.4f}{examples / step_s:>11.1f}{work / 1e9:>8.2f}"
+              f"{work / step_s / 1e9:>10.1f}{max(r['peak_rss_mb'] for r in runs):>13.0f}"
+              f"{max(r['peak_device_mb'] for r in runs):>13.0f}")
+    a_step = float(np.median([r["step_s"] for r in runs_a]))
+    print(f"per round, ours step s (prefix share included): {_fmt(r['charged_s'] for r in runs_a)}")
+    if runs_b:
+        ratios = [b["step_s"] / a["charged_s"] for a, b in zip(runs_a, runs_b, strict=True)]
+        print(f"per round, baseline step s: {_fmt(r['step_s'] for r in runs_b)}")
+        print(f"throughput ratio ours/baseline: {np.median(ratios):.2f}x (median of rounds; "
+              f"rounds {_fmt(ratios, 2)})")
+    others = [[r["others_cpu"] for r in runs] for runs in (runs_a, runs_b) if runs]
+    print("CPU share used by other processes during each run (ours / baseline):"
+          + "".join(" " + "/".join(f"{x:.0%}" for x in pair) for pair in zip(*others, strict=True)))
+    print(f"ours: compile {np.median([r['compile_s'] for r in runs_a]):.1f} s (once, not timed); "
+          f"recompiled while timing: {any(r['recompiled'] for r in runs_a)}; "
+          f"device {runs_a[0]['device']}")
+    peak = args.peak_tflops * 1e3 or float(np.median([r["matmul_peak_gflops"] for r in runs_a]))
+    achieved = flops["ours"] / a_step / 1e9
+    source = "given" if args.peak_tflops else "measured 2048^3 float32 matmul"
+    what = ("matmul FLOPs ours executes per step (bench.common.train_flops_per_example; the "
+            "work it skips is not counted)")
+    if peak:
+        print(f"{what}: {flops['ours'] / 1e9:.2f} G at {achieved:.1f} GFLOP/s = MFU "
+              f"{100 * achieved / peak:.1f}% of {peak:.0f} GFLOP/s ({source})")
+    else:
+        print(f"{what}: {flops['ours'] / 1e9:.2f} G at {achieved:.1f} GFLOP/s "
+              "(pass --peak-tflops for MFU)")
 
 
 if __name__ == "__main__":

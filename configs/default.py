@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.batching = "per_relation"  # "per_relation" (reference) or "balanced"
     c.eval_every = 0  # steps between dev evaluations; 0 = once per epoch
     c.relation_chunk = 0  # > 0: vmap this many relations at a time (memory-bound devices)
+    # Compute the frozen layers below the lowest pruned one once per prompt and start every
+    # step there (lamp_jax/prefix.py); costs N x L x hidden values of host memory.
+    c.cache_frozen_prefix = True
     c.relation_parallelism = 0  # devices on the relation axis; 0 = as many as divide R
     c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
     c.plots = True

@@ -20,6 +20,7 @@ _CHOICES = {
     "mask.init": ("constant", "normal", "uniform", "target"),
     "batching": ("per_relation", "balanced"),
     "on_nonfinite": ("stop", "skip"),
+    "cache_frozen_prefix": (True, False),
 }
 # field -> (lowest, highest, whether the bounds themselves are allowed)
 _RANGES = {

@@ -25,13 +25,16 @@ import numpy as np
 from lamp_jax.masks import MaskMode, apply_masks
 from lamp_jax.models.bert import ModelConfig, mlm_forward
 from lamp_jax.parallel import map_relations
+from lamp_jax.prefix import check_start_layer
 
 DEFAULT_KS = (1, 2, 3, 5, 10)
 
 
-def _logits_at_mask(params, batch, model_config, dtype):
+def _logits_at_mask(params, batch, model_config, dtype, start_layer):
     return mlm_forward(params, batch["input_ids"], batch["attention_mask"], config=model_config,
-                       output_positions=batch["mask_pos"], dtype=dtype)["logits"]
+                       output_positions=batch["mask_pos"], dtype=dtype,
+                       hidden=batch["hidden"] if start_layer else None,
+                       start_layer=start_layer)["logits"]
 
 
 def batch_rank_stats(
@@ -44,16 +47,21 @@ def batch_rank_stats(
     ks: Sequence[int] = DEFAULT_KS,
     relation_chunk: int | None = None,
     dtype: Any = jnp.float32,
+    start_layer: int = 0,
 ) -> dict[str, jax.Array]:
     """Per-relation sums over one ``[R, B, ...]`` batch: ``hits`` [R, K], ``rr`` [R], ``count`` [R].
 
     ``mask_logits=None`` evaluates the full (unpruned) model on every relation's prompts.
     Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses.
+    ``start_layer`` > 0: the batch carries ``hidden`` [R, B, L, H], the frozen output of layer
+    ``start_layer - 1`` (:mod:`lamp_jax.prefix`), and the forward pass starts there.
     """
+    if mask_logits is not None:
+        check_start_layer(mask_logits, start_layer)
 
     def one_relation(g, b):
         params = frozen_params if g is None else apply_masks(frozen_params, g, mode)
-        logits = _logits_at_mask(params, b, model_config, dtype)
+        logits = _logits_at_mask(params, b, model_config, dtype, start_layer)
         target = jnp.take_along_axis(logits, b["obj_id"][:, None], axis=-1)
         rank = 1 + jnp.sum(logits > target, axis=-1)
         w = b["weight"].astype(jnp.float32)
@@ -110,10 +118,11 @@ class RankingResult:
 
 
 def make_rank_fn(model_config: ModelConfig, mode: MaskMode, ks: Sequence[int] = DEFAULT_KS,
-                 relation_chunk: int | None = None, dtype: Any = jnp.float32):
+                 relation_chunk: int | None = None, dtype: Any = jnp.float32,
+                 start_layer: int = 0):
     """Jitted :func:`batch_rank_stats` with its configuration bound."""
     return jax.jit(partial(batch_rank_stats, model_config=model_config, mode=mode, ks=tuple(ks),
-                           relation_chunk=relation_chunk, dtype=dtype))
+                           relation_chunk=relation_chunk, dtype=dtype, start_layer=start_layer))
 
 
 def evaluate(

@@ -32,6 +32,7 @@ from lamp_jax.data import (
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
@@ -116,8 +117,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     spec, mode, init = mask_settings(config, mlm)
     eval_mode = mode.for_inference(config.mask.eval_kind)
 
+    # Layers below the lowest masked one are frozen: their output is computed once per prompt.
+    start_layer = min(spec.layers) if config.cache_frozen_prefix else 0
+    features = {name: _frozen_prefix(mlm, d, start_layer, dtype) for name, d in data.items()}
     train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
-                            config.epochs)
+                            config.epochs, row_features=features["train"])
     mesh = make_mesh(len(relations), config.batch_size,
                      relation_parallelism=config.relation_parallelism or None)
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
@@ -129,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
                         config.optim.clip_norm or None, config.optim.weight_decay)
     loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
-                      compute_dtype=dtype)
+                      compute_dtype=dtype, start_layer=start_layer)
     state = init_train_state(logits, make_optimizer(optim), train.steps_per_relation,
                              jax.random.fold_in(rng, 1))
     state = place_state(state, mesh)
@@ -137,10 +141,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     chunk = config.relation_chunk or None
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
                              relation_chunk=chunk, state_sharding=state_shardings(state, mesh))
-    rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype)
+    rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype,
+                                      start_layer=start_layer)
     put = lambda b: shard_batch(b, mesh)  # noqa: E731
-    eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation")
-                            .eval_batches()) for name, d in data.items()}
+    eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation",
+                                            row_features=features[name]).eval_batches())
+                 for name, d in data.items()}
 
     _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
                     mlm.config)
@@ -193,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     best = checkpoints.restore_best(state.mask_logits)
     summary = final_report(config, workdir, mlm.config, best, frozen, eval_sets, relations,
-                            spec, mode, put, log)
+                            spec, mode, put, log, start_layer)
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
                    best_dev_macro_P1=checkpoints.best_score())
     (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -238,22 +244,32 @@ def _check_finite(metrics, step: int, relations, policy: str, log) -> None:
     log("warning: " + message)
 
 
+def _frozen_prefix(mlm: LoadedMLM, encoded, start_layer: int, dtype) -> dict[str, np.ndarray]:
+    """``{"hidden": [N, L, H]}`` for the batcher, or nothing when the prefix is not cached."""
+    if not start_layer or len(encoded) == 0:
+        return {}
+    return {"hidden": prefix_hidden_states(mlm.params, encoded.input_ids, encoded.attention_mask,
+                                           model_config=mlm.config, stop_layer=start_layer,
+                                           dtype=dtype, progress=True)}
+
+
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k != "index"}
 
 
 def final_report(config, workdir, model_config, best, frozen, eval_sets, relations, spec, mode,
-                  put, log) -> dict[str, Any]:
+                  put, log, start_layer: int = 0) -> dict[str, Any]:
     test = eval_sets["test"]
     chunk, dtype = config.relation_chunk or None, DTYPES[config.dtype]
     eval_mode = mode.for_inference(config.mask.eval_kind)
-    rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype)
+    rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
+                                      start_layer=start_layer)
     pruned = evaluation.evaluate(rank_fn, best, frozen, test, relations, put_batch=put)
     full = evaluation.evaluate(rank_fn, None, frozen, test, relations, put_batch=put)
     # The other inference kind too: binary subnetwork vs soft sigmoid(G) multipliers.
     other_kind = "expectation" if config.mask.eval_kind == "threshold" else "threshold"
     other_fn = evaluation.make_rank_fn(model_config, mode.for_inference(other_kind),
-                                       relation_chunk=chunk, dtype=dtype)
+                                       relation_chunk=chunk, dtype=dtype, start_layer=start_layer)
     other = evaluation.evaluate(other_fn, best, frozen, test, relations, put_batch=put)
     sparsity = sparsity_stats(best, spec, mode.threshold)
     summary = {"test": {"pruned": pruned.summary(), "full": full.summary(),

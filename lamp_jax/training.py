@@ -24,6 +24,7 @@ import optax
 from lamp_jax.masks import MaskMode, apply_masks, expected_density, sparsity_penalty
 from lamp_jax.models.bert import ModelConfig, mlm_forward
 from lamp_jax.parallel import map_relations, put_global, relation_sharding, replicated
+from lamp_jax.prefix import check_start_layer
 
 Batch = dict[str, jax.Array]
 
@@ -49,6 +50,9 @@ class LossConfig:
     sparsity_weight: float = 0.0  # 0 disables the L0-style expected-density penalty
     target_sparsity: float | None = None  # with a weight: hold the density at 1 - target
     compute_dtype: Any = jnp.float32
+    # > 0: batches carry ``hidden``, the frozen output of layer start_layer - 1 for each prompt
+    # (lamp_jax.prefix), and the forward pass starts there instead of at the embeddings.
+    start_layer: int = 0
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -115,6 +119,7 @@ def relation_loss(
     loss_config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted mean cross-entropy of the object token at [MASK] for ONE relation's batch."""
+    check_start_layer(mask_logits, loss_config.start_layer)
     params = apply_masks(frozen_params, mask_logits, loss_config.mode, rng)
     logits = mlm_forward(
         params,
@@ -123,6 +128,8 @@ def relation_loss(
         config=model_config,
         output_positions=batch["mask_pos"],
         dtype=loss_config.compute_dtype,
+        hidden=batch["hidden"] if loss_config.start_layer else None,
+        start_layer=loss_config.start_layer,
     )["logits"]
     weight = batch["weight"].astype(jnp.float32)
     count = weight.sum()
@@ -194,16 +201,23 @@ def jit_train_step(
     optim_config: OptimConfig,
     relation_chunk: int | None = None,
     state_sharding: Any = None,
+    donate: bool | None = None,
 ):
-    """``train_step`` jitted with its configuration bound and the old state donated.
+    """``train_step`` jitted with its configuration bound.
 
     ``state_sharding`` (e.g. from :func:`state_shardings`) pins the new state to the same
     placement as the old one, so a multi-device run never gathers the masks on one device.
+    ``donate``: reuse the old state's buffers for the new one (the old state is then unusable).
+    The default donates on accelerators, where it halves the state's memory (bert-base, 16
+    relations: logits + Adam moments are 8 GB), and not on the CPU, where XLA:CPU ran the
+    donated step 1.3-1.5x slower in our measurements (bench/README.md).
     """
+    if donate is None:
+        donate = jax.default_backend() != "cpu"
     step = partial(train_step, model_config=model_config, loss_config=loss_config,
                    optim_config=optim_config, relation_chunk=relation_chunk)
     out_shardings = None if state_sharding is None else (state_sharding, None)
-    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=0 if donate else (), out_shardings=out_shardings)
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:

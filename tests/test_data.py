@@ -362,6 +362,25 @@ def test_eval_batches_cover_each_prompt_once():
         assert all(np.array_equal(bt["weight"] > 0, bt["index"] >= 0) for bt in batches)
 
 
+def test_row_features_travel_with_their_prompts():
+    enc = _synthetic([5, 0, 12, 3])
+    # A feature that names its own row: every batch must carry exactly the rows of its prompts,
+    # including the filler prompts of weight-0 rows.
+    feature = np.arange(len(enc), dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    batcher = RelationBatcher(enc, 4, seed=0, epochs=2, row_features={"hidden": feature})
+    plain = RelationBatcher(enc, 4, seed=0, epochs=2)
+    for batch in [*(batcher.batch_at(s) for s in range(len(batcher))), *batcher.eval_batches()]:
+        assert batch["hidden"].shape == (4, 4, 3)
+        rows = batch["hidden"][..., 0].astype(int)
+        valid = batch["index"] >= 0
+        np.testing.assert_array_equal(rows[valid], batch["index"][valid])
+        np.testing.assert_array_equal(enc.input_ids[rows], batch["input_ids"])
+    for key, values in plain.batch_at(1).items():
+        np.testing.assert_array_equal(batcher.batch_at(1)[key], values)
+    with pytest.raises(ValueError, match=f"'hidden' has 3 rows for {len(enc)} prompts"):
+        RelationBatcher(enc, 4, row_features={"hidden": feature[:3]})
+
+
 def test_balanced_batcher():
     enc = _synthetic([5, 0, 12, 3], prompts_per_fact=1)
     counts = enc.counts_per_relation()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
+from lamp_jax.models.bert import ModelConfig, encode_prefix, init_params, mlm_forward
 from lamp_jax.models.params import (
     CheckpointMismatchError,
     load_mlm,
@@ -100,6 +100,27 @@ def test_output_positions_gathers_the_same_logits(tmp_path):
     pos2 = jnp.array([[1, 2]] * 4)
     at2 = mlm_forward(params, ids, mask, config=config, output_positions=pos2)["logits"]
     np.testing.assert_allclose(at2, full[:, 1:3], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_frozen_prefix_and_last_layer_rows_match_pytorch(tmp_path, family):
+    """The fast paths (last layer only at [MASK], forward resumed from a cached prefix) give
+    transformers' logits at [MASK], on a padded batch, for every split layer."""
+    model = _hf_model(family)
+    _randomise_head_bias(model)
+    mlm = load_mlm(_save(model, tmp_path, "safetensors"), load_tokenizer=False)
+    pad = mlm.config.pad_token_id
+    ids, mask = _padded_batch(pad, 0 if family == "roberta" else 2, 3)
+    positions = np.array([5, 1, 2, 11])  # a real token of every row, incl. the short ones
+    theirs = _torch_logits(model, ids, mask)[np.arange(4), positions]
+    for start in range(mlm.config.num_layers + 1):
+        hidden = encode_prefix(mlm.params, ids, mask, config=mlm.config, stop_layer=start)
+        assert hidden.shape == (4, 12, 32)
+        ours = mlm_forward(mlm.params, None, mask, config=mlm.config, hidden=hidden,
+                           start_layer=start, output_positions=positions)["logits"]
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, err_msg=f"start_layer {start}")
+    with pytest.raises(ValueError, match="needs the hidden states"):
+        mlm_forward(mlm.params, ids, mask, config=mlm.config, start_layer=1)
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])

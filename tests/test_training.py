@@ -6,9 +6,11 @@ import numpy as np
 import optax
 import pytest
 
+from lamp_jax.evaluation import batch_rank_stats, make_rank_fn
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
@@ -123,6 +125,55 @@ def test_inactive_relation_is_untouched(frozen):
         np.testing.assert_array_equal(cur[0], old[0])
     np.testing.assert_array_equal(new.relation_steps, [0, 1])
     assert float(metrics["lr"][0]) == 0.0 and float(metrics["count"][0]) == 0.0
+
+
+def test_cached_frozen_prefix_gives_the_same_steps(frozen):
+    """Masks on layer 1 only: starting every step from the cached output of layer 0 gives the
+    same updates and metrics as running the whole model."""
+    spec = MaskSpec.create(CONFIG, first_layer=1)
+    logits = init_mask_logits(spec, frozen, 3, NORMAL_INIT, MaskMode(), jax.random.key(1))
+    optim = OptimConfig(learning_rate=0.05, clip_norm=0.05, eps=1e-3)
+    batches = [synthetic_batch(3, 6, seed=s) for s in range(3)]
+    states = {}
+    for start in (0, 1):
+        state = init_train_state(jax.tree.map(jnp.copy, logits), make_optimizer(optim), 10,
+                                 jax.random.key(2))  # a copy: the step donates its state
+        step = jit_train_step(model_config=CONFIG, optim_config=optim, loss_config=LossConfig(
+            MaskMode("deterministic"), start_layer=start))
+        for batch in batches:
+            if start:
+                ids, attention = (batch[k].reshape(18, -1) for k in ("input_ids", "attention_mask"))
+                hidden = prefix_hidden_states(frozen, ids, attention, model_config=CONFIG,
+                                              stop_layer=1, chunk=8)
+                batch = dict(batch, hidden=hidden.reshape(3, 6, *hidden.shape[1:]))
+            state, metrics = step(state, frozen, batch)
+        states[start] = state, metrics
+    (full, full_metrics), (cached, cached_metrics) = states[0], states[1]
+    np.testing.assert_allclose(cached_metrics["loss"], full_metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full.mask_logits), jax.tree.leaves(cached.mask_logits),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # A mask below the cached prefix would be silently skipped: refused instead.
+    below = init_mask_logits(SPEC, frozen, 3, NORMAL_INIT, MaskMode(), jax.random.key(1))
+    with pytest.raises(ValueError, match="layer 0 is masked"):
+        relation_loss(jax.tree.map(lambda g: g[0], below), frozen, batches[0], None,
+                      model_config=CONFIG, loss_config=LossConfig(start_layer=1))
+
+
+def test_evaluation_from_the_cached_prefix_gives_the_same_ranks(frozen):
+    spec = MaskSpec.create(CONFIG, first_layer=1)
+    logits = init_mask_logits(spec, frozen, 3, NORMAL_INIT, MaskMode(), jax.random.key(1))
+    batch = synthetic_batch(3, 6, seed=4)
+    hidden = prefix_hidden_states(frozen, batch["input_ids"].reshape(18, -1),
+                                  batch["attention_mask"].reshape(18, -1), model_config=CONFIG,
+                                  stop_layer=1)
+    cached = dict(batch, hidden=hidden.reshape(3, 6, *hidden.shape[1:]))
+    for masks in (logits, None):
+        want = batch_rank_stats(masks, frozen, batch, model_config=CONFIG,
+                                mode=MaskMode("threshold"))
+        got = make_rank_fn(CONFIG, MaskMode("threshold"), start_layer=1)(masks, frozen, cached)
+        np.testing.assert_array_equal(got["rank"], want["rank"])
+        np.testing.assert_array_equal(got["hits"], want["hits"])
 
 
 @pytest.mark.parametrize("chunk", [2, 3])

@@ -49,7 +49,16 @@ class RelationBatcher:
         seed: int = 0,
         mode: Mode = "per_relation",
         epochs: int = 1,
+        row_features: dict[str, np.ndarray] | None = None,
     ) -> None:
+        """``row_features``: more per-prompt arrays (first axis = rows of ``encoded``) that every
+        batch carries under their keys, e.g. ``hidden`` from :mod:`lamp_jax.prefix`."""
+        row_features = dict(row_features or {})
+        for key, values in row_features.items():
+            if len(values) != len(encoded):
+                raise ValueError(f"row feature {key!r} has {len(values)} rows for "
+                                 f"{len(encoded)} prompts")
+        self.row_features = row_features
         if mode not in ("balanced", "per_relation"):
             raise ValueError(f"mode must be 'balanced' or 'per_relation', got {mode!r}")
         if batch_size < 1 or epochs < 1:
@@ -104,6 +113,7 @@ class RelationBatcher:
             "obj_id": enc.obj_id[take],
             "weight": valid.astype(np.float32),
             "index": np.where(valid, index, -1).astype(np.int32),
+            **{key: values[take] for key, values in self.row_features.items()},
         }
 
     def batch_indices(self, step: int) -> np.ndarray:
