@@ -46,7 +46,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     from lamp_jax.evaluation import evaluate, make_rank_fn
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.prefix import prefix_hidden_states
+    from lamp_jax.prefix import batch_prefix_hidden_states
 
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -63,11 +63,8 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
 
     def with_prefix(b: dict) -> dict:
         # The frozen layers below the masked ones run once per prompt, for both evaluations.
-        rows = {k: b[k].reshape(relations * batch, length) for k in ("input_ids",
-                                                                      "attention_mask")}
-        hidden = prefix_hidden_states(params, rows["input_ids"], rows["attention_mask"],
-                                      model_config=config, stop_layer=start_layer, dtype=compute)
-        return dict(b, hidden=hidden.reshape(relations, batch, length, -1))
+        return dict(b, hidden=batch_prefix_hidden_states(
+            params, b, model_config=config, stop_layer=start_layer, dtype=compute))
 
     def both(chosen=batches):
         ready = [with_prefix(b) for b in chosen]

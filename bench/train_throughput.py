@@ -43,7 +43,7 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
 
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.prefix import prefix_hidden_states
+    from lamp_jax.prefix import batch_prefix_hidden_states
     from lamp_jax.training import (
         LossConfig,
         OptimConfig,
@@ -70,13 +70,11 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
     if start_layer:
         # The trainer computes the frozen layers once per prompt before training; time that for
         # this step's R * B prompts, so it can be charged to each step of a run's epochs.
-        ids, attention = (data[k].reshape(relations * batch, length)
-                          for k in ("input_ids", "attention_mask"))
-        encode = lambda: prefix_hidden_states(params, ids, attention, model_config=config,  # noqa: E731
-                                              stop_layer=start_layer, dtype=compute)
+        encode = lambda: batch_prefix_hidden_states(params, data, model_config=config,  # noqa: E731
+                                                    stop_layer=start_layer, dtype=compute)
         hidden = encode()
         prefix_s = median_time(encode, 3)
-        data["hidden"] = hidden.reshape(relations, batch, length, -1)
+        data["hidden"] = hidden
     data = jax.device_put(data)
 
     start = time.perf_counter()

@@ -16,7 +16,6 @@ turns it off.
 from __future__ import annotations
 
 import functools
-from functools import partial
 from typing import Any
 
 import jax
@@ -60,10 +59,28 @@ def prefix_hidden_states(
     return out
 
 
+def batch_prefix_hidden_states(
+    frozen_params: Any,
+    batch: dict[str, np.ndarray],
+    *,
+    model_config: ModelConfig,
+    stop_layer: int,
+    dtype: Any = jnp.float32,
+    chunk: int = 256,
+) -> np.ndarray:
+    """:func:`prefix_hidden_states` of a relation-stacked ``[R, B, L]`` batch -> ``[R, B, L, H]``
+    (the batch's ``hidden`` entry)."""
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    hidden = prefix_hidden_states(frozen_params, ids.reshape(-1, ids.shape[-1]),
+                                  attention.reshape(-1, ids.shape[-1]), model_config=model_config,
+                                  stop_layer=stop_layer, dtype=dtype, chunk=chunk)
+    return hidden.reshape(*ids.shape, -1)
+
+
 @functools.lru_cache(maxsize=16)
 def _jitted_encoder(model_config: ModelConfig, stop_layer: int, dtype: Any):
     # One executable per (model, layer, dtype), however often a run encodes its splits.
-    return jax.jit(partial(encode_prefix, config=model_config, stop_layer=stop_layer,
+    return jax.jit(functools.partial(encode_prefix, config=model_config, stop_layer=stop_layer,
                            dtype=dtype))
 
 

@@ -10,7 +10,7 @@ from lamp_jax.evaluation import batch_rank_stats, make_rank_fn
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import make_mesh, replicate, shard_batch
-from lamp_jax.prefix import prefix_hidden_states
+from lamp_jax.prefix import batch_prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
@@ -142,10 +142,8 @@ def test_cached_frozen_prefix_gives_the_same_steps(frozen):
             MaskMode("deterministic"), start_layer=start))
         for batch in batches:
             if start:
-                ids, attention = (batch[k].reshape(18, -1) for k in ("input_ids", "attention_mask"))
-                hidden = prefix_hidden_states(frozen, ids, attention, model_config=CONFIG,
-                                              stop_layer=1, chunk=8)
-                batch = dict(batch, hidden=hidden.reshape(3, 6, *hidden.shape[1:]))
+                batch = dict(batch, hidden=batch_prefix_hidden_states(
+                    frozen, batch, model_config=CONFIG, stop_layer=1, chunk=8))  # 8, 8, 2 + pad
             state, metrics = step(state, frozen, batch)
         states[start] = state, metrics
     (full, full_metrics), (cached, cached_metrics) = states[0], states[1]
@@ -164,10 +162,8 @@ def test_evaluation_from_the_cached_prefix_gives_the_same_ranks(frozen):
     spec = MaskSpec.create(CONFIG, first_layer=1)
     logits = init_mask_logits(spec, frozen, 3, NORMAL_INIT, MaskMode(), jax.random.key(1))
     batch = synthetic_batch(3, 6, seed=4)
-    hidden = prefix_hidden_states(frozen, batch["input_ids"].reshape(18, -1),
-                                  batch["attention_mask"].reshape(18, -1), model_config=CONFIG,
-                                  stop_layer=1)
-    cached = dict(batch, hidden=hidden.reshape(3, 6, *hidden.shape[1:]))
+    cached = dict(batch, hidden=batch_prefix_hidden_states(frozen, batch, model_config=CONFIG,
+                                                           stop_layer=1))
     for masks in (logits, None):
         want = batch_rank_stats(masks, frozen, batch, model_config=CONFIG,
                                 mode=MaskMode("threshold"))

@@ -288,11 +288,12 @@ class MaskedLM(nn.Module):
         # Only the head reads the last layer, and only at output_positions: that layer can skip
         # every other row's query, attention output and FFN (about L times less of its work).
         rows_only = positions is not None and not (output_hidden_states or output_attentions)
-        hidden_states, attentions = [x], []
+        hidden_states, attentions, gathered = [x], [], False
         for i in range(start_layer, stop):
             last = rows_only and i == c.num_layers - 1
             x, probs = EncoderLayer(c, self.dtype, name=f"layer_{i}")(
                 x, attention_bias, positions if last else None)
+            gathered = gathered or last
             hidden_states.append(x)
             attentions.append(probs)
         if stop_layer is not None:
@@ -300,7 +301,7 @@ class MaskedLM(nn.Module):
         if positions is not None:
             # Gather before the head: the vocabulary projection is the costliest matmul and
             # LAMP only needs it at the [MASK] position(s).
-            if not rows_only or start_layer == c.num_layers:
+            if not gathered:
                 x = _take_rows(x, positions)
             if jnp.ndim(output_positions) == 1:
                 x = x[:, 0]
