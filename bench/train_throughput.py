@@ -137,8 +137,8 @@ def main() -> None:
     parser.add_argument("--relations", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16, help="prompts per relation")
     parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps of ours")
-    parser.add_argument("--baseline-repeats", type=int, default=3, help="timed baseline steps")
+    parser.add_argument("--repeats", type=int, default=50, help="timed steps of ours")
+    parser.add_argument("--baseline-repeats", type=int, default=12, help="timed baseline steps")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of both sides")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--mode", choices=("deterministic", "stochastic"),

@@ -34,17 +34,18 @@ def prefix_hidden_states(
     model_config: ModelConfig,
     stop_layer: int,
     dtype: Any = jnp.float32,
-    chunk: int = 256,
+    chunk: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
     """``[N, L, H]``: the output of layer ``stop_layer - 1`` for every row of ``input_ids``.
 
-    Rows go through in chunks of ``chunk`` (the last one padded, so one shape compiles once).
+    Rows go through in chunks of ``chunk`` (the last one padded, so one shape compiles once);
+    the default is :func:`default_chunk`.
     """
     num = len(input_ids)
     if num == 0:
         raise ValueError("no prompts to encode")
-    chunk = min(chunk, num)
+    chunk = min(chunk or default_chunk(), num)
     encode = _jitted_encoder(model_config, stop_layer, jnp.dtype(dtype))
     out = np.empty((num, input_ids.shape[1], model_config.hidden_size), dtype=jnp.dtype(dtype))
     starts = range(0, num, chunk)
@@ -66,7 +67,7 @@ def batch_prefix_hidden_states(
     model_config: ModelConfig,
     stop_layer: int,
     dtype: Any = jnp.float32,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """:func:`prefix_hidden_states` of a relation-stacked ``[R, B, L]`` batch -> ``[R, B, L, H]``
     (the batch's ``hidden`` entry)."""
@@ -75,6 +76,15 @@ def batch_prefix_hidden_states(
                                   attention.reshape(-1, ids.shape[-1]), model_config=model_config,
                                   stop_layer=stop_layer, dtype=dtype, chunk=chunk)
     return hidden.reshape(*ids.shape, -1)
+
+
+def default_chunk() -> int:
+    """Prompts per call of the prefix encoder: 128 on a CPU, 1024 on an accelerator.
+
+    Why small on a CPU: per-prompt cost grows with the chunk once the activations leave the
+    caches (small config, 2-core CPU: 115 us per prompt at 128, 170 at 256, 284 at 2048).
+    """
+    return 128 if jax.default_backend() == "cpu" else 1024
 
 
 @functools.lru_cache(maxsize=16)

@@ -88,6 +88,34 @@ def test_logits_match_pytorch(tmp_path, family, tie, fmt):
     assert np.abs(got[real] - expected[real]).max() < 1e-4
 
 
+def test_dense_equals_flax_dense_in_params_outputs_and_gradients():
+    # The model's row-flattened dense layer must be a drop-in for nn.Dense: same param names and
+    # init (checkpoint tables, random test models), same outputs and kernel gradients.
+    import flax.linen as nn
+
+    from lamp_jax.models.bert import DenseParams, dense
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return dense(x, *DenseParams(24, name="layer")(x.shape[-1]), jnp.float32)
+
+    class Flax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(24, name="layer")(x)
+
+    x = jax.random.normal(jax.random.key(1), (3, 5, 16))
+    ours, ref = Ours().init(jax.random.key(0), x), Flax().init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, ref)
+    jax.tree.map(np.testing.assert_array_equal, ours, ref)
+    params = jax.tree.map(lambda p: p + 0.1, ref)  # a non-zero bias
+    np.testing.assert_allclose(Ours().apply(params, x), Flax().apply(params, x), atol=1e-6)
+    grad = lambda m: jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x))))(params)  # noqa: E731
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5)  # noqa: E731
+    jax.tree.map(close, grad(Ours()), grad(Flax()))
+
+
 def test_output_positions_gathers_the_same_logits(tmp_path):
     config = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
                          intermediate_size=64, max_position_embeddings=16)

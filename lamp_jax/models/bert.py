@@ -148,6 +148,33 @@ def _exact_gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
 
 
+class DenseParams(nn.Module):
+    """One dense layer's ``kernel`` [in, out] and ``bias`` [out], with ``nn.Dense``'s names and
+    init. The layer itself is :func:`dense`, so that several kernels can be applied as one."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Any) -> jax.Array:
+    """``x @ kernel + bias`` computed on ``x`` flattened to rows [N, in].
+
+    Why flatten: the kernel's gradient is then one contraction over the N = B*L rows. On a
+    [B, L, in] input XLA:CPU contracts over two axes and fed every weight gradient through a
+    transposing copy of the activations' gradient (measured on a LAMP step: 48 -> 34 ms).
+    """
+    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = (rows @ kernel.astype(dtype)).reshape(*x.shape[:-1], kernel.shape[-1])
+    return y if bias is None else y + bias.astype(dtype)
+
+
 def _activation(name: str):
     if name == "gelu":
         return _exact_gelu
@@ -183,6 +210,12 @@ class Embeddings(nn.Module):
         return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
 
 
+def _concat_dense(*layers: tuple[jax.Array, jax.Array | None]) -> tuple[jax.Array, jax.Array]:
+    """Kernels side by side [in, sum(out)], biases likewise (the layers must all have biases)."""
+    kernels, biases = zip(*layers, strict=True)
+    return jnp.concatenate(kernels, axis=-1), jnp.concatenate(biases, axis=-1)
+
+
 class SelfAttention(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
@@ -192,16 +225,23 @@ class SelfAttention(nn.Module):
         """Queries from ``queries_from`` [B, Q, H] (``x`` itself, or a few of its rows), keys and
         values from ``x`` [B, L, H]."""
         c = self.config
-        dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
         split = lambda t: t.reshape(*t.shape[:-1], c.num_heads, c.head_dim)  # noqa: E731
-        q = split(dense("query")(queries_from))
-        k, v = (split(dense(n)(x)) for n in ("key", "value"))
+        query, key, value, output = (DenseParams(c.hidden_size, name=n)(c.hidden_size)
+                                     for n in ("query", "key", "value", "output"))
+        # One matmul for the projections that read the same rows: wider, so faster on every
+        # backend, and a single weight gradient in the backward pass.
+        if queries_from is x:
+            q, k, v = jnp.split(dense(x, *_concat_dense(query, key, value), self.dtype), 3, -1)
+        else:
+            q = dense(queries_from, *query, self.dtype)
+            k, v = jnp.split(dense(x, *_concat_dense(key, value), self.dtype), 2, -1)
+        q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim)
         # Softmax in float32 whatever the compute dtype: bf16 softmax over long rows loses mass.
         probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
         context = context.reshape(*context.shape[:-2], c.hidden_size)
-        return dense("output")(context), probs
+        return dense(context, *output, self.dtype), probs
 
 
 class EncoderLayer(nn.Module):
@@ -218,8 +258,9 @@ class EncoderLayer(nn.Module):
         rows = x if query_positions is None else _take_rows(x, query_positions)
         attended, probs = SelfAttention(c, self.dtype, name="attention")(rows, x, attention_bias)
         x = norm("attention_norm")(rows + attended)
-        h = nn.Dense(c.intermediate_size, dtype=self.dtype, name="ffn_in")(x)
-        h = nn.Dense(c.hidden_size, dtype=self.dtype, name="ffn_out")(_activation(c.hidden_act)(h))
+        h = dense(x, *DenseParams(c.intermediate_size, name="ffn_in")(c.hidden_size), self.dtype)
+        h = _activation(c.hidden_act)(h)
+        h = dense(h, *DenseParams(c.hidden_size, name="ffn_out")(c.intermediate_size), self.dtype)
         return norm("ffn_norm")(x + h), probs
 
 
@@ -237,12 +278,13 @@ class MLMHead(nn.Module):
         c = self.config
         # RoBERTa's head always uses exact GELU, whatever hidden_act says.
         act = _activation("gelu" if c.family == "roberta" else c.hidden_act)
-        x = act(nn.Dense(c.hidden_size, dtype=self.dtype, name="transform")(x))
+        x = act(dense(x, *DenseParams(c.hidden_size, name="transform")(c.hidden_size), self.dtype))
         x = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
         if c.tie_word_embeddings:
             logits = x @ word_embeddings.T.astype(self.dtype)
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="decoder")(x)
+            decoder = DenseParams(c.vocab_size, use_bias=False, name="decoder")(c.hidden_size)
+            logits = dense(x, *decoder, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,))
         # Logits always come out in float32: the loss and the ranking need the precision.
         return logits.astype(jnp.float32) + bias.astype(jnp.float32)
