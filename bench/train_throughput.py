@@ -34,10 +34,10 @@ from bench.common import (
 )
 
 
-def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
-         mode: str, relation_chunk: int | None, cache_prefix: bool) -> dict:
-    import time
-
+def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
+               relation_chunk: int | None, cache_prefix: bool) -> dict:
+    """Our jitted step, its state, frozen params and one batch, as the trainer builds them;
+    ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
     import jax
     import jax.numpy as jnp
 
@@ -75,7 +75,19 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
         hidden = encode()
         prefix_s = median_time(encode, 3)
         data["hidden"] = hidden
-    data = jax.device_put(data)
+    return {"step": step, "state": state, "params": params, "data": jax.device_put(data),
+            "prefix_s": prefix_s}
+
+
+def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
+         mode: str, relation_chunk: int | None, cache_prefix: bool) -> dict:
+    import time
+
+    import jax
+
+    built = setup_step(size, relations, batch, length, dtype, mode, relation_chunk, cache_prefix)
+    step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
+    prefix_s = built["prefix_s"]
 
     start = time.perf_counter()
     state, _ = step(state, params, data)
