@@ -163,16 +163,19 @@ class DenseParams(nn.Module):
         return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Any) -> jax.Array:
-    """``x @ kernel + bias`` computed on ``x`` flattened to rows [N, in].
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Any,
+          name: str = "dense") -> jax.Array:
+    """``x @ kernel + bias`` computed on ``x`` flattened to rows [N, in]; ``name`` labels its ops
+    in profiles (``bench.profile_step``).
 
     Why flatten: the kernel's gradient is then one contraction over the N = B*L rows. On a
     [B, L, in] input XLA:CPU contracts over two axes and fed every weight gradient through a
     transposing copy of the activations' gradient (measured on a LAMP step: 48 -> 34 ms).
     """
-    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-    y = (rows @ kernel.astype(dtype)).reshape(*x.shape[:-1], kernel.shape[-1])
-    return y if bias is None else y + bias.astype(dtype)
+    with jax.named_scope(name):
+        rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+        y = (rows @ kernel.astype(dtype)).reshape(*x.shape[:-1], kernel.shape[-1])
+        return y if bias is None else y + bias.astype(dtype)
 
 
 def _activation(name: str):
@@ -231,17 +234,18 @@ class SelfAttention(nn.Module):
         # One matmul for the projections that read the same rows: wider, so faster on every
         # backend, and a single weight gradient in the backward pass.
         if queries_from is x:
-            q, k, v = jnp.split(dense(x, *_concat_dense(query, key, value), self.dtype), 3, -1)
+            qkv = dense(x, *_concat_dense(query, key, value), self.dtype, "query_key_value")
+            q, k, v = jnp.split(qkv, 3, -1)
         else:
-            q = dense(queries_from, *query, self.dtype)
-            k, v = jnp.split(dense(x, *_concat_dense(key, value), self.dtype), 2, -1)
+            q = dense(queries_from, *query, self.dtype, "query")
+            k, v = jnp.split(dense(x, *_concat_dense(key, value), self.dtype, "key_value"), 2, -1)
         q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim)
         # Softmax in float32 whatever the compute dtype: bf16 softmax over long rows loses mass.
         probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
         context = context.reshape(*context.shape[:-2], c.hidden_size)
-        return dense(context, *output, self.dtype), probs
+        return dense(context, *output, self.dtype, "output"), probs
 
 
 class EncoderLayer(nn.Module):
@@ -258,9 +262,10 @@ class EncoderLayer(nn.Module):
         rows = x if query_positions is None else _take_rows(x, query_positions)
         attended, probs = SelfAttention(c, self.dtype, name="attention")(rows, x, attention_bias)
         x = norm("attention_norm")(rows + attended)
-        h = dense(x, *DenseParams(c.intermediate_size, name="ffn_in")(c.hidden_size), self.dtype)
-        h = _activation(c.hidden_act)(h)
-        h = dense(h, *DenseParams(c.hidden_size, name="ffn_out")(c.intermediate_size), self.dtype)
+        ffn_in = DenseParams(c.intermediate_size, name="ffn_in")(c.hidden_size)
+        ffn_out = DenseParams(c.hidden_size, name="ffn_out")(c.intermediate_size)
+        h = _activation(c.hidden_act)(dense(x, *ffn_in, self.dtype, "ffn_in"))
+        h = dense(h, *ffn_out, self.dtype, "ffn_out")
         return norm("ffn_norm")(x + h), probs
 
 
@@ -278,13 +283,14 @@ class MLMHead(nn.Module):
         c = self.config
         # RoBERTa's head always uses exact GELU, whatever hidden_act says.
         act = _activation("gelu" if c.family == "roberta" else c.hidden_act)
-        x = act(dense(x, *DenseParams(c.hidden_size, name="transform")(c.hidden_size), self.dtype))
+        transform = DenseParams(c.hidden_size, name="transform")(c.hidden_size)
+        x = act(dense(x, *transform, self.dtype, "transform"))
         x = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
         if c.tie_word_embeddings:
             logits = x @ word_embeddings.T.astype(self.dtype)
         else:
             decoder = DenseParams(c.vocab_size, use_bias=False, name="decoder")(c.hidden_size)
-            logits = dense(x, *decoder, self.dtype)
+            logits = dense(x, *decoder, self.dtype, "decoder")
         bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,))
         # Logits always come out in float32: the loss and the ranking need the precision.
         return logits.astype(jnp.float32) + bias.astype(jnp.float32)
