@@ -21,7 +21,7 @@ import re
 import tempfile
 
 from bench.common import SIZES, machine, median_time
-from bench.train_throughput import setup_step
+from bench.train_throughput import WARMUP_STEPS, setup_step
 
 
 def op_times(trace_dir: str, steps: int, hlo_text: str) -> collections.Counter:
@@ -79,7 +79,8 @@ def main() -> None:
         state, _ = step(state, params, data)
         jax.block_until_ready(state)
 
-    one()  # compile
+    for _ in range(WARMUP_STEPS):  # compiling, then first-touch page faults
+        one()
     wall = median_time(one, 20)
     hlo_text = step.lower(state, params, data).compile().as_text()
     with tempfile.TemporaryDirectory() as trace_dir:
