@@ -39,16 +39,15 @@ from bench.common import (
 WARMUP_STEPS = 3
 
 
-def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
-               relation_chunk: int | None, cache_prefix: bool) -> dict:
-    """Our jitted step, its state, frozen params and one batch, as the trainer builds them;
-    ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
+def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
+               relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None):
+    """Our jitted step as the trainer builds it, and ``init(rng) -> (frozen params, state)``,
+    a pure function (so :mod:`bench.memory_plan` can take its shapes without allocating)."""
     import jax
     import jax.numpy as jnp
 
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.prefix import batch_prefix_hidden_states
     from lamp_jax.training import (
         LossConfig,
         OptimConfig,
@@ -59,17 +58,35 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
 
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    # As the trainer does: frozen weights in the compute dtype, mask logits and Adam in float32.
-    params = jax.tree.map(lambda x: x.astype(compute), init_params(config, jax.random.key(0)))
-    mask_mode = MaskMode(mode)
-    logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
-                              MaskInit("normal", value=1.0), mask_mode, jax.random.key(1))
-    optim = OptimConfig()
-    state = init_train_state(logits, make_optimizer(optim), 10_000, jax.random.key(2))
+    mask_mode, optim = MaskMode(mode), OptimConfig()
+
+    def init(rng: jax.Array):
+        keys = jax.random.split(rng, 3)
+        # As the trainer does: frozen weights in the compute dtype, mask logits and Adam in
+        # float32.
+        params = jax.tree.map(lambda x: x.astype(compute), init_params(config, keys[0]))
+        logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
+                                  MaskInit("normal", value=1.0), mask_mode, keys[1])
+        return params, init_train_state(logits, make_optimizer(optim), 10_000, keys[2])
+
     start_layer = min(size["layers"]) if cache_prefix else 0
     step = jit_train_step(model_config=config, optim_config=optim, relation_chunk=relation_chunk,
                           loss_config=LossConfig(mask_mode, compute_dtype=compute,
-                                                 start_layer=start_layer))
+                                                 start_layer=start_layer), donate=donate)
+    return step, init, config, compute, start_layer
+
+
+def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
+               relation_chunk: int | None, cache_prefix: bool) -> dict:
+    """Our jitted step, its state, frozen params and one batch, as the trainer builds them;
+    ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
+    import jax
+
+    from lamp_jax.prefix import batch_prefix_hidden_states
+
+    step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
+                                                          relation_chunk, cache_prefix)
+    params, state = init(jax.random.key(0))
     data = random_batch(relations, batch, length, config.vocab_size)
     prefix_s = 0.0
     if start_layer:

@@ -56,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.epochs = 40  # the toy world has ~30 training facts per relation: 2 steps per epoch
     c.batching = "per_relation"  # "per_relation" (reference) or "balanced"
     c.eval_every = 0  # steps between dev evaluations; 0 = once per epoch
-    c.relation_chunk = 0  # > 0: vmap this many relations at a time (memory-bound devices)
+    # > 0: vmap this many relations at a time. Bounds activations and masked weights (long
+    # sequences, big batches), not the state; a divisor of the relations avoids copying it.
+    # `python -m bench.memory_plan` shows the effect before a run.
+    c.relation_chunk = 0
     # Compute the frozen layers below the lowest pruned one once per prompt and start every
     # step there (lamp_jax/prefix.py); costs N x L x hidden values of host memory.
     c.cache_frozen_prefix = True

@@ -29,8 +29,8 @@ def map_relations(fn: Callable[..., Any], chunk_size: int | None = None) -> Call
 
     With ``chunk_size`` the relations are processed ``chunk_size`` at a time with ``lax.map``,
     so only that many masked copies of the model are alive at once. The relation count need not
-    divide evenly: the last chunk is padded with copies of the last relation, whose results are
-    dropped.
+    divide evenly: the last chunk is then padded with copies of the last relation, whose results
+    are dropped (at the price of a copy of every per-relation argument: prefer a divisor).
     """
     vmapped = jax.vmap(fn)
     if not chunk_size:
@@ -41,10 +41,13 @@ def map_relations(fn: Callable[..., Any], chunk_size: int | None = None) -> Call
         if chunk_size >= num:
             return vmapped(*args)
         groups = math.ceil(num / chunk_size)
-        index = jnp.minimum(jnp.arange(groups * chunk_size), num - 1)
+        # When the chunk divides the relations, grouping is a reshape (no copy); otherwise the
+        # gather that pads the last group copies every per-relation argument (the mask logits).
+        index = None if num % chunk_size == 0 else \
+            jnp.minimum(jnp.arange(groups * chunk_size), num - 1)
 
         def to_groups(x):
-            x = x[index]
+            x = x if index is None else x[index]
             return x.reshape(groups, chunk_size, *x.shape[1:])
 
         out = jax.lax.map(lambda a: vmapped(*a), jax.tree.map(to_groups, args))

@@ -1,0 +1,104 @@
+"""Device memory of one training step, from XLA's buffer assignment, without running it.
+
+    python -m bench.memory_plan --size base --relations 16 --batch 32 --length 20 --dtype bfloat16
+    python -m bench.memory_plan --size base --relations 16 --relation-chunk 4 --donate
+
+Compiles our step (:func:`bench.train_throughput.build_step`) for abstract inputs: nothing of
+the model, the masks or the batch is allocated, so a laptop can plan a run for a GPU it does not
+have. Prints the training state's size (mask logits and both Adam moments, float32, per
+relation), then XLA's plan for this backend: the step's arguments, outputs, the outputs that
+reuse donated argument buffers, and its temporaries. Peak = arguments + outputs - reused +
+temporaries. The plan is the compiling backend's: run it on the machine you will train on (the
+CPU and GPU compilers fuse differently, so their temporaries differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from bench.common import SIZES, random_batch
+from bench.train_throughput import build_step
+
+GIB = 2**30
+
+
+def state_bytes(size: dict, relations: int) -> int:
+    """Mask logits + Adam's two moments, float32, for every masked matrix of every relation."""
+    hidden, ffn = size["hidden_size"], size["intermediate_size"]
+    per_layer = 4 * hidden * hidden + 2 * hidden * ffn  # Q, K, V, attention-out, FFN-in, -out
+    return 3 * 4 * relations * len(size["layers"]) * per_layer
+
+
+def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "float32",
+         mode: str = "deterministic", relation_chunk: int | None = None,
+         donate: bool | None = None, cache_prefix: bool = True) -> dict:
+    """XLA's memory plan of our step (bytes), and the analytic size of the training state."""
+    import jax
+    import jax.numpy as jnp
+
+    step, init, config, compute, start_layer = build_step(
+        size, relations, length, dtype, mode, relation_chunk, cache_prefix, donate)
+    params, state = jax.eval_shape(init, jax.random.key(0))
+    data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in random_batch(relations, batch, length, config.vocab_size).items()}
+    if start_layer:
+        data["hidden"] = jax.ShapeDtypeStruct((relations, batch, length, config.hidden_size),
+                                              compute)
+    stats = step.lower(state, params, data).compile().memory_analysis()
+    if stats is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
+    arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    reused, temporaries = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+    state_leaves = jax.tree.leaves((state.mask_logits, state.opt_state))
+    return {
+        "backend": jax.default_backend(),
+        "state": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in state_leaves),
+        "frozen_params": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                             for x in jax.tree.leaves(params)),
+        "arguments": arguments, "outputs": outputs, "reused": reused,
+        "temporaries": temporaries, "peak": arguments + outputs - reused + temporaries,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=tuple(SIZES), default="small")
+    parser.add_argument("--relations", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per relation")
+    parser.add_argument("--length", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--mode", choices=("deterministic", "stochastic"),
+                        default="deterministic")
+    parser.add_argument("--relation-chunk", type=int, default=0,
+                        help="vmap this many relations at a time (0 = all)")
+    donation = parser.add_mutually_exclusive_group()
+    donation.add_argument("--donate", dest="donate", action="store_true", default=None,
+                          help="new state reuses the old state's buffers (default: on "
+                          "accelerators only, as jit_train_step does)")
+    donation.add_argument("--no-donate", dest="donate", action="store_false")
+    args = parser.parse_args()
+    size = SIZES[args.size]
+    result = plan(size, args.relations, args.batch, args.length, args.dtype, args.mode,
+                  args.relation_chunk or None, args.donate)
+    print(f"memory plan of one training step: size={args.size}, R={args.relations}, "
+          f"B={args.batch}, L={args.length}, masked layers {list(size['layers'])}, {args.dtype}"
+          + (f", relation_chunk={args.relation_chunk}" if args.relation_chunk else "")
+          + f"; XLA {result['backend']} compiler")
+    rows = [
+        ("training state (mask logits + Adam moments, float32)", result["state"]),
+        ("frozen params (the step reads only the masked layers' and the head's)",
+         result["frozen_params"]),
+        ("step arguments (state, frozen params, batch)", result["arguments"]),
+        ("step outputs (new state, metrics)", result["outputs"]),
+        ("outputs written into donated argument buffers", result["reused"]),
+        ("temporaries (activations, gradients, masked weights)", result["temporaries"]),
+        ("peak = arguments + outputs - reused + temporaries", result["peak"]),
+    ]
+    unit, scale = ("GiB", GIB) if result["peak"] >= GIB else ("MiB", 2**20)
+    for name, value in rows:
+        print(f"{value / scale:10.2f} {unit}  {name}")
+
+
+if __name__ == "__main__":
+    main()
