@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lamp_jax import threefry
 from lamp_jax.models.bert import ModelConfig
 
 # Short names of the maskable matrices -> their path inside a layer's params.
@@ -246,7 +247,8 @@ def insert_path(tree: dict[str, Any], path: Sequence[str], leaf: Any) -> dict[st
 
 def concrete_sample(logits: jax.Array, rng: jax.Array, tau: float) -> jax.Array:
     """Binary-concrete relaxation: ``sigmoid((G + log u - log(1 - u)) / tau)``."""
-    u = jax.random.uniform(rng, logits.shape, logits.dtype, minval=1e-6, maxval=1.0 - 1e-6)
+    # jax.random.uniform's bits, drawn in the op that consumes them (lamp_jax/threefry.py).
+    u = threefry.uniform(rng, logits.shape, logits.dtype, minval=1e-6, maxval=1.0 - 1e-6)
     return jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / tau)
 
 
