@@ -7,7 +7,10 @@ call into the pure functions of ``masks``, ``training`` and ``evaluation``.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     rng = jax.random.key(config.seed)
     logits = init_mask_logits(spec, mlm.params, len(relations), init, mode, rng)
+    hint = allocator_hint(sum(x.nbytes for x in jax.tree.leaves(logits)), jax.default_backend(),
+                          platform.system(), os.environ)
+    if hint:
+        log(hint)
     optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
                         config.optim.clip_norm or None, config.optim.weight_decay)
     loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
@@ -242,6 +249,28 @@ def _check_finite(metrics, step: int, relations, policy: str, log) -> None:
     if policy == "stop":
         raise FloatingPointError(message + " (config.on_nonfinite='skip' skips such updates)")
     log("warning: " + message)
+
+
+# glibc's malloc returns every large buffer of a step to the kernel and maps it again in the next
+# one, which zeroes it page by page. These settings keep one heap and reuse it (README, Speed).
+CPU_MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                       "glibc.malloc.trim_threshold=68719476736")
+
+
+def allocator_hint(mask_logit_bytes: int, backend: str, system: str,
+                   environ: Mapping[str, str]) -> str | None:
+    """A tip for large masks on a Linux CPU under glibc's default malloc, else None.
+
+    Measured with bert-base shapes (4 relations x 8 prompts): 1.76-1.85 s per step without,
+    1.02 s with the settings; with the small benchmark config they were 8-12% slower, so the
+    tip only appears from 256 MiB of mask logits up.
+    """
+    if (backend != "cpu" or system != "Linux" or mask_logit_bytes < 256 * 2**20
+            or "GLIBC_TUNABLES" in environ or "LD_PRELOAD" in environ):
+        return None
+    return (f"tip: {mask_logit_bytes / 2**30:.1f} GiB of mask logits on a CPU; starting with "
+            f"GLIBC_TUNABLES={CPU_MALLOC_TUNABLES} made bert-base steps 1.7x faster here "
+            "(README, Speed)")
 
 
 def _frozen_prefix(mlm: LoadedMLM, encoded, start_layer: int, dtype) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import pytest
 
 from lamp_jax.checkpoint import restore_best_masks
 from lamp_jax.models.params import load_mlm, save_mlm
-from lamp_jax.trainer import train_and_evaluate
+from lamp_jax.trainer import CPU_MALLOC_TUNABLES, allocator_hint, train_and_evaluate
 from tests.test_end_to_end import FIXTURE, _config, make_tiny_model
 
 ROOT = Path(__file__).parents[1]
@@ -216,3 +216,14 @@ def _latest_step(workdir: Path) -> int:
         return -1
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
     return max(steps, default=-1)
+
+
+def test_allocator_hint_only_for_large_masks_on_a_linux_cpu_with_glibc_defaults():
+    big, small = 6 * 42_467_328 * 4, 3_145_728 * 4  # bert-base layers 6..11 x 6 relations; ours
+    hint = allocator_hint(big, "cpu", "Linux", {})
+    assert hint is not None and f"GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}" in hint
+    assert allocator_hint(small, "cpu", "Linux", {}) is None
+    assert allocator_hint(big, "gpu", "Linux", {}) is None
+    assert allocator_hint(big, "cpu", "Darwin", {}) is None
+    assert allocator_hint(big, "cpu", "Linux", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
+    assert allocator_hint(big, "cpu", "Linux", {"LD_PRELOAD": "libtcmalloc.so"}) is None
