@@ -65,7 +65,7 @@ def cpu_threads() -> int:
 
 
 def machine() -> str:
-    """CPU model and core count, for the printed report."""
+    """CPU model, core count and allocator settings, for the printed report."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -73,7 +73,11 @@ def machine() -> str:
                          if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {cpu_threads()} cores, load average {os.getloadavg()[0]:.2f}"
+    # Allocator settings change large-model CPU figures by up to 1.8x (bench/README.md).
+    allocator = "; ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD")
+                          if os.environ.get(k))
+    return (f"{model}, {cpu_threads()} cores, load average {os.getloadavg()[0]:.2f}"
+            + (f"; {allocator}" if allocator else ""))
 
 
 def _cpu_jiffies() -> tuple[int, int]:
