@@ -47,7 +47,8 @@ def _same_bits_as_jax(key: jax.Array, shape: Sequence[int], dtype) -> bool:
     return (
         jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         and str(jax.random.key_impl(key)) == "threefry2x32"
-        and jax.config.jax_threefry_partitionable
+        # The flag may be retired once partitionable counters are the only kind.
+        and getattr(jax.config, "jax_threefry_partitionable", True)
         and jnp.dtype(dtype) == jnp.float32
         and 0 < math.prod(shape) < 2**32
     )

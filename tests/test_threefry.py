@@ -43,3 +43,10 @@ def test_other_key_implementations_fall_back_to_jax():
     np.testing.assert_array_equal(threefry.uniform(key, (5, 6)), want)
     raw = jax.random.PRNGKey(3)  # a legacy uint32 key
     np.testing.assert_array_equal(threefry.uniform(raw, (5, 6)), jax.random.uniform(raw, (5, 6)))
+
+
+def test_non_partitionable_counters_fall_back_to_jax():
+    key = jax.random.key(11)
+    with jax.threefry_partitionable(False):
+        want = jax.random.uniform(key, (9, 4))
+        np.testing.assert_array_equal(threefry.uniform(key, (9, 4)), want)
