@@ -4,9 +4,11 @@
     python -m bench.profile_step --size base --relations 16 --batch 32 --length 20  # a GPU
 
 Prints the step's median wall time, then the ops' time summed by category (matmul or other;
-forward, backward or the update after the gradient) and the most expensive ops with their
-output shapes and the source operation XLA attributes them to. Op times are summed over the
-threads and streams that ran them, so on a multi-core CPU they can exceed the wall time.
+forward, backward or the update after the gradient), a timeline of one step (op time per phase
+in each tenth of it: what runs when, and how much runs side by side) and the most expensive
+ops with their output shapes and the source operation XLA attributes them to. Op times are
+summed over the threads and streams that ran them, so on a multi-core CPU they can exceed the
+wall time.
 This is the profile that led to the changes listed in bench/README.md.
 """
 
@@ -24,20 +26,55 @@ from bench.common import SIZES, machine, median_time
 from bench.train_throughput import WARMUP_STEPS, setup_step
 
 
-def op_times(trace_dir: str, steps: int, hlo_text: str) -> collections.Counter:
-    """Per-op microseconds per step from the trace under ``trace_dir``, for the events that are
-    instructions of the compiled module ``hlo_text`` (not the runtime's own events, such as
-    argument parsing or buffer allocation)."""
+def op_events(trace_dir: str, hlo_text: str) -> list[dict]:
+    """The trace's complete events under ``trace_dir`` that are instructions of the compiled
+    module ``hlo_text`` (not the runtime's own events, such as argument parsing or buffer
+    allocation), sorted by start time."""
     (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     with gzip.open(path) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     instructions = set(re.findall(r"^\s*(?:ROOT )?%([\w.-]+) = ", hlo_text, re.MULTILINE))
+    ops = [e for e in events if e.get("ph") == "X" and e["name"] in instructions]
+    return sorted(ops, key=lambda e: e["ts"])
+
+
+def op_times(trace_dir: str, steps: int, hlo_text: str) -> collections.Counter:
+    """Per-op microseconds per step, summed over the threads and streams that ran them."""
     totals: collections.Counter = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and event["name"] in instructions:
-            totals[event["name"]] += event.get("dur", 0) / steps
+    for event in op_events(trace_dir, hlo_text):
+        totals[event["name"]] += event.get("dur", 0) / steps
     return totals
+
+
+def split_steps(events: list[dict], steps: int) -> list[list[dict]]:
+    """Sorted op events cut into ``steps`` runs at the largest gaps in which no op ran."""
+    gaps, end = [], None
+    for i, event in enumerate(events):
+        if end is not None and event["ts"] > end:
+            gaps.append((event["ts"] - end, i))
+        end = max(end or 0, event["ts"] + event.get("dur", 0))
+    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[:steps - 1])
+    return [events[a:b] for a, b in zip([0, *cuts], [*cuts, len(events)], strict=True)]
+
+
+def phase_timeline(step: list[dict], phase_of: dict[str, str], slices: int = 10
+                   ) -> list[tuple[float, float, collections.Counter]]:
+    """The step (first op start to last op end) cut into ``slices`` equal slices of time; for
+    each, ``(start us, end us, op time us per phase)`` with every op's duration split across
+    the slices it overlaps. Op time can exceed a slice's length where ops run side by side."""
+    start = step[0]["ts"]
+    length = max(e["ts"] + e.get("dur", 0) for e in step) - start
+    width = length / slices
+    rows = [(i * width, (i + 1) * width, collections.Counter()) for i in range(slices)]
+    for event in step:
+        a = event["ts"] - start
+        b = a + event.get("dur", 0)
+        for lo, hi, counter in rows:
+            overlap = min(b, hi) - max(a, lo)
+            if overlap > 0:
+                counter[phase_of[event["name"]]] += overlap
+    return rows
 
 
 def describe(hlo_text: str, op: str) -> tuple[str, str]:
@@ -88,6 +125,7 @@ def main() -> None:
             for _ in range(args.steps):
                 one()
         times = op_times(trace_dir, args.steps, hlo_text)
+        events = op_events(trace_dir, hlo_text)
 
     print(f"profile of one training step: size={args.size}, R={args.relations}, "
           f"B={args.batch}, L={args.length}, {args.dtype}; {machine()}")
@@ -100,6 +138,16 @@ def main() -> None:
     print(f"{'ms':>8}  category")
     for (kind, phase), us in by_category.most_common():
         print(f"{us / 1e3:8.2f}  {kind} {phase}")
+    # Along the step: when each phase ran (the middle traced step, so neither edge of the trace).
+    phase_of = {op: category(op, described[op][1])[1] for op in times}
+    timeline = phase_timeline(split_steps(events, args.steps)[args.steps // 2], phase_of)
+    phases = ("forward", "backward", "update")
+    print(f"along the middle traced step ({timeline[-1][1] / 1e3:.1f} ms from its first op to "
+          "its last): op time (ms) per phase in each tenth of it")
+    print(f"{'ms of the step':>16}" + "".join(f"{p:>10}" for p in phases))
+    for lo, hi, counter in timeline:
+        print(f"{lo / 1e3:7.1f} - {hi / 1e3:5.1f} " + "".join(
+            f"{counter[p] / 1e3:10.2f}" for p in phases))
     print(f"{'ms':>8}  {'op':28s} {'output':28s} source")
     for op, us in times.most_common(args.top):
         shape, source = described[op]
