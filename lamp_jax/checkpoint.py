@@ -147,7 +147,8 @@ def export_binary_masks(
     """
     arrays: dict[str, np.ndarray] = {}
     for i, m, leaf in iter_masks(mask_logits, spec):
-        bits = np.asarray(jax.device_get(hard_mask(leaf, threshold))).astype(bool)
+        # On the host: numpy needs no compile per matrix shape, as eager jnp ops would.
+        bits = hard_mask(np.asarray(jax.device_get(leaf)), threshold).astype(bool)
         arrays[f"layer_{i}/{m}"] = np.packbits(bits.reshape(-1))
         arrays[f"layer_{i}/{m}.shape"] = np.asarray(bits.shape)
     meta = {"relations": list(relations), "layers": list(spec.layers),

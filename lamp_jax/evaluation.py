@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import jax
@@ -117,11 +117,24 @@ class RankingResult:
         }
 
 
+@jax.jit
+def _everyone_uses(mask_logits: Any, relation: jax.Array) -> Any:
+    """Every relation's slot filled with ``relation``'s mask logits (one compile for all)."""
+    return jax.tree.map(lambda g: jnp.broadcast_to(g[relation], g.shape), mask_logits)
+
+
 def make_rank_fn(model_config: ModelConfig, mode: MaskMode, ks: Sequence[int] = DEFAULT_KS,
                  relation_chunk: int | None = None, dtype: Any = jnp.float32,
                  start_layer: int = 0):
-    """Jitted :func:`batch_rank_stats` with its configuration bound."""
-    return jax.jit(partial(batch_rank_stats, model_config=model_config, mode=mode, ks=tuple(ks),
+    """Jitted :func:`batch_rank_stats` with its configuration bound; the same configuration
+    gets the same jitted function, so training's dev evaluation and the final report share
+    one compilation."""
+    return _rank_fn(model_config, mode, tuple(ks), relation_chunk, jnp.dtype(dtype), start_layer)
+
+
+@lru_cache(maxsize=32)
+def _rank_fn(model_config, mode, ks, relation_chunk, dtype, start_layer):
+    return jax.jit(partial(batch_rank_stats, model_config=model_config, mode=mode, ks=ks,
                            relation_chunk=relation_chunk, dtype=dtype, start_layer=start_layer))
 
 
@@ -165,7 +178,7 @@ def specialization_matrix(
     num = len(relations)
     matrix = np.zeros((num, num))
     for a in range(num):
-        borrowed = jax.tree.map(lambda g, a=a: jnp.broadcast_to(g[a], g.shape), mask_logits)
+        borrowed = _everyone_uses(mask_logits, a)
         result = evaluate(rank_fn, borrowed, frozen_params, batches, relations,
                           put_batch=put_batch)
         matrix[a] = result.precision_at(1)

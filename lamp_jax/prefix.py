@@ -39,13 +39,14 @@ def prefix_hidden_states(
 ) -> np.ndarray:
     """``[N, L, H]``: the output of layer ``stop_layer - 1`` for every row of ``input_ids``.
 
-    Rows go through in chunks of ``chunk`` (the last one padded, so one shape compiles once);
-    the default is :func:`default_chunk`.
+    Rows go through in chunks of ``chunk`` (the last one padded), the default
+    :func:`default_chunk`; a set smaller than a chunk is padded too, so that the train, dev and
+    test sets of a run share one compiled shape (a compile costs more than a chunk's rows).
     """
     num = len(input_ids)
     if num == 0:
         raise ValueError("no prompts to encode")
-    chunk = min(chunk or default_chunk(), num)
+    chunk = chunk or default_chunk()
     encode = _jitted_encoder(model_config, stop_layer, jnp.dtype(dtype))
     out = np.empty((num, input_ids.shape[1], model_config.hidden_size), dtype=jnp.dtype(dtype))
     starts = range(0, num, chunk)
