@@ -10,7 +10,7 @@ from lamp_jax.evaluation import batch_rank_stats, make_rank_fn
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import make_mesh, replicate, shard_batch
-from lamp_jax.prefix import batch_prefix_hidden_states
+from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
@@ -244,3 +244,22 @@ def test_fifty_steps_reduce_the_loss(frozen, mode, bound):
     stats = sparsity_stats(state.mask_logits, SPEC)
     assert set(stats) == {f"layer_{i}/{m}" for i in (0, 1) for m in SPEC.matrices} | {"total"}
     assert all(0.0 < s < 1.0 for s in stats["total"])
+
+
+def test_a_run_compiles_each_shape_once(frozen):
+    # The same configuration gets the same jitted ranking function (dev evaluation and the final
+    # report share its compilation) ...
+    threshold, expectation = MaskMode("threshold"), MaskMode("expectation")
+    assert make_rank_fn(CONFIG, threshold) is make_rank_fn(CONFIG, MaskMode("threshold"))
+    assert make_rank_fn(CONFIG, threshold) is not make_rank_fn(CONFIG, expectation)
+    # ... and sets smaller than a prefix chunk are padded to it, so they share one executable,
+    # and their rows come out as encoded alone.
+    encoder = _jitted_encoder(CONFIG, 1, jnp.dtype(jnp.float32))
+    batch = synthetic_batch(1, 7)
+    ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+    before = encoder._cache_size()
+    small = prefix_hidden_states(frozen, ids[:3], mask[:3], model_config=CONFIG, stop_layer=1,
+                                 chunk=16)
+    larger = prefix_hidden_states(frozen, ids, mask, model_config=CONFIG, stop_layer=1, chunk=16)
+    assert encoder._cache_size() - before <= 1
+    np.testing.assert_allclose(small, larger[:3], atol=1e-6)
