@@ -25,6 +25,19 @@ SIZES = {
 MASK_ID = 4  # any id works for random weights; it only marks where the object goes
 
 
+def add_step_arguments(parser, mode: bool = True) -> None:
+    """The shape of a training step, as every step benchmark takes it: model size, relations,
+    prompts per relation, length, compute dtype and (optionally) mask mode."""
+    parser.add_argument("--size", choices=tuple(SIZES), default="small")
+    parser.add_argument("--relations", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per relation")
+    parser.add_argument("--length", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    if mode:
+        parser.add_argument("--mode", choices=("deterministic", "stochastic"),
+                            default="deterministic")
+
+
 def model_shape(size: dict) -> dict:
     """The architecture part of a SIZES entry (without the masked layers)."""
     return {k: v for k, v in size.items() if k != "layers"}

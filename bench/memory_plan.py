@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from bench.common import SIZES, random_batch
+from bench.common import SIZES, add_step_arguments, random_batch
 from bench.train_throughput import build_step
 
 GIB = 2**30
@@ -63,13 +63,7 @@ def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="small")
-    parser.add_argument("--relations", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=16, help="prompts per relation")
-    parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--mode", choices=("deterministic", "stochastic"),
-                        default="deterministic")
+    add_step_arguments(parser)
     parser.add_argument("--relation-chunk", type=int, default=0,
                         help="vmap this many relations at a time (0 = all)")
     donation = parser.add_mutually_exclusive_group()

@@ -22,7 +22,7 @@ import json
 import re
 import tempfile
 
-from bench.common import SIZES, machine, median_time
+from bench.common import SIZES, add_step_arguments, machine, median_time
 from bench.train_throughput import WARMUP_STEPS, setup_step
 
 
@@ -96,11 +96,7 @@ def category(op: str, source: str) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="small")
-    parser.add_argument("--relations", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_step_arguments(parser, mode=False)
     parser.add_argument("--steps", type=int, default=5, help="traced steps")
     parser.add_argument("--top", type=int, default=15, help="ops listed")
     args = parser.parse_args()

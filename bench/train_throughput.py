@@ -19,6 +19,7 @@ import numpy as np
 
 from bench.common import (
     SIZES,
+    add_step_arguments,
     jax_device_summary,
     machine,
     matmul_peak_gflops,
@@ -170,16 +171,10 @@ def _fmt(values, digits: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=tuple(SIZES), default="small")
-    parser.add_argument("--relations", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=16, help="prompts per relation")
-    parser.add_argument("--length", type=int, default=16)
+    add_step_arguments(parser)
     parser.add_argument("--repeats", type=int, default=50, help="timed steps of ours")
     parser.add_argument("--baseline-repeats", type=int, default=12, help="timed baseline steps")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of both sides")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--mode", choices=("deterministic", "stochastic"),
-                        default="deterministic")
     parser.add_argument("--relation-chunk", type=int, default=0,
                         help="ours: vmap this many relations at a time (0 = all)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
