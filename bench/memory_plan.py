@@ -23,19 +23,19 @@ from bench.train_throughput import build_step
 GIB = 2**30
 
 
-def state_bytes(size: dict, relations: int) -> int:
-    """Mask logits + Adam's two moments, float32, for every masked matrix of every relation."""
-    hidden, ffn = size["hidden_size"], size["intermediate_size"]
-    per_layer = 4 * hidden * hidden + 2 * hidden * ffn  # Q, K, V, attention-out, FFN-in, -out
-    return 3 * 4 * relations * len(size["layers"]) * per_layer
+def _nbytes(tree) -> int:
+    """Bytes of a pytree of arrays or ShapeDtypeStructs."""
+    import jax
+    import jax.numpy as jnp
+
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "float32",
          mode: str = "deterministic", relation_chunk: int | None = None,
          donate: bool | None = None, cache_prefix: bool = True) -> dict:
-    """XLA's memory plan of our step (bytes), and the analytic size of the training state."""
+    """XLA's memory plan of our step (bytes), and the size of the training state."""
     import jax
-    import jax.numpy as jnp
 
     step, init, config, compute, start_layer = build_step(
         size, relations, length, dtype, mode, relation_chunk, cache_prefix, donate)
@@ -50,12 +50,10 @@ def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "floa
         raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
     arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
     reused, temporaries = stats.alias_size_in_bytes, stats.temp_size_in_bytes
-    state_leaves = jax.tree.leaves((state.mask_logits, state.opt_state))
     return {
         "backend": jax.default_backend(),
-        "state": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in state_leaves),
-        "frozen_params": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                             for x in jax.tree.leaves(params)),
+        "state": _nbytes((state.mask_logits, state.opt_state)),
+        "frozen_params": _nbytes(params),
         "arguments": arguments, "outputs": outputs, "reused": reused,
         "temporaries": temporaries, "peak": arguments + outputs - reused + temporaries,
     }
