@@ -38,6 +38,14 @@ def add_step_arguments(parser, mode: bool = True) -> None:
                             default="deterministic")
 
 
+def add_cpu_devices_argument(parser) -> None:
+    """``--cpu-devices``: what ``config.cpu_devices`` is to train.py."""
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="ours on a CPU: JAX devices to split the host into, relations "
+                        "split over them as train.py does (0 = one per core, train.py's "
+                        "default; 1 = one device using every core)")
+
+
 def model_shape(size: dict) -> dict:
     """The architecture part of a SIZES entry (without the masked layers)."""
     return {k: v for k, v in size.items() if k != "layers"}
@@ -52,6 +60,32 @@ def random_batch(relations: int, batch: int, length: int, vocab: int, seed: int 
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask_pos": mask_pos,
             "obj_id": rng.integers(5, vocab, (relations, batch)).astype(np.int32),
             "weight": np.ones((relations, batch), np.float32)}
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (``with CompileCounter() as c: ...; c.count``).
+
+    A jitted function's ``_cache_size()`` is no such count: on a multi-device mesh its dispatch
+    cache adds an entry for outputs fed back as inputs without compiling anything."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _listen(self, event: str, _seconds: float, **_kwargs) -> None:
+        self.count += event == self.EVENT
+
+    def __enter__(self) -> CompileCounter:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

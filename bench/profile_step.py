@@ -22,7 +22,7 @@ import json
 import re
 import tempfile
 
-from bench.common import SIZES, add_step_arguments, machine, median_time
+from bench.common import SIZES, add_cpu_devices_argument, add_step_arguments, machine, median_time
 from bench.train_throughput import WARMUP_STEPS, setup_step
 
 
@@ -99,9 +99,14 @@ def main() -> None:
     add_step_arguments(parser, mode=False)
     parser.add_argument("--steps", type=int, default=5, help="traced steps")
     parser.add_argument("--top", type=int, default=15, help="ops listed")
+    add_cpu_devices_argument(parser)
     args = parser.parse_args()
 
     import jax
+
+    from lamp_jax.parallel import use_cpu_devices
+
+    use_cpu_devices(args.cpu_devices)  # as train.py does, before JAX starts
 
     built = setup_step(SIZES[args.size], args.relations, args.batch, args.length, args.dtype,
                        "deterministic", None, cache_prefix=True)

@@ -19,6 +19,8 @@ import numpy as np
 
 from bench.common import (
     SIZES,
+    CompileCounter,
+    add_cpu_devices_argument,
     add_step_arguments,
     jax_device_summary,
     machine,
@@ -41,9 +43,11 @@ WARMUP_STEPS = 3
 
 
 def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
-               relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None):
+               relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None,
+               mesh=None):
     """Our jitted step as the trainer builds it, and ``init(rng) -> (frozen params, state)``,
-    a pure function (so :mod:`bench.memory_plan` can take its shapes without allocating)."""
+    a pure function (so :mod:`bench.memory_plan` can take its shapes without allocating).
+    With ``mesh``, the step keeps the new state where the old one is, as the trainer's does."""
     import jax
     import jax.numpy as jnp
 
@@ -55,6 +59,7 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
         init_train_state,
         jit_train_step,
         make_optimizer,
+        state_shardings,
     )
 
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
@@ -71,42 +76,57 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
         return params, init_train_state(logits, make_optimizer(optim), 10_000, keys[2])
 
     start_layer = min(size["layers"]) if cache_prefix else 0
+    placement = None
+    if mesh is not None:
+        placement = state_shardings(jax.eval_shape(lambda: init(jax.random.key(0))[1]), mesh)
     step = jit_train_step(model_config=config, optim_config=optim, relation_chunk=relation_chunk,
                           loss_config=LossConfig(mask_mode, compute_dtype=compute,
-                                                 start_layer=start_layer), donate=donate)
+                                                 start_layer=start_layer), donate=donate,
+                          state_sharding=placement)
     return step, init, config, compute, start_layer
 
 
 def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
                relation_chunk: int | None, cache_prefix: bool) -> dict:
-    """Our jitted step, its state, frozen params and one batch, as the trainer builds them;
+    """Our jitted step, its state, frozen params and one batch, as the trainer builds them and
+    placed on the devices as the trainer places them (:func:`lamp_jax.parallel.run_mesh`);
     ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
     import jax
 
+    from lamp_jax.parallel import replicate, run_mesh, shard_batch
     from lamp_jax.prefix import batch_prefix_hidden_states
+    from lamp_jax.training import place_state
 
+    mesh = run_mesh(relations, batch)
     step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
-                                                          relation_chunk, cache_prefix)
+                                                          relation_chunk, cache_prefix,
+                                                          mesh=mesh)
     params, state = init(jax.random.key(0))
+    params, state = replicate(params, mesh), place_state(state, mesh)
     data = random_batch(relations, batch, length, config.vocab_size)
     prefix_s = 0.0
     if start_layer:
         # The trainer computes the frozen layers once per prompt before training; time that for
         # this step's R * B prompts, so it can be charged to each step of a run's epochs.
         encode = lambda: batch_prefix_hidden_states(params, data, model_config=config,  # noqa: E731
-                                                    stop_layer=start_layer, dtype=compute)
+                                                    stop_layer=start_layer, dtype=compute,
+                                                    mesh=mesh)
         hidden = encode()
         prefix_s = median_time(encode, 3)
         data["hidden"] = hidden
-    return {"step": step, "state": state, "params": params, "data": jax.device_put(data),
-            "prefix_s": prefix_s}
+    return {"step": step, "state": state, "params": params, "data": shard_batch(data, mesh),
+            "prefix_s": prefix_s, "mesh": mesh}
 
 
 def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
-         mode: str, relation_chunk: int | None, cache_prefix: bool) -> dict:
+         mode: str, relation_chunk: int | None, cache_prefix: bool, cpu_devices: int) -> dict:
     import time
 
     import jax
+
+    from lamp_jax.parallel import use_cpu_devices
+
+    use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
 
     built = setup_step(size, relations, batch, length, dtype, mode, relation_chunk, cache_prefix)
     step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
@@ -116,21 +136,22 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
     state, _ = step(state, params, data)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - start
-    cache_size = step._cache_size()
 
     def one():
         nonlocal state
         state, _ = step(state, params, data)
         jax.block_until_ready(state.mask_logits)
 
-    for _ in range(WARMUP_STEPS - 1):  # the first steps after compiling also fault in memory
-        one()
-    seconds = median_time(one, repeats)
+    with CompileCounter() as compiles:
+        for _ in range(WARMUP_STEPS - 1):  # the first steps after compiling fault in memory
+            one()
+        seconds = median_time(one, repeats)
     summary = jax_device_summary()
-    return {"step_s": seconds, "prefix_s": prefix_s, "compile_s": compile_s,
+    return {"step_s": seconds, "mesh": dict(built["mesh"].shape), "prefix_s": prefix_s,
+            "compile_s": compile_s,
             "peak_rss_mb": peak_rss_mb(),
             # Compiled once, never again: the timed steps reuse the first executable.
-            "recompiled": step._cache_size() != cache_size,
+            "recompiled": compiles.count > 0,
             "matmul_peak_gflops": matmul_peak_gflops() if summary["device"].startswith("cpu")
             else 0.0, **summary}
 
@@ -185,6 +206,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6,
                         help="ours: the one-off frozen-prefix cost is charged to the steps of "
                         "this many epochs (the paper trains 6)")
+    add_cpu_devices_argument(parser)
     parser.add_argument("--no-baseline", action="store_true", help="time ours only")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for idle CPUs")
@@ -194,7 +216,8 @@ def main() -> None:
     shape = (args.relations, args.batch, args.length)
     if args.side == "ours":
         print(json.dumps(ours(size, *shape, args.repeats, args.dtype, args.mode,
-                              args.relation_chunk or None, not args.no_cache_prefix)))
+                              args.relation_chunk or None, not args.no_cache_prefix,
+                              args.cpu_devices)))
         return
     if args.side == "torch":
         print(json.dumps(baseline(size, *shape, args.baseline_repeats, args.mode)))
@@ -203,7 +226,8 @@ def main() -> None:
     common = ["--size", args.size, "--relations", str(args.relations), "--batch",
               str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats),
               "--baseline-repeats", str(args.baseline_repeats), "--dtype", args.dtype,
-              "--mode", args.mode, "--relation-chunk", str(args.relation_chunk)] + \
+              "--mode", args.mode, "--relation-chunk", str(args.relation_chunk),
+              "--cpu-devices", str(args.cpu_devices)] + \
         (["--no-cache-prefix"] if args.no_cache_prefix else [])
     runs_a, runs_b = [], []
     for _ in range(args.rounds):
@@ -252,7 +276,8 @@ def main() -> None:
           + "".join(" " + "/".join(f"{x:.0%}" for x in pair) for pair in zip(*others, strict=True)))
     print(f"ours: compile {np.median([r['compile_s'] for r in runs_a]):.1f} s (once, not timed); "
           f"recompiled while timing: {any(r['recompiled'] for r in runs_a)}; "
-          f"device {runs_a[0]['device']}")
+          f"device {runs_a[0]['device']}, mesh {runs_a[0]['mesh']} (--cpu-devices "
+          f"{args.cpu_devices})")
     peak = args.peak_tflops * 1e3 or float(np.median([r["matmul_peak_gflops"] for r in runs_a]))
     achieved = flops["ours"] / a_step / 1e9
     source = "given" if args.peak_tflops else "measured 2048^3 float32 matmul"

@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     # step there (lamp_jax/prefix.py); costs N x L x hidden values of host memory.
     c.cache_frozen_prefix = True
     c.relation_parallelism = 0  # devices on the relation axis; 0 = as many as divide R
+    # CPU runs: split the host into this many JAX devices, so relations train side by side,
+    # one group per core; 0 = one per core. Set before JAX starts (ignored when XLA_FLAGS
+    # forces a device count); each device used holds a copy of the frozen weights.
+    c.cpu_devices = 0
     c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
     c.plots = True
     c.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" (name step, relation) or "skip"

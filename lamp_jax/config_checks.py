@@ -39,6 +39,7 @@ _RANGES = {
     "eval_every": (0, None, True),
     "relation_chunk": (0, None, True),
     "relation_parallelism": (0, None, True),
+    "cpu_devices": (0, None, True),
     "stop_after": (0, None, True),
 }
 

@@ -18,7 +18,7 @@ from lamp_jax.checkpoint import restore_best_masks
 from lamp_jax.data import RelationBatcher
 from lamp_jax.masks import MaskMode, MaskSpec
 from lamp_jax.models.params import load_mlm
-from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.parallel import RELATION, replicate, run_mesh, shard_batch, use_cpu_devices
 from lamp_jax.trainer import DTYPES, final_report, prepare_data
 
 
@@ -36,12 +36,12 @@ def reevaluate(workdir: str | Path, split: str = "test", model: str | None = Non
     mask = run["mask"]
     spec = MaskSpec(tuple(mask["layers"]), tuple(mask["matrices"]))
     mode = MaskMode(mask["mode"], mask["tau"], mask["threshold"], mask["ste_grad"])
-    mesh = make_mesh(len(relations), config.batch_size,
-                     relation_parallelism=config.relation_parallelism or None)
+    mesh = run_mesh(len(relations), config.batch_size, config.relation_parallelism or None)
     eval_sets = {"test": list(RelationBatcher(data[split], config.batch_size).eval_batches())}
     summary = final_report(config, workdir, mlm.config, restore_best_masks(workdir),
                            replicate(mlm.params, mesh), eval_sets, relations, spec, mode,
-                           lambda b: shard_batch(b, mesh), log)
+                           lambda b: shard_batch(b, mesh), log,
+                           relation_shards=mesh.shape[RELATION])
     (workdir / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="a run directory written by train.py")
     parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
     parser.add_argument("--model", default=None, help="load the frozen model from here instead")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="CPU only: JAX devices to split the host into (0 = one per core)")
     args = parser.parse_args(argv)
+    use_cpu_devices(args.cpu_devices)
     reevaluate(args.workdir, args.split, args.model)
     print(f"devices: {jax.device_count()}; wrote {Path(args.workdir) / f'eval_{args.split}.json'}")
 

@@ -48,6 +48,7 @@ def batch_rank_stats(
     relation_chunk: int | None = None,
     dtype: Any = jnp.float32,
     start_layer: int = 0,
+    relation_shards: int = 1,
 ) -> dict[str, jax.Array]:
     """Per-relation sums over one ``[R, B, ...]`` batch: ``hits`` [R, K], ``rr`` [R], ``count`` [R].
 
@@ -55,6 +56,8 @@ def batch_rank_stats(
     Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses.
     ``start_layer`` > 0: the batch carries ``hidden`` [R, B, L, H], the frozen output of layer
     ``start_layer - 1`` (:mod:`lamp_jax.prefix`), and the forward pass starts there.
+    ``relation_chunk`` relations per device at a time, over ``relation_shards`` devices
+    (:func:`lamp_jax.parallel.map_relations`).
     """
     if mask_logits is not None:
         check_start_layer(mask_logits, start_layer)
@@ -71,7 +74,7 @@ def batch_rank_stats(
 
     if mask_logits is None:
         return jax.vmap(lambda b: one_relation(None, b))(batch)
-    return map_relations(one_relation, relation_chunk)(mask_logits, batch)
+    return map_relations(one_relation, relation_chunk, relation_shards)(mask_logits, batch)
 
 
 @dataclasses.dataclass
@@ -125,17 +128,19 @@ def _everyone_uses(mask_logits: Any, relation: jax.Array) -> Any:
 
 def make_rank_fn(model_config: ModelConfig, mode: MaskMode, ks: Sequence[int] = DEFAULT_KS,
                  relation_chunk: int | None = None, dtype: Any = jnp.float32,
-                 start_layer: int = 0):
+                 start_layer: int = 0, relation_shards: int = 1):
     """Jitted :func:`batch_rank_stats` with its configuration bound; the same configuration
     gets the same jitted function, so training's dev evaluation and the final report share
     one compilation."""
-    return _rank_fn(model_config, mode, tuple(ks), relation_chunk, jnp.dtype(dtype), start_layer)
+    return _rank_fn(model_config, mode, tuple(ks), relation_chunk, jnp.dtype(dtype), start_layer,
+                    relation_shards)
 
 
 @lru_cache(maxsize=32)
-def _rank_fn(model_config, mode, ks, relation_chunk, dtype, start_layer):
+def _rank_fn(model_config, mode, ks, relation_chunk, dtype, start_layer, relation_shards):
     return jax.jit(partial(batch_rank_stats, model_config=model_config, mode=mode, ks=ks,
-                           relation_chunk=relation_chunk, dtype=dtype, start_layer=start_layer))
+                           relation_chunk=relation_chunk, dtype=dtype, start_layer=start_layer,
+                           relation_shards=relation_shards))
 
 
 def evaluate(

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lamp_jax.models.bert import ModelConfig, encode_prefix
@@ -36,17 +38,24 @@ def prefix_hidden_states(
     dtype: Any = jnp.float32,
     chunk: int | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """``[N, L, H]``: the output of layer ``stop_layer - 1`` for every row of ``input_ids``.
 
     Rows go through in chunks of ``chunk`` (the last one padded), the default
     :func:`default_chunk`; a set smaller than a chunk is padded too, so that the train, dev and
     test sets of a run share one compiled shape (a compile costs more than a chunk's rows).
+    With ``mesh`` (``frozen_params`` replicated on it) each chunk's rows are split over all its
+    devices, rounded up to a multiple of their count.
     """
     num = len(input_ids)
     if num == 0:
         raise ValueError("no prompts to encode")
     chunk = chunk or default_chunk()
+    rows_sharding = None
+    if mesh is not None and mesh.devices.size > 1:
+        chunk = -(-chunk // mesh.devices.size) * mesh.devices.size
+        rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
     encode = _jitted_encoder(model_config, stop_layer, jnp.dtype(dtype))
     out = np.empty((num, input_ids.shape[1], model_config.hidden_size), dtype=jnp.dtype(dtype))
     starts = range(0, num, chunk)
@@ -57,6 +66,8 @@ def prefix_hidden_states(
         if rows < chunk:  # pad with copies of the first row: real tokens, no all-padding rows
             ids = np.concatenate([ids, np.repeat(ids[:1], chunk - rows, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], chunk - rows, 0)])
+        if rows_sharding is not None:
+            ids, mask = (jax.device_put(x, rows_sharding) for x in (ids, mask))
         out[start:start + rows] = np.asarray(encode(frozen_params, ids, mask))[:rows]
     return out
 
@@ -69,13 +80,14 @@ def batch_prefix_hidden_states(
     stop_layer: int,
     dtype: Any = jnp.float32,
     chunk: int | None = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """:func:`prefix_hidden_states` of a relation-stacked ``[R, B, L]`` batch -> ``[R, B, L, H]``
     (the batch's ``hidden`` entry)."""
     ids, attention = batch["input_ids"], batch["attention_mask"]
     hidden = prefix_hidden_states(frozen_params, ids.reshape(-1, ids.shape[-1]),
                                   attention.reshape(-1, ids.shape[-1]), model_config=model_config,
-                                  stop_layer=stop_layer, dtype=dtype, chunk=chunk)
+                                  stop_layer=stop_layer, dtype=dtype, chunk=chunk, mesh=mesh)
     return hidden.reshape(*ids.shape, -1)
 
 

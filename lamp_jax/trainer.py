@@ -33,8 +33,9 @@ from lamp_jax.data import (
     split_by_fact,
 )
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
+from lamp_jax.models.bert import ModelConfig
 from lamp_jax.models.params import LoadedMLM, load_mlm
-from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.parallel import RELATION, replicate, run_mesh, shard_batch, use_cpu_devices
 from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
@@ -110,6 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics.
     """
     validate_config(config)
+    # First, before JAX starts its backends (a no-op once they have, e.g. later in a notebook).
+    use_cpu_devices(config.cpu_devices)
     workdir = _writable_workdir(workdir)
     dtype = DTYPES[config.dtype]
     model_source, jsonl = resolve_model_and_data(config)
@@ -121,12 +124,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     eval_mode = mode.for_inference(config.mask.eval_kind)
 
     # Layers below the lowest masked one are frozen: their output is computed once per prompt.
+    mesh = run_mesh(len(relations), config.batch_size, config.relation_parallelism or None)
+    frozen = replicate(mlm.params, mesh)
     start_layer = min(spec.layers) if config.cache_frozen_prefix else 0
-    features = {name: _frozen_prefix(mlm, d, start_layer, dtype) for name, d in data.items()}
+    features = {name: _frozen_prefix(mlm.config, frozen, d, start_layer, dtype, mesh)
+                for name, d in data.items()}
     train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
                             config.epochs, row_features=features["train"])
-    mesh = make_mesh(len(relations), config.batch_size,
-                     relation_parallelism=config.relation_parallelism or None)
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
         f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices)")
@@ -144,12 +148,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     state = init_train_state(logits, make_optimizer(optim), train.steps_per_relation,
                              jax.random.fold_in(rng, 1))
     state = place_state(state, mesh)
-    frozen = replicate(mlm.params, mesh)
     chunk = config.relation_chunk or None
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
                              relation_chunk=chunk, state_sharding=state_shardings(state, mesh))
+    shards = mesh.shape[RELATION]
     rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype,
-                                      start_layer=start_layer)
+                                      start_layer=start_layer, relation_shards=shards)
     put = lambda b: shard_batch(b, mesh)  # noqa: E731
     eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation",
                                             row_features=features[name]).eval_batches())
@@ -206,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     best = checkpoints.restore_best(state.mask_logits)
     summary = final_report(config, workdir, mlm.config, best, frozen, eval_sets, relations,
-                            spec, mode, put, log, start_layer)
+                            spec, mode, put, log, start_layer, shards)
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
                    best_dev_macro_P1=checkpoints.best_score())
     (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -273,13 +277,14 @@ def allocator_hint(mask_logit_bytes: int, backend: str, system: str,
             "(README, Speed)")
 
 
-def _frozen_prefix(mlm: LoadedMLM, encoded, start_layer: int, dtype) -> dict[str, np.ndarray]:
+def _frozen_prefix(model_config: ModelConfig, frozen: Any, encoded, start_layer: int, dtype,
+                   mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
     """``{"hidden": [N, L, H]}`` for the batcher, or nothing when the prefix is not cached."""
     if not start_layer or len(encoded) == 0:
         return {}
-    return {"hidden": prefix_hidden_states(mlm.params, encoded.input_ids, encoded.attention_mask,
-                                           model_config=mlm.config, stop_layer=start_layer,
-                                           dtype=dtype, progress=True)}
+    return {"hidden": prefix_hidden_states(frozen, encoded.input_ids, encoded.attention_mask,
+                                           model_config=model_config, stop_layer=start_layer,
+                                           dtype=dtype, progress=True, mesh=mesh)}
 
 
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -287,18 +292,19 @@ def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def final_report(config, workdir, model_config, best, frozen, eval_sets, relations, spec, mode,
-                  put, log, start_layer: int = 0) -> dict[str, Any]:
+                  put, log, start_layer: int = 0, relation_shards: int = 1) -> dict[str, Any]:
     test = eval_sets["test"]
     chunk, dtype = config.relation_chunk or None, DTYPES[config.dtype]
     eval_mode = mode.for_inference(config.mask.eval_kind)
     rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
-                                      start_layer=start_layer)
+                                      start_layer=start_layer, relation_shards=relation_shards)
     pruned = evaluation.evaluate(rank_fn, best, frozen, test, relations, put_batch=put)
     full = evaluation.evaluate(rank_fn, None, frozen, test, relations, put_batch=put)
     # The other inference kind too: binary subnetwork vs soft sigmoid(G) multipliers.
     other_kind = "expectation" if config.mask.eval_kind == "threshold" else "threshold"
     other_fn = evaluation.make_rank_fn(model_config, mode.for_inference(other_kind),
-                                       relation_chunk=chunk, dtype=dtype, start_layer=start_layer)
+                                       relation_chunk=chunk, dtype=dtype, start_layer=start_layer,
+                                       relation_shards=relation_shards)
     other = evaluation.evaluate(other_fn, best, frozen, test, relations, put_batch=put)
     sparsity = sparsity_stats(best, spec, mode.threshold)
     summary = {"test": {"pruned": pruned.summary(), "full": full.summary(),

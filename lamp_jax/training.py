@@ -23,7 +23,7 @@ import optax
 
 from lamp_jax.masks import MaskMode, apply_masks, expected_density, sparsity_penalty
 from lamp_jax.models.bert import ModelConfig, mlm_forward
-from lamp_jax.parallel import map_relations, put_global, relation_sharding, replicated
+from lamp_jax.parallel import RELATION, map_relations, put_global, relation_sharding, replicated
 from lamp_jax.prefix import check_start_layer
 
 Batch = dict[str, jax.Array]
@@ -70,11 +70,25 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """Clip -> Adam -> (decay); the learning rate is applied per relation by the step."""
     parts = []
     if cfg.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+        parts.append(clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps))
     if cfg.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.weight_decay))
     return optax.chain(*parts)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (same state, same result up to rounding), scaling by
+    ``min(1, max_norm / norm)`` instead of dividing every element by the norm: XLA:CPU fuses a
+    multiply by a scalar into Adam's passes, but wrote the divided gradient out as one more pass
+    over every mask (training step 2% faster, bench/README.md)."""
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def linear_warmup_decay(
@@ -139,7 +153,10 @@ def relation_loss(
     if loss_config.sparsity_weight:
         loss = loss + sparsity_penalty(mask_logits, loss_config.mode, loss_config.sparsity_weight,
                                        loss_config.target_sparsity)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["obj_id"]) * weight)
+    # Rank 1 as lamp_jax.evaluation counts it (no token scored strictly higher); also cheaper
+    # than argmax, a variadic reduce that XLA:CPU does not vectorise.
+    target = jnp.take_along_axis(logits, batch["obj_id"][:, None], axis=-1)[:, 0]
+    correct = jnp.sum((target >= jnp.max(logits, axis=-1)) * weight)
     metrics = {"ce": ce, "loss": loss, "correct": correct, "count": count}
     return loss, metrics
 
@@ -153,15 +170,19 @@ def train_step(
     loss_config: LossConfig,
     optim_config: OptimConfig,
     relation_chunk: int | None = None,
+    relation_shards: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update of every relation's masks. Returns the new state and ``[R]`` metrics."""
+    """One update of every relation's masks. Returns the new state and ``[R]`` metrics.
+
+    ``relation_chunk``: relations per device vmapped at a time (``relation_shards`` devices
+    hold the relation axis; see :func:`lamp_jax.parallel.map_relations`)."""
     num_relations = state.relation_steps.shape[0]
     rng, step_rng = jax.random.split(state.rng)
     rngs = jax.random.split(step_rng, num_relations)
     loss_fn = partial(relation_loss, model_config=model_config, loss_config=loss_config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = map_relations(
-        lambda g, b, r: grad_fn(g, frozen_params, b, r), relation_chunk
+        lambda g, b, r: grad_fn(g, frozen_params, b, r), relation_chunk, relation_shards
     )(state.mask_logits, batch, rngs)
 
     optimizer = make_optimizer(optim_config)
@@ -214,8 +235,10 @@ def jit_train_step(
     """
     if donate is None:
         donate = jax.default_backend() != "cpu"
+    shards = 1 if state_sharding is None else state_sharding.relation_steps.mesh.shape[RELATION]
     step = partial(train_step, model_config=model_config, loss_config=loss_config,
-                   optim_config=optim_config, relation_chunk=relation_chunk)
+                   optim_config=optim_config, relation_chunk=relation_chunk,
+                   relation_shards=shards)
     out_shardings = None if state_sharding is None else (state_sharding, None)
     return jax.jit(step, donate_argnums=0 if donate else (), out_shardings=out_shardings)
 

@@ -89,11 +89,12 @@ def test_relations_not_requested_are_counted_not_trained(model_dir, tmp_path):
 
 def test_out_of_range_config_is_refused_naming_every_field(model_dir, tmp_path):
     config = _config(model_dir, **{"mask.tau": 0.0, "mask.threshold": 1.5, "batch_size": 0,
-                                   "mask.mode": "stochastc"})
+                                   "mask.mode": "stochastc", "cpu_devices": -1})
     with pytest.raises(ValueError) as err:
         train_and_evaluate(config, tmp_path / "w", **QUIET)
     for field in ("config.mask.tau = 0.0", "config.mask.threshold = 1.5",
-                  "config.batch_size = 0", "config.mask.mode = 'stochastc'"):
+                  "config.batch_size = 0", "config.mask.mode = 'stochastc'",
+                  "config.cpu_devices = -1"):
         assert field in str(err.value)
     assert not (tmp_path / "w").exists()  # refused before anything was written
     with pytest.raises(ValueError, match=r"mask layers 1\..5 are not within the model's 0..1"):

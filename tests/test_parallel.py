@@ -1,0 +1,85 @@
+"""Device placement: CPU device count, run meshes, relation chunks per device, sharded prefix."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lamp_jax.models.bert import ModelConfig, init_params
+from lamp_jax.parallel import (
+    cpu_device_count,
+    make_mesh,
+    map_relations,
+    replicate,
+    run_mesh,
+)
+from lamp_jax.prefix import prefix_hidden_states
+
+CONFIG = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+                     intermediate_size=64, max_position_embeddings=16)
+
+
+def test_cpu_device_count_is_one_per_core_unless_asked_or_forced():
+    assert cpu_device_count(0, cores=6) == 6
+    assert cpu_device_count(2, cores=6) == 2
+    assert cpu_device_count(0, cores=0) == 1
+    # A count forced through XLA_FLAGS (the user's, or these tests' 8 fake devices) wins.
+    assert cpu_device_count(0, 6, "--xla_force_host_platform_device_count=8") is None
+    with pytest.raises(ValueError, match="cpu_devices must be >= 0"):
+        cpu_device_count(-1, cores=6)
+
+
+def _fresh_process(code: str, **env) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_use_cpu_devices_sets_the_count_before_jax_starts_and_never_after():
+    first = ("from lamp_jax.parallel import use_cpu_devices; n = use_cpu_devices(3); "
+             "import jax; print(n, jax.device_count())")
+    assert _fresh_process(first) == "3 3"
+    late = ("import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); "
+            "from lamp_jax.parallel import use_cpu_devices; print(use_cpu_devices(3), "
+            "jax.device_count())")
+    assert _fresh_process(late) == "None 1"
+    forced = _fresh_process(first, XLA_FLAGS="--xla_force_host_platform_device_count=5")
+    assert forced == "None 5"
+
+
+def test_run_mesh_keeps_each_relations_batch_on_one_cpu_device():
+    assert jax.default_backend() == "cpu" and jax.device_count() == 8
+    # make_mesh would split 3 relations' batches over 8 devices; on a CPU that only adds a sum
+    # of gradients across devices, so run_mesh keeps whole relations per device.
+    assert dict(make_mesh(3, 8).shape) == {"relation": 1, "data": 8}
+    assert dict(run_mesh(3, 8).shape) == {"relation": 1, "data": 1}
+    assert dict(run_mesh(16, 8).shape) == {"relation": 8, "data": 1}
+    assert dict(run_mesh(6, 8, relation_parallelism=2).shape) == {"relation": 2, "data": 1}
+
+
+@pytest.mark.parametrize("relations,chunk,shards", [(6, 2, 2), (8, 2, 2), (8, 3, 2), (6, 4, 1)])
+def test_map_relations_returns_every_relation_in_order(relations, chunk, shards):
+    values = jnp.arange(relations * 3.0).reshape(relations, 3)
+    got = map_relations(lambda x: (x * x, x.sum()), chunk, shards)(values)
+    np.testing.assert_array_equal(got[0], values * values)
+    np.testing.assert_array_equal(got[1], values.sum(1))
+    with pytest.raises(ValueError, match="equal shards"):
+        map_relations(jnp.sum, chunk, 2)(jnp.ones((relations + 1, 2)))
+
+
+def test_prefix_split_over_devices_equals_one_device():
+    params = init_params(CONFIG, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, CONFIG.vocab_size, (13, 8)).astype(np.int32)
+    mask = (np.arange(8) < rng.integers(3, 9, (13, 1))).astype(np.int32)
+    one = prefix_hidden_states(params, ids, mask, model_config=CONFIG, stop_layer=1, chunk=4)
+    mesh = make_mesh(6, 4, jax.devices()[:6], relation_parallelism=3)  # 3 x 2 devices
+    # Chunks of 4 rows round up to 6 (one row per device); 13 rows: 3 chunks, the last padded.
+    split = prefix_hidden_states(replicate(params, mesh), ids, mask, model_config=CONFIG,
+                                 stop_layer=1, chunk=4, mesh=mesh)
+    np.testing.assert_allclose(split, one, atol=1e-6)
