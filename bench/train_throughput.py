@@ -93,11 +93,15 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
     ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
     import jax
 
-    from lamp_jax.parallel import replicate, run_mesh, shard_batch
+    from lamp_jax.parallel import replicate, run_mesh, run_relation_chunk, shard_batch
     from lamp_jax.prefix import batch_prefix_hidden_states
     from lamp_jax.training import place_state
 
     mesh = run_mesh(relations, batch)
+    width = max(size["intermediate_size"], size["hidden_size"])
+    itemsize = 2 if dtype == "bfloat16" else 4
+    relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh,
+                                        batch * length * width * itemsize)
     step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
                                                           relation_chunk, cache_prefix,
                                                           mesh=mesh)
@@ -115,7 +119,7 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
         prefix_s = median_time(encode, 3)
         data["hidden"] = hidden
     return {"step": step, "state": state, "params": params, "data": shard_batch(data, mesh),
-            "prefix_s": prefix_s, "mesh": mesh}
+            "prefix_s": prefix_s, "mesh": mesh, "relation_chunk": relation_chunk}
 
 
 def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
@@ -147,7 +151,8 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
             one()
         seconds = median_time(one, repeats)
     summary = jax_device_summary()
-    return {"step_s": seconds, "mesh": dict(built["mesh"].shape), "prefix_s": prefix_s,
+    return {"step_s": seconds, "mesh": dict(built["mesh"].shape),
+            "relation_chunk": built["relation_chunk"], "prefix_s": prefix_s,
             "compile_s": compile_s,
             "peak_rss_mb": peak_rss_mb(),
             # Compiled once, never again: the timed steps reuse the first executable.
@@ -197,7 +202,8 @@ def main() -> None:
     parser.add_argument("--baseline-repeats", type=int, default=12, help="timed baseline steps")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of both sides")
     parser.add_argument("--relation-chunk", type=int, default=0,
-                        help="ours: vmap this many relations at a time (0 = all)")
+                        help="ours: vmap this many relations per device at a time (0 = as "
+                        "train.py chooses: all on an accelerator, by L2 cache size on a CPU)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for MFU (e.g. 989 for H100 SXM bf16 dense); on a CPU "
                         "the default is the measured float32 rate of a 2048^3 matmul")
@@ -277,7 +283,8 @@ def main() -> None:
     print(f"ours: compile {np.median([r['compile_s'] for r in runs_a]):.1f} s (once, not timed); "
           f"recompiled while timing: {any(r['recompiled'] for r in runs_a)}; "
           f"device {runs_a[0]['device']}, mesh {runs_a[0]['mesh']} (--cpu-devices "
-          f"{args.cpu_devices})")
+          f"{args.cpu_devices}), relations per device at a time: "
+          f"{runs_a[0]['relation_chunk'] or 'all'}")
     peak = args.peak_tflops * 1e3 or float(np.median([r["matmul_peak_gflops"] for r in runs_a]))
     achieved = flops["ours"] / a_step / 1e9
     source = "given" if args.peak_tflops else "measured 2048^3 float32 matmul"

@@ -18,7 +18,7 @@ from lamp_jax.checkpoint import restore_best_masks
 from lamp_jax.data import RelationBatcher
 from lamp_jax.masks import MaskMode, MaskSpec
 from lamp_jax.models.params import load_mlm
-from lamp_jax.parallel import RELATION, replicate, run_mesh, shard_batch, use_cpu_devices
+from lamp_jax.parallel import replicate, run_mesh, use_cpu_devices
 from lamp_jax.trainer import DTYPES, final_report, prepare_data
 
 
@@ -40,8 +40,7 @@ def reevaluate(workdir: str | Path, split: str = "test", model: str | None = Non
     eval_sets = {"test": list(RelationBatcher(data[split], config.batch_size).eval_batches())}
     summary = final_report(config, workdir, mlm.config, restore_best_masks(workdir),
                            replicate(mlm.params, mesh), eval_sets, relations, spec, mode,
-                           lambda b: shard_batch(b, mesh), log,
-                           relation_shards=mesh.shape[RELATION])
+                           mesh, log)
     (workdir / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -35,7 +35,14 @@ from lamp_jax.data import (
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig
 from lamp_jax.models.params import LoadedMLM, load_mlm
-from lamp_jax.parallel import RELATION, replicate, run_mesh, shard_batch, use_cpu_devices
+from lamp_jax.parallel import (
+    RELATION,
+    replicate,
+    run_mesh,
+    run_relation_chunk,
+    shard_batch,
+    use_cpu_devices,
+)
 from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
@@ -148,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     state = init_train_state(logits, make_optimizer(optim), train.steps_per_relation,
                              jax.random.fold_in(rng, 1))
     state = place_state(state, mesh)
-    chunk = config.relation_chunk or None
+    chunk = _relation_chunk(config, mlm.config, len(relations), mesh, data["train"])
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
                              relation_chunk=chunk, state_sharding=state_shardings(state, mesh))
     shards = mesh.shape[RELATION]
@@ -210,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     best = checkpoints.restore_best(state.mask_logits)
     summary = final_report(config, workdir, mlm.config, best, frozen, eval_sets, relations,
-                            spec, mode, put, log, start_layer, shards)
+                            spec, mode, mesh, log, start_layer)
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
                    best_dev_macro_P1=checkpoints.best_score())
     (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -292,19 +299,22 @@ def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def final_report(config, workdir, model_config, best, frozen, eval_sets, relations, spec, mode,
-                  put, log, start_layer: int = 0, relation_shards: int = 1) -> dict[str, Any]:
+                  mesh: jax.sharding.Mesh, log, start_layer: int = 0) -> dict[str, Any]:
     test = eval_sets["test"]
-    chunk, dtype = config.relation_chunk or None, DTYPES[config.dtype]
+    put = lambda b: shard_batch(b, mesh)  # noqa: E731
+    dtype = DTYPES[config.dtype]
+    chunk = _relation_chunk(config, model_config, len(relations), mesh, test)
+    shards = mesh.shape[RELATION]
     eval_mode = mode.for_inference(config.mask.eval_kind)
     rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
-                                      start_layer=start_layer, relation_shards=relation_shards)
+                                      start_layer=start_layer, relation_shards=shards)
     pruned = evaluation.evaluate(rank_fn, best, frozen, test, relations, put_batch=put)
     full = evaluation.evaluate(rank_fn, None, frozen, test, relations, put_batch=put)
     # The other inference kind too: binary subnetwork vs soft sigmoid(G) multipliers.
     other_kind = "expectation" if config.mask.eval_kind == "threshold" else "threshold"
     other_fn = evaluation.make_rank_fn(model_config, mode.for_inference(other_kind),
                                        relation_chunk=chunk, dtype=dtype, start_layer=start_layer,
-                                       relation_shards=relation_shards)
+                                       relation_shards=shards)
     other = evaluation.evaluate(other_fn, best, frozen, test, relations, put_batch=put)
     sparsity = sparsity_stats(best, spec, mode.threshold)
     summary = {"test": {"pruned": pruned.summary(), "full": full.summary(),
@@ -330,6 +340,22 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
                                         spec, spec_matrix)
         log("plots: " + ", ".join(str(p) for p in written))
     return summary
+
+
+def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
+                    mesh: jax.sharding.Mesh, prompts) -> int | None:
+    """``config.relation_chunk``, or for 0 the automatic choice for this run's activations."""
+    rows = config.batch_size * _prompt_length(prompts)
+    width = max(model_config.intermediate_size, model_config.hidden_size)
+    return run_relation_chunk(config.relation_chunk, num_relations, mesh,
+                              rows * width * jnp.dtype(DTYPES[config.dtype]).itemsize)
+
+
+def _prompt_length(prompts) -> int:
+    """Padded length of an encoded split, or of a list of its ``[R, B, L]`` batches."""
+    if isinstance(prompts, list):
+        return prompts[0]["input_ids"].shape[-1] if prompts else 1
+    return prompts.input_ids.shape[1]
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:

@@ -12,10 +12,13 @@ import pytest
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import (
     cpu_device_count,
+    cpu_relation_chunk,
+    l2_cache_bytes,
     make_mesh,
     map_relations,
     replicate,
     run_mesh,
+    run_relation_chunk,
 )
 from lamp_jax.prefix import prefix_hidden_states
 
@@ -60,6 +63,28 @@ def test_run_mesh_keeps_each_relations_batch_on_one_cpu_device():
     assert dict(run_mesh(3, 8).shape) == {"relation": 1, "data": 1}
     assert dict(run_mesh(16, 8).shape) == {"relation": 8, "data": 1}
     assert dict(run_mesh(6, 8, relation_parallelism=2).shape) == {"relation": 2, "data": 1}
+
+
+def test_cpu_relation_chunk_keeps_a_chunks_activations_in_half_the_l2_cache():
+    mib = 2**20
+    # The measured cases (2 MiB L2, 4 relations per device): 512 KiB -> 2, 1 MiB -> 1,
+    # 256 KiB -> all at once, 2 MiB (bert-base) -> all at once (chunks were slower).
+    assert cpu_relation_chunk(4, mib // 2, 2 * mib) == 2
+    assert cpu_relation_chunk(4, mib, 2 * mib) == 1
+    assert cpu_relation_chunk(4, mib // 4, 2 * mib) is None
+    assert cpu_relation_chunk(2, 2 * mib, 2 * mib) is None
+    assert cpu_relation_chunk(6, mib // 4, 2 * mib) == 3  # a divisor: no padded chunk
+    assert cpu_relation_chunk(5, mib // 4, 2 * mib) == 1
+    assert l2_cache_bytes() >= 64 * 1024
+
+
+def test_run_relation_chunk_takes_a_requested_chunk_as_is():
+    mesh = run_mesh(8, 16)
+    assert run_relation_chunk(3, 8, mesh, activation_bytes=1) == 3
+    local = 8 // mesh.shape["relation"]
+    assert run_relation_chunk(0, 8, mesh, activation_bytes=1) is None  # all fit
+    assert run_relation_chunk(0, 8, mesh, activation_bytes=l2_cache_bytes() // 2) == (
+        None if local == 1 else 1)
 
 
 @pytest.mark.parametrize("relations,chunk,shards", [(6, 2, 2), (8, 2, 2), (8, 3, 2), (6, 4, 1)])
