@@ -23,6 +23,7 @@ import numpy as np
 from bench.common import (
     SIZES,
     CompileCounter,
+    add_cpu_devices_argument,
     eval_flops_per_prompt,
     jax_device_summary,
     machine,
@@ -38,7 +39,7 @@ from bench.common import (
 
 
 def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repeats: int,
-         dtype: str) -> dict:
+         dtype: str, cpu_devices: int) -> dict:
     import time
 
     import jax
@@ -47,15 +48,32 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     from lamp_jax.evaluation import evaluate, make_rank_fn
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
+    from lamp_jax.parallel import (
+        RELATION,
+        replicate,
+        run_mesh,
+        run_relation_chunk,
+        shard_batch,
+        shard_relations,
+        use_cpu_devices,
+    )
     from lamp_jax.prefix import batch_prefix_hidden_states
 
+    use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     params = jax.tree.map(lambda x: x.astype(compute), init_params(config, jax.random.key(0)))
     logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
                               MaskInit("normal", value=1.0), MaskMode(), jax.random.key(1))
+    # Placed as the trainer places them: relations split over the devices, in chunks.
+    mesh = run_mesh(relations, batch)
+    params, logits = replicate(params, mesh), shard_relations(logits, mesh)
+    width = max(config.intermediate_size, config.hidden_size)
+    chunk = run_relation_chunk(0, relations, mesh,
+                               batch * length * width * jnp.dtype(compute).itemsize)
     start_layer = min(size["layers"])
-    rank_fn = make_rank_fn(config, MaskMode("threshold"), dtype=compute, start_layer=start_layer)
+    rank_fn = make_rank_fn(config, MaskMode("threshold"), dtype=compute, start_layer=start_layer,
+                           relation_chunk=chunk, relation_shards=mesh.shape[RELATION])
     if prompts % batch:
         raise ValueError(f"--prompts {prompts} must be a multiple of --batch {batch}")
     batches = [random_batch(relations, batch, length, config.vocab_size, seed=s)
@@ -65,12 +83,15 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     def with_prefix(b: dict) -> dict:
         # The frozen layers below the masked ones run once per prompt, for both evaluations.
         return dict(b, hidden=batch_prefix_hidden_states(
-            params, b, model_config=config, stop_layer=start_layer, dtype=compute))
+            params, b, model_config=config, stop_layer=start_layer, dtype=compute, mesh=mesh))
+
+    put = lambda b: shard_batch(b, mesh)  # noqa: E731
 
     def both(chosen=batches):
         ready = [with_prefix(b) for b in chosen]
-        evaluate(rank_fn, logits, params, ready, names)  # returns host numpy: synchronous
-        evaluate(rank_fn, None, params, ready, names)
+        # evaluate returns host numpy: synchronous
+        evaluate(rank_fn, logits, params, ready, names, put_batch=put)
+        evaluate(rank_fn, None, params, ready, names, put_batch=put)
 
     start = time.perf_counter()
     both(batches[:1])
@@ -78,6 +99,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     with CompileCounter() as compiles:
         seconds = median_time(both, repeats)
     return {"seconds": seconds, "evaluated": 2 * relations * prompts, "compile_s": compile_s,
+            "mesh": dict(mesh.shape), "relation_chunk": chunk,
             "recompiled": compiles.count > 0, "peak_rss_mb": peak_rss_mb(),
             **jax_device_summary()}
 
@@ -117,11 +139,12 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for idle CPUs")
     parser.add_argument("--side", choices=("both", "ours", "torch"), default="both")
+    add_cpu_devices_argument(parser)
     args = parser.parse_args()
     size = SIZES[args.size]
     if args.side == "ours":
         print(json.dumps(ours(size, args.relations, args.prompts, args.batch, args.length,
-                              args.repeats, args.dtype)))
+                              args.repeats, args.dtype, args.cpu_devices)))
         return
     if args.side == "torch":
         print(json.dumps(baseline(size, args.relations, args.baseline_prompts, args.length,
@@ -131,7 +154,7 @@ def main() -> None:
     common = ["--size", args.size, "--relations", str(args.relations), "--prompts",
               str(args.prompts), "--baseline-prompts", str(args.baseline_prompts), "--batch",
               str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats),
-              "--dtype", args.dtype]
+              "--dtype", args.dtype, "--cpu-devices", str(args.cpu_devices)]
     runs: dict[str, list[dict]] = {"ours": [], "per_prompt": [], "per_relation": []}
     for _ in range(args.rounds):
         runs["ours"].append(run_side("bench.eval_throughput", "ours", common, args.quiet_wait))
@@ -169,8 +192,9 @@ def main() -> None:
     flops = (prefix + 2 * upper) / 2 * ours_rate
     print(f"ours: compile {np.median([r['compile_s'] for r in runs['ours']]):.1f} s (not timed); "
           f"recompiled while timing: {any(r['recompiled'] for r in runs['ours'])}; "
-          f"{flops / 1e9:.1f} GFLOP/s; device {a['device']}, peak device MB "
-          f"{max(r['peak_device_mb'] for r in runs['ours']):.0f}")
+          f"{flops / 1e9:.1f} GFLOP/s; device {a['device']}, mesh {a['mesh']} (--cpu-devices "
+          f"{args.cpu_devices}), relations per device at a time: {a['relation_chunk'] or 'all'}, "
+          f"peak device MB {max(r['peak_device_mb'] for r in runs['ours']):.0f}")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.epochs = 40  # the toy world has ~30 training facts per relation: 2 steps per epoch
     c.batching = "per_relation"  # "per_relation" (reference) or "balanced"
     c.eval_every = 0  # steps between dev evaluations; 0 = once per epoch
-    # > 0: vmap this many relations at a time. Bounds activations and masked weights (long
+    # Relations each device vmaps at a time. > 0 bounds activations and masked weights (long
     # sequences, big batches), not the state; a divisor of the relations avoids copying it.
-    # `python -m bench.memory_plan` shows the effect before a run.
+    # `python -m bench.memory_plan` shows the effect before a run. 0 = automatic: all at once
+    # on an accelerator; on a CPU, as many as keep a chunk's FFN activations in half the L2
+    # cache (lamp_jax.parallel.cpu_relation_chunk).
     c.relation_chunk = 0
     # Compute the frozen layers below the lowest pruned one once per prompt and start every
     # step there (lamp_jax/prefix.py); costs N x L x hidden values of host memory.

@@ -138,14 +138,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 for name, d in data.items()}
     train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
                             config.epochs, row_features=features["train"])
+    chunk = _relation_chunk(config, mlm.config, len(relations), mesh, data["train"])
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
-        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices)")
+        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices), relations "
+        f"per device at a time: {chunk or 'all'}")
 
     rng = jax.random.key(config.seed)
     logits = init_mask_logits(spec, mlm.params, len(relations), init, mode, rng)
     hint = allocator_hint(sum(x.nbytes for x in jax.tree.leaves(logits)), jax.default_backend(),
-                          platform.system(), os.environ)
+                          platform.system(), os.environ, mesh.devices.size)
     if hint:
         log(hint)
     optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
@@ -155,7 +157,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     state = init_train_state(logits, make_optimizer(optim), train.steps_per_relation,
                              jax.random.fold_in(rng, 1))
     state = place_state(state, mesh)
-    chunk = _relation_chunk(config, mlm.config, len(relations), mesh, data["train"])
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
                              relation_chunk=chunk, state_sharding=state_shardings(state, mesh))
     shards = mesh.shape[RELATION]
@@ -269,19 +270,22 @@ CPU_MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
 
 
 def allocator_hint(mask_logit_bytes: int, backend: str, system: str,
-                   environ: Mapping[str, str]) -> str | None:
+                   environ: Mapping[str, str], devices: int = 1) -> str | None:
     """A tip for large masks on a Linux CPU under glibc's default malloc, else None.
 
-    Measured with bert-base shapes (4 relations x 8 prompts): 1.76-1.85 s per step without,
-    1.02 s with the settings; with the small benchmark config they were 8-12% slower, so the
-    tip only appears from 256 MiB of mask logits up.
+    Measured with bert-base shapes (4 relations x 8 prompts), one device: 1.76-1.85 s per step
+    without, 1.02 s with the settings. With the small benchmark config they were 8-12% slower,
+    so the tip only appears from 256 MiB of mask logits up. Their single heap also serialises
+    the allocations of several CPU devices (bert-base on 2 devices: 1.26 s without, 1.47 s
+    with; on one device with them: 1.06 s), so with ``devices`` > 1 the tip says to use one.
     """
     if (backend != "cpu" or system != "Linux" or mask_logit_bytes < 256 * 2**20
             or "GLIBC_TUNABLES" in environ or "LD_PRELOAD" in environ):
         return None
     return (f"tip: {mask_logit_bytes / 2**30:.1f} GiB of mask logits on a CPU; starting with "
-            f"GLIBC_TUNABLES={CPU_MALLOC_TUNABLES} made bert-base steps 1.7x faster here "
-            "(README, Speed)")
+            f"GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}"
+            + (" and --config.cpu_devices=1" if devices > 1 else "")
+            + " made bert-base steps 1.7x faster here (README, Speed)")
 
 
 def _frozen_prefix(model_config: ModelConfig, frozen: Any, encoded, start_layer: int, dtype,

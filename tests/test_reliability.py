@@ -223,6 +223,9 @@ def test_allocator_hint_only_for_large_masks_on_a_linux_cpu_with_glibc_defaults(
     big, small = 6 * 42_467_328 * 4, 3_145_728 * 4  # bert-base layers 6..11 x 6 relations; ours
     hint = allocator_hint(big, "cpu", "Linux", {})
     assert hint is not None and f"GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}" in hint
+    assert "cpu_devices" not in hint
+    # Its single heap slowed two CPU devices down: the tip then says to use one.
+    assert "and --config.cpu_devices=1" in allocator_hint(big, "cpu", "Linux", {}, devices=2)
     assert allocator_hint(small, "cpu", "Linux", {}) is None
     assert allocator_hint(big, "gpu", "Linux", {}) is None
     assert allocator_hint(big, "cpu", "Darwin", {}) is None
