@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from lamp_jax.parallel import available_cores
+
 SIZES = {
     # About a minute for train_throughput (both sides, three rounds) on a 2-core CPU.
     "small": dict(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4,
@@ -103,12 +105,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cpu_threads() -> int:
-    """Cores this process may run on (what XLA's CPU thread pool sizes itself to)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def machine() -> str:
@@ -123,7 +119,7 @@ def machine() -> str:
     # Allocator settings change large-model CPU figures by up to 1.8x (bench/README.md).
     allocator = "; ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD")
                           if os.environ.get(k))
-    return (f"{model}, {cpu_threads()} cores, load average {os.getloadavg()[0]:.2f}"
+    return (f"{model}, {available_cores()} cores, load average {os.getloadavg()[0]:.2f}"
             + (f"; {allocator}" if allocator else ""))
 
 
@@ -247,7 +243,7 @@ def torch_setup() -> str:
     """Gives torch as many threads as XLA gets; returns the device the baseline runs on."""
     import torch
 
-    torch.set_num_threads(cpu_threads())
+    torch.set_num_threads(available_cores())
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

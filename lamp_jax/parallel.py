@@ -81,6 +81,12 @@ def map_relations(fn: Callable[..., Any], chunk_size: int | None = None,
     return chunked
 
 
+def available_cores() -> int:
+    """Cores this process may run on (what XLA's CPU thread pool sizes itself to)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def cpu_device_count(requested: int, cores: int, xla_flags: str = "") -> int | None:
     """How many JAX devices to split the host CPU into: ``requested``, or one per core for 0.
     None when ``XLA_FLAGS`` already forces a count (the user's, or the tests' 8 fake devices)."""
@@ -95,13 +101,11 @@ def use_cpu_devices(requested: int = 0) -> int | None:
     """Presents the host CPU as :func:`cpu_device_count` JAX devices; returns that count, or
     None where it was left alone (``XLA_FLAGS`` forces a count, or JAX already ran something).
 
-    Call it before any JAX computation (``train.py`` does, first thing). It changes only the
-    CPU backend: on a GPU or TPU host the accelerators stay the default devices. Every device
-    a mesh uses holds a copy of the frozen weights (bert-base: 0.44 GB in float32).
+    Call it before any JAX computation (``train_and_evaluate`` does, first thing). It changes
+    only the CPU backend: on a GPU or TPU host the accelerators stay the default devices. Every
+    device a mesh uses holds a copy of the frozen weights (bert-base: 0.44 GB in float32).
     """
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-    count = cpu_device_count(requested, cores, os.environ.get("XLA_FLAGS", ""))
+    count = cpu_device_count(requested, available_cores(), os.environ.get("XLA_FLAGS", ""))
     if count is None:
         return None
     try:
@@ -133,8 +137,8 @@ def cpu_relation_chunk(local_relations: int, activation_bytes: int, cache_bytes:
     Measured on a 2-core CPU with 2 MiB of L2 per core, 4 relations per device (bench/README.md):
     small config with FFN activations of 512 KiB per relation, chunks of 2 made the step 6-10%
     faster; at 1 MiB per relation chunks of 1 were 9% faster; at 256 KiB chunks gained nothing.
-    bert-base shapes (2 MiB per relation, 2 per device): chunks of 1 were 17% slower, since
-    slicing each chunk's masks out costs more than a cache the activations overflow anyway.
+    bert-base shapes (2 MiB per relation, 2 per device): chunks of 1 were 17% slower, so a
+    relation that overflows the budget on its own is not chunked.
     """
     budget = cache_bytes // 2
     if activation_bytes > budget:

@@ -11,6 +11,7 @@ import pytest
 
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import (
+    available_cores,
     cpu_device_count,
     cpu_relation_chunk,
     l2_cache_bytes,
@@ -30,6 +31,7 @@ def test_cpu_device_count_is_one_per_core_unless_asked_or_forced():
     assert cpu_device_count(0, cores=6) == 6
     assert cpu_device_count(2, cores=6) == 2
     assert cpu_device_count(0, cores=0) == 1
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
     # A count forced through XLA_FLAGS (the user's, or these tests' 8 fake devices) wins.
     assert cpu_device_count(0, 6, "--xla_force_host_platform_device_count=8") is None
     with pytest.raises(ValueError, match="cpu_devices must be >= 0"):
