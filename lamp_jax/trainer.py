@@ -130,15 +130,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     spec, mode, init = mask_settings(config, mlm)
     eval_mode = mode.for_inference(config.mask.eval_kind)
 
-    # Layers below the lowest masked one are frozen: their output is computed once per prompt.
     mesh = run_mesh(len(relations), config.batch_size, config.relation_parallelism or None)
     frozen = replicate(mlm.params, mesh)
+    # Layers below the lowest masked one are frozen: their output is computed once per prompt.
     start_layer = min(spec.layers) if config.cache_frozen_prefix else 0
     features = {name: _frozen_prefix(mlm.config, frozen, d, start_layer, dtype, mesh)
                 for name, d in data.items()}
     train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
                             config.epochs, row_features=features["train"])
-    chunk = _relation_chunk(config, mlm.config, len(relations), mesh, data["train"])
+    chunk = _relation_chunk(config, mlm.config, len(relations), mesh,
+                            data["train"].input_ids.shape[1])
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
         f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices), relations "
@@ -307,7 +308,8 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
     test = eval_sets["test"]
     put = lambda b: shard_batch(b, mesh)  # noqa: E731
     dtype = DTYPES[config.dtype]
-    chunk = _relation_chunk(config, model_config, len(relations), mesh, test)
+    chunk = _relation_chunk(config, model_config, len(relations), mesh,
+                            test[0]["input_ids"].shape[-1] if test else 1)
     shards = mesh.shape[RELATION]
     eval_mode = mode.for_inference(config.mask.eval_kind)
     rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
@@ -347,19 +349,13 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
 
 
 def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
-                    mesh: jax.sharding.Mesh, prompts) -> int | None:
-    """``config.relation_chunk``, or for 0 the automatic choice for this run's activations."""
-    rows = config.batch_size * _prompt_length(prompts)
+                    mesh: jax.sharding.Mesh, length: int) -> int | None:
+    """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
+    to ``length`` (every split of a run shares it)."""
+    rows = config.batch_size * length
     width = max(model_config.intermediate_size, model_config.hidden_size)
     return run_relation_chunk(config.relation_chunk, num_relations, mesh,
                               rows * width * jnp.dtype(DTYPES[config.dtype]).itemsize)
-
-
-def _prompt_length(prompts) -> int:
-    """Padded length of an encoded split, or of a list of its ``[R, B, L]`` batches."""
-    if isinstance(prompts, list):
-        return prompts[0]["input_ids"].shape[-1] if prompts else 1
-    return prompts.input_ids.shape[1]
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:
