@@ -16,6 +16,7 @@ from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
+    clip_by_global_norm,
     init_train_state,
     jit_train_step,
     linear_warmup_decay,
@@ -68,6 +69,18 @@ def _state(frozen, num_relations, init=NORMAL_INIT, total=10):
     # the comparisons below about the algorithm rather than about summation order.
     optim = OptimConfig(learning_rate=0.05, warmup_fraction=0.3, clip_norm=0.05, eps=1e-3)
     return init_train_state(logits, make_optimizer(optim), total, jax.random.key(2)), optim
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])  # global norm below and above the limit
+def test_clip_by_global_norm_matches_optax(scale):
+    grads = {"a": jnp.arange(6.0).reshape(2, 3) * scale, "b": -jnp.ones(4) * scale}
+    ours, optax_clip = clip_by_global_norm(5.0), optax.clip_by_global_norm(5.0)
+    got, state = ours.update(grads, ours.init(grads))
+    want, want_state = optax_clip.update(grads, optax_clip.init(grads))
+    assert jax.tree.structure(state) == jax.tree.structure(want_state)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    assert np.isclose(float(optax.global_norm(got)), min(5.0, float(optax.global_norm(grads))))
 
 
 def test_schedule_is_linear_warmup_then_linear_decay():
