@@ -50,6 +50,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     from lamp_jax.models.bert import ModelConfig, init_params
     from lamp_jax.parallel import (
         RELATION,
+        activation_bytes,
         replicate,
         run_mesh,
         run_relation_chunk,
@@ -68,9 +69,8 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     # Placed as the trainer places them: relations split over the devices, in chunks.
     mesh = run_mesh(relations, batch)
     params, logits = replicate(params, mesh), shard_relations(logits, mesh)
-    width = max(config.intermediate_size, config.hidden_size)
-    chunk = run_relation_chunk(0, relations, mesh,
-                               batch * length * width * jnp.dtype(compute).itemsize)
+    chunk = run_relation_chunk(0, relations, mesh, activation_bytes(
+        batch * length, config.intermediate_size, config.hidden_size, compute))
     start_layer = min(size["layers"])
     rank_fn = make_rank_fn(config, MaskMode("threshold"), dtype=compute, start_layer=start_layer,
                            relation_chunk=chunk, relation_shards=mesh.shape[RELATION])

@@ -93,15 +93,19 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
     ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
     import jax
 
-    from lamp_jax.parallel import replicate, run_mesh, run_relation_chunk, shard_batch
+    from lamp_jax.parallel import (
+        activation_bytes,
+        replicate,
+        run_mesh,
+        run_relation_chunk,
+        shard_batch,
+    )
     from lamp_jax.prefix import batch_prefix_hidden_states
     from lamp_jax.training import place_state
 
     mesh = run_mesh(relations, batch)
-    width = max(size["intermediate_size"], size["hidden_size"])
-    itemsize = 2 if dtype == "bfloat16" else 4
-    relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh,
-                                        batch * length * width * itemsize)
+    relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh, activation_bytes(
+        batch * length, size["intermediate_size"], size["hidden_size"], dtype))
     step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
                                                           relation_chunk, cache_prefix,
                                                           mesh=mesh)

@@ -148,6 +148,12 @@ def cpu_relation_chunk(local_relations: int, activation_bytes: int, cache_bytes:
     return None if best == local_relations else best
 
 
+def activation_bytes(rows: int, intermediate_size: int, hidden_size: int, dtype: Any) -> int:
+    """Bytes of one relation's largest activation: its ``rows`` (prompts x length) at the wider
+    of the FFN and hidden widths (what :func:`run_relation_chunk` fits into the cache)."""
+    return rows * max(intermediate_size, hidden_size) * jnp.dtype(dtype).itemsize
+
+
 def run_relation_chunk(requested: int, num_relations: int, mesh: Mesh, activation_bytes: int
                        ) -> int | None:
     """The relation chunk a run uses: ``requested`` when > 0; for 0, all relations at once on

@@ -37,6 +37,7 @@ from lamp_jax.models.bert import ModelConfig
 from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
     RELATION,
+    activation_bytes,
     replicate,
     run_mesh,
     run_relation_chunk,
@@ -352,10 +353,9 @@ def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
                     mesh: jax.sharding.Mesh, length: int) -> int | None:
     """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
     to ``length`` (every split of a run shares it)."""
-    rows = config.batch_size * length
-    width = max(model_config.intermediate_size, model_config.hidden_size)
-    return run_relation_chunk(config.relation_chunk, num_relations, mesh,
-                              rows * width * jnp.dtype(DTYPES[config.dtype]).itemsize)
+    size = activation_bytes(config.batch_size * length, model_config.intermediate_size,
+                            model_config.hidden_size, DTYPES[config.dtype])
+    return run_relation_chunk(config.relation_chunk, num_relations, mesh, size)
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import (
+    activation_bytes,
     available_cores,
     cpu_device_count,
     cpu_relation_chunk,
@@ -78,6 +79,9 @@ def test_cpu_relation_chunk_keeps_a_chunks_activations_in_half_the_l2_cache():
     assert cpu_relation_chunk(6, mib // 4, 2 * mib) == 3  # a divisor: no padded chunk
     assert cpu_relation_chunk(5, mib // 4, 2 * mib) == 1
     assert l2_cache_bytes() >= 64 * 1024
+    # Small config, 16 prompts of 16 tokens: the FFN's 512 floats per row, 512 KiB per relation.
+    assert activation_bytes(16 * 16, 512, 128, jnp.float32) == mib // 2
+    assert activation_bytes(16 * 16, 512, 128, jnp.bfloat16) == mib // 4
 
 
 def test_run_relation_chunk_takes_a_requested_chunk_as_is():
