@@ -51,6 +51,8 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     from lamp_jax.parallel import (
         RELATION,
         activation_bytes,
+        pad_relations,
+        relation_slots,
         replicate,
         run_mesh,
         run_relation_chunk,
@@ -68,7 +70,9 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
                               MaskInit("normal", value=1.0), MaskMode(), jax.random.key(1))
     # Placed as the trainer places them: relations split over the devices, in chunks.
     mesh = run_mesh(relations, batch)
-    params, logits = replicate(params, mesh), shard_relations(logits, mesh)
+    slots = relation_slots(relations, mesh)  # inert relations pad to the relation devices
+    params = replicate(params, mesh)
+    logits = shard_relations(pad_relations(jax.device_get(logits), slots), mesh)
     chunk = run_relation_chunk(0, relations, mesh, activation_bytes(
         batch * length, config.intermediate_size, config.hidden_size, compute))
     start_layer = min(size["layers"])
@@ -85,7 +89,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
         return dict(b, hidden=batch_prefix_hidden_states(
             params, b, model_config=config, stop_layer=start_layer, dtype=compute, mesh=mesh))
 
-    put = lambda b: shard_batch(b, mesh)  # noqa: E731
+    put = lambda b: shard_batch(b, mesh, slots)  # noqa: E731
 
     def both(chosen=batches):
         ready = [with_prefix(b) for b in chosen]

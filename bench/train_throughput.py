@@ -44,10 +44,12 @@ WARMUP_STEPS = 3
 
 def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
                relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None,
-               mesh=None):
+               mesh=None, slots: int | None = None):
     """Our jitted step as the trainer builds it, and ``init(rng) -> (frozen params, state)``,
     a pure function (so :mod:`bench.memory_plan` can take its shapes without allocating).
-    With ``mesh``, the step keeps the new state where the old one is, as the trainer's does."""
+    With ``mesh``, the step keeps the new state where the old one is, as the trainer's does.
+    ``slots`` > ``relations``: the relation axis is padded with inert relations, as the
+    trainer pads it to a multiple of the mesh's relation devices."""
     import jax
     import jax.numpy as jnp
 
@@ -73,6 +75,9 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
         params = jax.tree.map(lambda x: x.astype(compute), init_params(config, keys[0]))
         logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
                                   MaskInit("normal", value=1.0), mask_mode, keys[1])
+        extra = (slots or relations) - relations
+        logits = jax.tree.map(lambda g: jnp.pad(g, [(0, extra)] + [(0, 0)] * (g.ndim - 1)),
+                              logits)
         return params, init_train_state(logits, make_optimizer(optim), 10_000, keys[2])
 
     start_layer = min(size["layers"]) if cache_prefix else 0
@@ -87,14 +92,17 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
 
 
 def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
-               relation_chunk: int | None, cache_prefix: bool) -> dict:
+               relation_chunk: int | None, cache_prefix: bool,
+               relation_parallelism: int | None = None) -> dict:
     """Our jitted step, its state, frozen params and one batch, as the trainer builds them and
-    placed on the devices as the trainer places them (:func:`lamp_jax.parallel.run_mesh`);
-    ``prefix_s`` is the time of the frozen-prefix pass for the batch's prompts."""
+    placed on the devices as the trainer places them (:func:`lamp_jax.parallel.run_mesh`,
+    inert relation slots included); ``prefix_s`` is the time of the frozen-prefix pass for the
+    batch's prompts."""
     import jax
 
     from lamp_jax.parallel import (
         activation_bytes,
+        relation_slots,
         replicate,
         run_mesh,
         run_relation_chunk,
@@ -103,12 +111,13 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
     from lamp_jax.prefix import batch_prefix_hidden_states
     from lamp_jax.training import place_state
 
-    mesh = run_mesh(relations, batch)
+    mesh = run_mesh(relations, batch, relation_parallelism)
+    slots = relation_slots(relations, mesh)
     relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh, activation_bytes(
         batch * length, size["intermediate_size"], size["hidden_size"], dtype))
     step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
                                                           relation_chunk, cache_prefix,
-                                                          mesh=mesh)
+                                                          mesh=mesh, slots=slots)
     params, state = init(jax.random.key(0))
     params, state = replicate(params, mesh), place_state(state, mesh)
     data = random_batch(relations, batch, length, config.vocab_size)
@@ -122,12 +131,14 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
         hidden = encode()
         prefix_s = median_time(encode, 3)
         data["hidden"] = hidden
-    return {"step": step, "state": state, "params": params, "data": shard_batch(data, mesh),
-            "prefix_s": prefix_s, "mesh": mesh, "relation_chunk": relation_chunk}
+    return {"step": step, "state": state, "params": params,
+            "data": shard_batch(data, mesh, slots), "prefix_s": prefix_s, "mesh": mesh,
+            "slots": slots, "relation_chunk": relation_chunk}
 
 
 def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
-         mode: str, relation_chunk: int | None, cache_prefix: bool, cpu_devices: int) -> dict:
+         mode: str, relation_chunk: int | None, cache_prefix: bool, cpu_devices: int,
+         relation_parallelism: int | None = None) -> dict:
     import time
 
     import jax
@@ -136,7 +147,8 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
 
     use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
 
-    built = setup_step(size, relations, batch, length, dtype, mode, relation_chunk, cache_prefix)
+    built = setup_step(size, relations, batch, length, dtype, mode, relation_chunk, cache_prefix,
+                       relation_parallelism)
     step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
     prefix_s = built["prefix_s"]
 
@@ -155,7 +167,7 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
             one()
         seconds = median_time(one, repeats)
     summary = jax_device_summary()
-    return {"step_s": seconds, "mesh": dict(built["mesh"].shape),
+    return {"step_s": seconds, "mesh": dict(built["mesh"].shape), "slots": built["slots"],
             "relation_chunk": built["relation_chunk"], "prefix_s": prefix_s,
             "compile_s": compile_s,
             "peak_rss_mb": peak_rss_mb(),
@@ -217,6 +229,9 @@ def main() -> None:
                         help="ours: the one-off frozen-prefix cost is charged to the steps of "
                         "this many epochs (the paper trains 6)")
     add_cpu_devices_argument(parser)
+    parser.add_argument("--relation-parallelism", type=int, default=0,
+                        help="ours: devices on the relation axis (0 = as train.py chooses; 1 = "
+                        "what it chose for 13 relations on 2 devices before inert padding)")
     parser.add_argument("--no-baseline", action="store_true", help="time ours only")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for idle CPUs")
@@ -227,7 +242,7 @@ def main() -> None:
     if args.side == "ours":
         print(json.dumps(ours(size, *shape, args.repeats, args.dtype, args.mode,
                               args.relation_chunk or None, not args.no_cache_prefix,
-                              args.cpu_devices)))
+                              args.cpu_devices, args.relation_parallelism or None)))
         return
     if args.side == "torch":
         print(json.dumps(baseline(size, *shape, args.baseline_repeats, args.mode)))
@@ -237,7 +252,8 @@ def main() -> None:
               str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats),
               "--baseline-repeats", str(args.baseline_repeats), "--dtype", args.dtype,
               "--mode", args.mode, "--relation-chunk", str(args.relation_chunk),
-              "--cpu-devices", str(args.cpu_devices)] + \
+              "--cpu-devices", str(args.cpu_devices),
+              "--relation-parallelism", str(args.relation_parallelism)] + \
         (["--no-cache-prefix"] if args.no_cache_prefix else [])
     runs_a, runs_b = [], []
     for _ in range(args.rounds):
@@ -287,7 +303,8 @@ def main() -> None:
     print(f"ours: compile {np.median([r['compile_s'] for r in runs_a]):.1f} s (once, not timed); "
           f"recompiled while timing: {any(r['recompiled'] for r in runs_a)}; "
           f"device {runs_a[0]['device']}, mesh {runs_a[0]['mesh']} (--cpu-devices "
-          f"{args.cpu_devices}), relations per device at a time: "
+          f"{args.cpu_devices}), relation slots {runs_a[0]['slots']} "
+          f"({runs_a[0]['slots'] - args.relations} inert), relations per device at a time: "
           f"{runs_a[0]['relation_chunk'] or 'all'}")
     peak = args.peak_tflops * 1e3 or float(np.median([r["matmul_peak_gflops"] for r in runs_a]))
     achieved = flops["ours"] / a_step / 1e9

@@ -6,12 +6,18 @@ Layout of a run directory (``workdir``)::
     best/<step>/          mask logits with the best dev score so far (+ the score)
     run.json              everything needed to rebuild the model and masks (see lamp_jax.api)
     masks.npz             bit-packed hard masks of the best logits, one bit per weight
+
+Checkpoints open on any topology. Per-relation arrays are saved with the relation axis the
+saving mesh had, inert slots included (:func:`lamp_jax.parallel.relation_slots`; they always
+come last). A restore names the shapes and shardings it wants: the reading process's own
+devices (1 in a notebook, 8 on a host, several processes), the relation axis truncated or
+zero-padded to its own slot count (inert slots hold nothing worth keeping). Nothing refers to
+the devices that saved it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lamp_jax.hosts import is_main, to_host, write_text
 from lamp_jax.masks import MATRICES, MaskSpec, hard_mask, insert_path, iter_masks
 from lamp_jax.training import TrainState
 
@@ -35,11 +42,13 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str | Path, keep: int = 2):
         self.workdir = Path(workdir).absolute()
+        self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
         best_options = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max")
-        self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options)
+        self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
 
     def save(self, state: TrainState) -> None:
         step = int(state.step)
@@ -48,7 +57,8 @@ class RunCheckpoints:
         self.latest.save(step, args=ocp.args.StandardSave(_to_saveable(state)))
 
     def restore_latest(self, template: TrainState, log=print) -> TrainState | None:
-        """The newest readable state, laid out (shapes, dtypes, shardings) like ``template``.
+        """The newest readable state, laid out (shapes, dtypes, shardings) like ``template``,
+        whatever devices and relation slots the run that saved it had.
 
         A checkpoint that cannot be read (truncated or corrupted files) is reported and the next
         older one is tried: resuming from an older step replays deterministically to the same
@@ -57,7 +67,9 @@ class RunCheckpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
         for step in sorted(self.latest.all_steps(), reverse=True):
             try:
-                raw = self.latest.restore(step, args=ocp.args.StandardRestore(abstract))
+                # strict=False: the relation axis is truncated or padded to this run's slots.
+                raw = self.latest.restore(step, args=ocp.args.StandardRestore(abstract,
+                                                                              strict=False))
             except Exception as err:  # tensorstore/orbax raise many types for damaged files
                 log(f"warning: checkpoint step {step} under {self.workdir / 'checkpoints'} "
                     f"cannot be read ({type(err).__name__}: {str(err)[:200]}); trying an older "
@@ -82,7 +94,8 @@ class RunCheckpoints:
         self.best.save(step, args=ocp.args.StandardSave(tree), metrics={"score": float(score)},
                        force=True)
         self.best.wait_until_finished()
-        _atomic_write(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))
+        self._best = (step, float(score))
+        write_text(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))
         return True
 
     def best_score(self) -> float | None:
@@ -91,16 +104,22 @@ class RunCheckpoints:
         step = self.best.latest_step()
         if step is None:
             return None
+        if self._best is not None and self._best[0] == step:
+            return self._best[1]
         path = self.workdir / "best_score.json"
         cached = json.loads(path.read_text()) if path.exists() else {}
         if cached.get("step") == step:
-            return cached["score"]
-        score = float(self.best.restore(step, args=ocp.args.StandardRestore())["score"])
-        _atomic_write(path, json.dumps({"step": step, "score": score}))
+            score = float(cached["score"])
+        else:
+            raw = self.best.restore(step, args=ocp.args.StandardRestore(
+                _numpy_target(self.best, step)))
+            score = float(raw["score"])
+            write_text(path, json.dumps({"step": step, "score": score}))
+        self._best = (step, score)
         return score
 
-    def restore_best(self, template_logits: Any | None = None) -> Any:
-        return restore_best_masks(self.workdir, template_logits)
+    def restore_best(self, template_logits: Any) -> Any:
+        return restore_best_masks(self.workdir, template_logits=template_logits)
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -111,26 +130,38 @@ class RunCheckpoints:
         self.best.close()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _numpy_target(manager: ocp.CheckpointManager, step: int) -> Any:
+    """A restore target of numpy arrays with the saved shapes (``np.empty`` touches no memory):
+    Orbax then reads every array onto the host, whatever devices wrote it."""
+    return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), manager.item_metadata(step))
 
 
-def restore_best_masks(workdir: str | Path, template_logits: Any | None = None) -> Any:
-    """The best mask logits of a run, as numpy arrays (or laid out like ``template_logits``)."""
-    directory = Path(workdir).absolute() / "best"
-    with ocp.CheckpointManager(directory) as manager:
+def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
+                       template_logits: Any | None = None) -> Any:
+    """The best mask logits of a run, on any topology.
+
+    With ``template_logits`` (arrays or ``jax.ShapeDtypeStruct`` with shardings): laid out like
+    them, the relation axis truncated or zero-padded to theirs. Without: numpy arrays on the
+    host of every process, ``[num_relations, ...]`` (inert slots dropped; the run's relation
+    count from ``run.json`` when not given).
+    """
+    workdir = Path(workdir).absolute()
+    directory = workdir / "best"
+    with ocp.CheckpointManager(directory,
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no best masks saved under {directory}")
-        if template_logits is None:
-            raw = manager.restore(step, args=ocp.args.StandardRestore())
-        else:
+        if template_logits is not None:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                     {"mask_logits": template_logits, "score": np.float64(0)})
-            raw = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return raw["mask_logits"]
+            return manager.restore(step, args=ocp.args.StandardRestore(
+                abstract, strict=False))["mask_logits"]
+        # As numpy: no device layout is asked for, so the saving topology does not matter.
+        raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
+    if num_relations is None:
+        num_relations = len(json.loads((workdir / "run.json").read_text())["relations"])
+    return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
 
 
 def export_binary_masks(
@@ -147,14 +178,16 @@ def export_binary_masks(
     """
     arrays: dict[str, np.ndarray] = {}
     for i, m, leaf in iter_masks(mask_logits, spec):
-        # On the host: numpy needs no compile per matrix shape, as eager jnp ops would.
-        bits = hard_mask(np.asarray(jax.device_get(leaf)), threshold).astype(bool)
+        # On the host: numpy needs no compile per matrix shape, as eager jnp ops would. Inert
+        # relation slots (past the run's relations) are left out.
+        bits = hard_mask(to_host(leaf)[: len(relations)], threshold).astype(bool)
         arrays[f"layer_{i}/{m}"] = np.packbits(bits.reshape(-1))
         arrays[f"layer_{i}/{m}.shape"] = np.asarray(bits.shape)
     meta = {"relations": list(relations), "layers": list(spec.layers),
             "matrices": list(spec.matrices), "threshold": threshold}
     path = Path(path)
-    np.savez_compressed(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
+    if is_main():
+        np.savez_compressed(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
     return path
 
 

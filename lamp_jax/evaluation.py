@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lamp_jax.hosts import to_host
 from lamp_jax.masks import MaskMode, apply_masks
 from lamp_jax.models.bert import ModelConfig, mlm_forward
 from lamp_jax.parallel import map_relations
@@ -154,16 +155,19 @@ def evaluate(
 ) -> RankingResult:
     """Accumulates :func:`batch_rank_stats` over batches (e.g. ``batcher.eval_batches()``).
 
-    ``ks`` must be the ones ``rank_fn`` was made with.
+    ``ks`` must be the ones ``rank_fn`` was made with. ``put_batch`` may pad the relation axis
+    with inert slots (:func:`lamp_jax.parallel.shard_batch`); only the first
+    ``len(relations)`` are counted.
     """
     num = len(relations)
     hits, rr, count = np.zeros((num, len(ks))), np.zeros(num), np.zeros(num)
     for batch in batches:
         arrays = {k: v for k, v in batch.items() if k != "index"}
         stats = rank_fn(mask_logits, frozen_params, put_batch(arrays) if put_batch else arrays)
-        hits += np.asarray(stats["hits"])
-        rr += np.asarray(stats["rr"])
-        count += np.asarray(stats["count"])
+        stats = to_host({k: stats[k] for k in ("hits", "rr", "count")})
+        hits += stats["hits"][:num]
+        rr += stats["rr"][:num]
+        count += stats["count"][:num]
     return RankingResult(tuple(relations), tuple(ks), hits, rr, count)
 
 

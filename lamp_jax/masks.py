@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lamp_jax import threefry
+from lamp_jax.hosts import to_host
 from lamp_jax.models.bert import ModelConfig
 
 # Short names of the maskable matrices -> their path inside a layer's params.
@@ -370,7 +371,7 @@ def sparsity_stats(
     """
     stats, zeros, count = {}, 0, 0
     for i, m, leaf in iter_masks(mask_logits, spec):
-        off = np.asarray(jax.device_get(leaf)) <= _logit(threshold)
+        off = to_host(leaf) <= _logit(threshold)
         per_relation = off.reshape(off.shape[0], -1)
         stats[f"layer_{i}/{m}"] = per_relation.mean(axis=1)
         zeros = zeros + per_relation.sum(axis=1)

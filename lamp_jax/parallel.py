@@ -4,9 +4,10 @@ Every per-relation array (mask logits, optimiser state, batches) has the relatio
 Work over it is ``jax.vmap``-ed, optionally in chunks (``lax.map`` over groups of relations, for
 memory-bound devices), and placed on a 2-D device mesh ``("relation", "data")``: relations are
 split over the first mesh axis, each relation's batch over the second. The same jitted code
-runs on 1 device, 8 fake CPU devices, a GPU box or a TPU pod slice (multi-host: call
-``jax.distributed.initialize()`` first; every host builds the same global batch, and
-:func:`shard_batch` only materialises the shards its own devices hold).
+runs on 1 device, 8 fake CPU devices, a GPU box or a TPU pod slice (several processes: see
+:mod:`lamp_jax.hosts`; every process builds the same global batch, and :func:`shard_batch` only
+materialises the shards its own devices hold). A relation count the relation axis does not
+divide is padded with inert relations (:func:`relation_slots`).
 
 On a CPU, :func:`use_cpu_devices` presents the host as one JAX device per core, and
 :func:`run_mesh` splits the relations over them: relations are independent, so each core runs
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from lamp_jax.hosts import to_host
 
 RELATION, DATA = "relation", "data"
 
@@ -162,8 +165,8 @@ def run_relation_chunk(requested: int, num_relations: int, mesh: Mesh, activatio
         return requested
     if mesh.devices.flat[0].platform != "cpu":
         return None
-    return cpu_relation_chunk(num_relations // mesh.shape[RELATION], activation_bytes,
-                              l2_cache_bytes())
+    return cpu_relation_chunk(relation_slots(num_relations, mesh) // mesh.shape[RELATION],
+                              activation_bytes, l2_cache_bytes())
 
 
 def make_mesh(
@@ -173,24 +176,61 @@ def make_mesh(
     relation_parallelism: int | None = None,
     split_batches: bool = True,
 ) -> Mesh:
-    """A ``("relation", "data")`` mesh over ``devices`` (default: all).
+    """A ``("relation", "data")`` mesh over ``devices`` (default: all, of every process).
 
-    Relations get as many devices as evenly divide them (or ``relation_parallelism``), and each
-    relation's batch is split over as many of the remaining devices as divide the batch size
-    (none with ``split_batches=False``). Devices that fit neither are left idle
-    (``mesh.devices.size`` tells how many are used), so a run never fails for an awkward device
-    count; pick sizes that divide evenly to use them all.
+    The relation axis gets ``relation_parallelism`` devices, or by default the largest divisor
+    of the device count that is at most the number of relations: all devices when there are
+    at least as many relations. A relation count it does not divide is padded with inert
+    relations (:func:`relation_slots`), so 13 relations on 8 devices use all 8 (2 relations
+    each, 3 of them inert) instead of 1. Each relation's batch is then split over as many of
+    the remaining devices as divide the batch size (none with ``split_batches=False``); only
+    devices that fit neither idle (``mesh.devices.size`` tells how many are used).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    rel = math.gcd(num_relations, n) if relation_parallelism is None else relation_parallelism
-    if n % rel or num_relations % rel:
-        raise ValueError(
-            f"relation_parallelism {rel} must divide both the device count {n} and the "
-            f"relation count {num_relations}"
-        )
+    if relation_parallelism is None:
+        rel = max(d for d in range(1, min(n, max(num_relations, 1)) + 1) if n % d == 0)
+    else:
+        rel = relation_parallelism
+    if rel < 1 or n % rel:
+        raise ValueError(f"relation_parallelism {rel} must divide the device count {n}")
     data = math.gcd(n // rel, batch_size) if split_batches else 1
     return Mesh(np.asarray(devices[: rel * data]).reshape(rel, data), (RELATION, DATA))
+
+
+def relation_slots(num_relations: int, mesh: Mesh) -> int:
+    """Length of the relation axis on ``mesh``: ``num_relations`` rounded up to a multiple of
+    the devices on the relation axis. Slots past ``num_relations`` hold inert relations: no
+    data (weight 0), so the step never updates them; results and files leave them out."""
+    shards = mesh.shape[RELATION]
+    return -(-num_relations // shards) * shards
+
+
+def pad_relations(tree: Any, slots: int) -> Any:
+    """Pads the leading relation axis of every host array to ``slots`` with zeros."""
+    def pad(x):
+        x = np.asarray(x)
+        extra = slots - x.shape[0]
+        if extra < 0:
+            raise ValueError(f"{x.shape[0]} relations do not fit in {slots} slots")
+        return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)]) if extra else x
+
+    return jax.tree.map(pad, tree)
+
+
+def pad_batch(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
+    """A ``[R, B, ...]`` batch with inert relations appended up to ``slots``: copies of the
+    first relation's rows (real tokens, so no all-padding attention rows) with weight 0."""
+    extra = slots - batch["weight"].shape[0]
+    if extra <= 0:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        filler = np.zeros_like(value[:1]) if key == "weight" else value[:1]
+        if key == "index":
+            filler = np.full_like(value[:1], -1)
+        out[key] = np.concatenate([value, np.repeat(filler, extra, axis=0)])
+    return out
 
 
 def run_mesh(num_relations: int, batch_size: int, relation_parallelism: int | None = None
@@ -212,13 +252,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Places a host array (identical on every host) as a global array with ``sharding``."""
+    """Places an array (identical on every process) as a global array with ``sharding``; each
+    process materialises only the shards of its own devices."""
     if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
         return jax.random.wrap_key_data(put_global(jax.random.key_data(x), sharding))
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        x = np.asarray(jax.device_get(x))
+        x = to_host(x)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
@@ -233,7 +274,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: put_global(x, replicated(mesh)), tree)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """``[R, B, ...]`` arrays split over relations and, within a relation, over the batch."""
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, slots: int | None = None
+                ) -> dict[str, jax.Array]:
+    """``[R, B, ...]`` arrays split over relations and, within a relation, over the batch;
+    with ``slots``, padded with inert relations first (:func:`pad_batch`)."""
+    if slots is not None:
+        batch = pad_batch(batch, slots)
     sharding = NamedSharding(mesh, P(RELATION, DATA))
     return {k: put_global(v, sharding) for k, v in batch.items()}

@@ -25,7 +25,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from lamp_jax.hosts import to_host
 from lamp_jax.models.bert import ModelConfig, encode_prefix
+from lamp_jax.parallel import put_global
 
 
 def prefix_hidden_states(
@@ -67,8 +69,8 @@ def prefix_hidden_states(
             ids = np.concatenate([ids, np.repeat(ids[:1], chunk - rows, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], chunk - rows, 0)])
         if rows_sharding is not None:
-            ids, mask = (jax.device_put(x, rows_sharding) for x in (ids, mask))
-        out[start:start + rows] = np.asarray(encode(frozen_params, ids, mask))[:rows]
+            ids, mask = (put_global(x, rows_sharding) for x in (ids, mask))
+        out[start:start + rows] = to_host(encode(frozen_params, ids, mask))[:rows]
     return out
 
 

@@ -28,12 +28,20 @@ from lamp_jax.analysis import combine, kbc, qa, representations, specialization 
 from lamp_jax.api import Run, load_run  # noqa: E402
 from lamp_jax.data import RelationBatcher, Triple, read_ckbc  # noqa: E402
 from lamp_jax.evaluation import evaluate, make_rank_fn  # noqa: E402
+from lamp_jax.hosts import (  # noqa: E402
+    distributed_requested,
+    initialize,
+    is_main,
+    main_log,
+    write_text,
+)
 from lamp_jax.masks import multiply_masks  # noqa: E402
 from lamp_jax.trainer import prepare_data  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=110)
+    if is_main():
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
 
@@ -141,7 +149,7 @@ def qa_section(run: Run, path: str, fmt: str, relations: list[str], method: str)
 def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2,
                  log=print, qa_file: str | None = None, qa_format: str = "csqa",
                  qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> Path:
-    workdir = Path(workdir)
+    workdir, log = Path(workdir), main_log(log)
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
@@ -167,8 +175,8 @@ def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2
     if qa_file:
         sections["qa"] = qa_section(run, qa_file, qa_format, list(qa_relations), qa_method)
     for name, result in sections.items():
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / "index.md").write_text(_index(sections))
+        write_text(out / f"{name}.json", json.dumps(result, indent=2))
+    write_text(out / "index.md", _index(sections))
     log(f"report written to {out / 'index.md'}")
     return out
 
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qa-relations", default="", help="comma-separated; default: all")
     parser.add_argument("--qa-method", choices=combine.METHODS, default="or")
     args = parser.parse_args(argv)
+    if distributed_requested(False):  # started by lamp_jax.launch: every process analyses
+        initialize()
     relations = tuple(r for r in args.qa_relations.split(",") if r)
     write_report(args.workdir, args.ckbc, args.max_size, qa_file=args.qa,
                  qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method)

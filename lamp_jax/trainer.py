@@ -32,12 +32,15 @@ from lamp_jax.data import (
     reference_protocol_split,
     split_by_fact,
 )
+from lamp_jax.hosts import is_main, main_log, sync, to_host, write_text
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig
 from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
     RELATION,
     activation_bytes,
+    pad_relations,
+    relation_slots,
     replicate,
     run_mesh,
     run_relation_chunk,
@@ -121,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     validate_config(config)
     # First, before JAX starts its backends (a no-op once they have, e.g. later in a notebook).
     use_cpu_devices(config.cpu_devices)
+    log = main_log(log)
     workdir = _writable_workdir(workdir)
     dtype = DTYPES[config.dtype]
     model_source, jsonl = resolve_model_and_data(config)
@@ -132,6 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     eval_mode = mode.for_inference(config.mask.eval_kind)
 
     mesh = run_mesh(len(relations), config.batch_size, config.relation_parallelism or None)
+    # The relation axis, padded with inert relations to a multiple of its devices.
+    slots = relation_slots(len(relations), mesh)
     frozen = replicate(mlm.params, mesh)
     # Layers below the lowest masked one are frozen: their output is computed once per prompt.
     start_layer = min(spec.layers) if config.cache_frozen_prefix else 0
@@ -143,11 +149,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                             data["train"].input_ids.shape[1])
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
-        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices), relations "
-        f"per device at a time: {chunk or 'all'}")
+        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es)), relation slots {slots} ({slots - len(relations)} "
+        f"inert), relations per device at a time: {chunk or 'all'}")
 
     rng = jax.random.key(config.seed)
-    logits = init_mask_logits(spec, mlm.params, len(relations), init, mode, rng)
+    # Initialised for the real relations (so the values do not depend on the topology), then
+    # padded with inert slots: they get no data, so the step never updates them.
+    logits = pad_relations(init_mask_logits(spec, mlm.params, len(relations), init, mode, rng),
+                           slots)
     hint = allocator_hint(sum(x.nbytes for x in jax.tree.leaves(logits)), jax.default_backend(),
                           platform.system(), os.environ, mesh.devices.size)
     if hint:
@@ -156,7 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                         config.optim.clip_norm or None, config.optim.weight_decay)
     loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
                       compute_dtype=dtype, start_layer=start_layer)
-    state = init_train_state(logits, make_optimizer(optim), train.steps_per_relation,
+    state = init_train_state(logits, make_optimizer(optim),
+                             pad_relations(np.asarray(train.steps_per_relation), slots),
                              jax.random.fold_in(rng, 1))
     state = place_state(state, mesh)
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
@@ -164,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     shards = mesh.shape[RELATION]
     rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype,
                                       start_layer=start_layer, relation_shards=shards)
-    put = lambda b: shard_batch(b, mesh)  # noqa: E731
+    put = lambda b: shard_batch(b, mesh, slots)  # noqa: E731
     eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation",
                                             row_features=features[name]).eval_batches())
                  for name, d in data.items()}
@@ -186,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     history = []
     start, first_step, pending = time.perf_counter(), int(state.step), None
     bar = tqdm(range(first_step, train.num_steps), desc="training masks", unit="step",
-               initial=first_step, total=train.num_steps)
+               initial=first_step, total=train.num_steps, disable=not is_main())
     for step in bar:
         state, metrics = step_fn(state, frozen, put(_model_inputs(train.batch_at(step))))
         done = step + 1
@@ -198,7 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             _check_finite(pending, done, relations, config.on_nonfinite, log)
             pending = None
             dev = dev_score(state.mask_logits)
-            ce = np.asarray(metrics["ce"])[np.asarray(metrics["count"]) > 0]
+            seen = to_host({k: metrics[k] for k in ("ce", "count")})
+            ce = seen["ce"][seen["count"] > 0]
             record = {"step": done, "train_ce": float(ce.mean()) if ce.size else None,
                       "dev_macro_P@1": dev.macro(1), "dev_micro_P@1": dev.micro(1)}
             history.append(record)
@@ -206,13 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
                 record["best"] = True
             checkpoints.save(state)
-            with open(workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if is_main():
+                with open(workdir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
         if config.stop_after and done - first_step >= config.stop_after and done < train.num_steps:
             checkpoints.save(state)
             checkpoints.wait()
             checkpoints.close()
-            log(f"stopped after step {done} as asked (stop_after); run again to resume")
+            bar.close()
             return {"stopped_at": done, "history": history}
     bar.close()
     checkpoints.wait()
@@ -223,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                             spec, mode, mesh, log, start_layer)
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
                    best_dev_macro_P1=checkpoints.best_score())
-    (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
     checkpoints.close()
     return summary
 
@@ -231,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 def _writable_workdir(workdir: str | Path) -> Path:
     """Creates the workdir and proves it writable now, not at the first checkpoint."""
     workdir = Path(workdir).absolute()
-    probe = workdir / ".write_test"
+    probe = workdir / f".write_test.{jax.process_index()}"  # one per process: no races
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"x" * 4096)
@@ -245,16 +258,16 @@ def _writable_workdir(workdir: str | Path) -> Path:
 
 def _truncate_metrics_log(path: Path, step: int) -> None:
     """Drops records of steps after the resumed one: they will be recomputed, not duplicated."""
-    if not path.exists():
+    if not path.exists() or not is_main():
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _check_finite(metrics, step: int, relations, policy: str, log) -> None:
     """The step already refused non-finite updates; here we stop or say it was skipped."""
-    finite = np.asarray(metrics["finite"])
+    finite = to_host(metrics["finite"])[: len(relations)]
     if finite.all():
         return
     bad = [r for r, ok in zip(relations, finite, strict=True) if not ok]
@@ -297,7 +310,7 @@ def _frozen_prefix(model_config: ModelConfig, frozen: Any, encoded, start_layer:
         return {}
     return {"hidden": prefix_hidden_states(frozen, encoded.input_ids, encoded.attention_mask,
                                            model_config=model_config, stop_layer=start_layer,
-                                           dtype=dtype, progress=True, mesh=mesh)}
+                                           dtype=dtype, progress=is_main(), mesh=mesh)}
 
 
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -307,7 +320,7 @@ def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def final_report(config, workdir, model_config, best, frozen, eval_sets, relations, spec, mode,
                   mesh: jax.sharding.Mesh, log, start_layer: int = 0) -> dict[str, Any]:
     test = eval_sets["test"]
-    put = lambda b: shard_batch(b, mesh)  # noqa: E731
+    put = lambda b: shard_batch(b, mesh, relation_slots(len(relations), mesh))  # noqa: E731
     dtype = DTYPES[config.dtype]
     chunk = _relation_chunk(config, model_config, len(relations), mesh,
                             test[0]["input_ids"].shape[-1] if test else 1)
@@ -323,7 +336,8 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
                                        relation_chunk=chunk, dtype=dtype, start_layer=start_layer,
                                        relation_shards=shards)
     other = evaluation.evaluate(other_fn, best, frozen, test, relations, put_batch=put)
-    sparsity = sparsity_stats(best, spec, mode.threshold)
+    sparsity = {k: v[: len(relations)]
+                for k, v in sparsity_stats(best, spec, mode.threshold).items()}
     summary = {"test": {"pruned": pruned.summary(), "full": full.summary(),
                         f"pruned_{other_kind}": other.summary()},
                "split": config.data.split,
@@ -342,7 +356,7 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
         log(f"specialization: own mask P@1 {np.nanmean(diagonal):.3f}, other relations' masks "
             f"{np.nanmean(off):.3f}, full model {full.macro(1):.3f}")
     export_binary_masks(workdir / "masks.npz", best, spec, tuple(relations), mode.threshold)
-    if config.plots:
+    if config.plots and is_main():
         written = plots.write_run_plots(workdir / "plots", relations, full, pruned, sparsity,
                                         spec, spec_matrix)
         log("plots: " + ", ".join(str(p) for p in written))
@@ -382,7 +396,7 @@ def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode,
         "config": config.to_dict(),
     }
     path = workdir / "run.json"
-    if path.exists():
+    if path.exists():  # every process checks, so that every process stops on a mismatch
         previous = json.loads(path.read_text())
         for key in ("model_config", "relations"):
             if previous.get(key) != run[key]:
@@ -397,4 +411,5 @@ def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode,
                     f"{workdir} holds masks with {key} {previous['mask'][key]}, this config "
                     f"asks for {run['mask'][key]}; use another --workdir or delete that one."
                 )
-    path.write_text(json.dumps(run, indent=2, default=str))
+    sync("run.json checked")  # before process 0 replaces it
+    write_text(path, json.dumps(run, indent=2, default=str))

@@ -60,10 +60,11 @@ def test_use_cpu_devices_sets_the_count_before_jax_starts_and_never_after():
 
 def test_run_mesh_keeps_each_relations_batch_on_one_cpu_device():
     assert jax.default_backend() == "cpu" and jax.device_count() == 8
-    # make_mesh would split 3 relations' batches over 8 devices; on a CPU that only adds a sum
-    # of gradients across devices, so run_mesh keeps whole relations per device.
-    assert dict(make_mesh(3, 8).shape) == {"relation": 1, "data": 8}
-    assert dict(run_mesh(3, 8).shape) == {"relation": 1, "data": 1}
+    # make_mesh would split 3 relations' batches over 4 devices each; on a CPU that only adds a
+    # sum of gradients across devices, so run_mesh keeps whole relations per device.
+    assert dict(make_mesh(3, 8).shape) == {"relation": 2, "data": 4}
+    assert dict(run_mesh(3, 8).shape) == {"relation": 2, "data": 1}
+    assert dict(run_mesh(13, 8).shape) == {"relation": 8, "data": 1}  # 3 inert slots
     assert dict(run_mesh(16, 8).shape) == {"relation": 8, "data": 1}
     assert dict(run_mesh(6, 8, relation_parallelism=2).shape) == {"relation": 2, "data": 1}
 

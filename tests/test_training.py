@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from lamp_jax.evaluation import batch_rank_stats, make_rank_fn
+from lamp_jax.evaluation import batch_rank_stats, evaluate, make_rank_fn
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.parallel import make_mesh, replicate, shard_batch
+from lamp_jax.parallel import make_mesh, relation_slots, replicate, shard_batch
 from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
 from lamp_jax.training import (
     LossConfig,
@@ -257,9 +257,13 @@ def test_relation_chunks_keep_every_device_busy_without_communication(frozen, re
 def test_mesh_shapes_and_errors():
     assert dict(make_mesh(16, 32).shape) == {"relation": 8, "data": 1}
     assert dict(make_mesh(2, 6).shape) == {"relation": 2, "data": 2}  # 4 of 8 devices fit
-    assert dict(make_mesh(3, 8).shape) == {"relation": 1, "data": 8}
-    with pytest.raises(ValueError, match="must divide both"):
-        make_mesh(6, 8, jax.devices(), relation_parallelism=4)
+    # 3 relations: the largest device divisor <= 3 is 2 (one inert slot), batches over 4.
+    assert dict(make_mesh(3, 8).shape) == {"relation": 2, "data": 4}
+    assert dict(make_mesh(13, 8).shape) == {"relation": 8, "data": 1}
+    assert relation_slots(13, make_mesh(13, 8)) == 16
+    assert relation_slots(6, make_mesh(6, 8, jax.devices(), relation_parallelism=4)) == 8
+    with pytest.raises(ValueError, match="must divide the device count"):
+        make_mesh(6, 8, jax.devices(), relation_parallelism=3)
 
 
 # Measured (CPU, this config; loss of the thresholded subnetwork after 50 steps / first loss):
@@ -302,3 +306,51 @@ def test_a_run_compiles_each_shape_once(frozen):
     larger = prefix_hidden_states(frozen, ids, mask, model_config=CONFIG, stop_layer=1, chunk=16)
     assert encoder._cache_size() - before <= 1
     np.testing.assert_allclose(small, larger[:3], atol=1e-6)
+
+
+def test_thirteen_relations_use_all_eight_devices_and_equal_one_device(frozen):
+    """13 relations on 8 devices: 16 slots, 3 inert. Every device holds 2 relations; the real
+    relations train and rank exactly as on one device; the inert ones are never updated."""
+    loss = LossConfig(MaskMode("stochastic", tau=0.5))
+    num, batch_size = 13, 4
+    batches = [synthetic_batch(num, batch_size, seed=s) for s in range(3)]
+    state, optim = _state(frozen, num)
+    step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim)
+    for batch in batches:
+        state, metrics = step(state, frozen, batch)
+    want_stats = make_rank_fn(CONFIG, MaskMode("deterministic"))(state.mask_logits, frozen,
+                                                                  batches[0])
+
+    mesh = make_mesh(num, batch_size, split_batches=False)
+    slots = relation_slots(num, mesh)
+    assert dict(mesh.shape) == {"relation": 8, "data": 1} and slots == 16
+    padded, _ = _state(frozen, num)
+    padded = padded.replace(
+        mask_logits=jax.tree.map(lambda g: jnp.pad(g, [(0, slots - num)] + [(0, 0)] * (g.ndim - 1)),
+                                 padded.mask_logits),
+        opt_state=jax.tree.map(lambda x: jnp.pad(x, [(0, slots - num)] + [(0, 0)] * (x.ndim - 1))
+                               if x.ndim else x, padded.opt_state),
+        relation_steps=jnp.zeros(slots, jnp.int32), total_steps=jnp.full(slots, 10, jnp.int32))
+    padded = place_state(padded, mesh)
+    inert_before = np.asarray(jax.tree.leaves(padded.mask_logits)[0][num:])
+    step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim,
+                          state_sharding=state_shardings(padded, mesh))
+    params = replicate(frozen, mesh)
+    for batch in batches:
+        padded, padded_metrics = step(padded, params, shard_batch(batch, mesh, slots))
+    leaf = jax.tree.leaves(padded.mask_logits)[0]
+    assert len(leaf.sharding.device_set) == 8
+    assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
+    for x, y in zip(jax.tree.leaves(state.mask_logits), jax.tree.leaves(padded.mask_logits),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(y)[:num], x, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(leaf)[num:], inert_before)  # never updated
+    np.testing.assert_array_equal(np.asarray(padded.relation_steps)[num:], 0)
+    np.testing.assert_allclose(np.asarray(padded_metrics["loss"])[:num], metrics["loss"],
+                               rtol=1e-5)
+    # Evaluation on the padded layout counts only the real relations, and equals one device.
+    rank_fn = make_rank_fn(CONFIG, MaskMode("deterministic"), relation_shards=8)
+    got = evaluate(rank_fn, padded.mask_logits, params, [batches[0]], [f"r{i}" for i in range(num)],
+                   put_batch=lambda b: shard_batch(b, mesh, slots))
+    np.testing.assert_array_equal(got.count, np.asarray(want_stats["count"]))
+    np.testing.assert_array_equal(got.hits, np.asarray(want_stats["hits"]))

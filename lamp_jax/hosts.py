@@ -1,0 +1,147 @@
+"""The host/device and process boundary: the one place that knows a run may span processes.
+
+A run on a pod (or on one machine with :mod:`lamp_jax.launch`) is N processes that each run
+the same program on the same global arrays; every process holds only its own devices' shards.
+Three rules keep the rest of the code free of process logic:
+
+* **reading a global array on the host goes through** :func:`to_host` (it gathers the shards
+  other processes hold; ``np.asarray`` on such an array raises);
+* **files other than checkpoints are written by process 0 only** (:func:`is_main`,
+  :func:`write_text`); every process takes part in Orbax saves and restores, which coordinate
+  themselves;
+* **every process makes the same decisions**: they read the same data, build the same global
+  batches and see the same (gathered) metrics, so control flow never diverges.
+
+:func:`initialize` joins the processes (``jax.distributed.initialize``): auto-detected on TPU,
+SLURM, Open MPI, ..., or from an explicit coordinator address, process count and process id
+(flags, or the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID`` that :mod:`lamp_jax.launch` sets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
+    "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Seconds without a heartbeat after which the coordinator declares a process dead and the
+# others stop (JAX's own default is 100).
+ENV_HEARTBEAT = "LAMP_JAX_HEARTBEAT_TIMEOUT"
+# Exit status of a process whose peer died (EX_TEMPFAIL: rerunning the command resumes).
+PEER_LOST_EXIT = 75
+_PEER_FAILURE_SIGNS = ("gloo", "connection closed", "connection reset", "heartbeat", "barrier",
+                       "unavailable", "task is set to error")
+
+
+def distributed_requested(flag: bool, environ: dict[str, str] | None = None) -> bool:
+    """``--distributed`` was given, or a launcher set this process's id in the environment."""
+    environ = os.environ if environ is None else environ
+    return flag or ENV_PROCESS_ID in environ
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout: int | None = None) -> None:
+    """Joins this process to the others of its run (call before any JAX computation).
+
+    Arguments left as None come from the environment (see the module docstring) and, where
+    that has none either, from JAX's cluster auto-detection. On CPU devices, cross-process
+    collectives use gloo (JAX's CPU default has none).
+    """
+    env = os.environ
+    address = coordinator_address or env.get(ENV_ADDRESS)
+    if num_processes is None and ENV_PROCESSES in env:
+        num_processes = int(env[ENV_PROCESSES])
+    if process_id is None and ENV_PROCESS_ID in env:
+        process_id = int(env[ENV_PROCESS_ID])
+    if heartbeat_timeout is None:
+        heartbeat_timeout = int(env.get(ENV_HEARTBEAT, 100))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                               process_id=process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files and prints its progress (process 0)."""
+    return jax.process_index() == 0
+
+
+def main_log(log):
+    """``log`` on process 0, a no-op elsewhere (N copies of every line help nobody)."""
+    return log if is_main() else (lambda *args, **kwargs: None)
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a numpy array holding its global value, on every process.
+
+    Arrays whose shards all live in this process are fetched; an array that spans processes is
+    gathered from all of them (a collective: every process must call this at the same point).
+    """
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, tree)
+
+
+def sync(name: str) -> None:
+    """Waits until every process gets here (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes ``path`` atomically (a reader never sees half a file), on process 0 only."""
+    if not is_main():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` says that another process of the run is gone (a collective or barrier
+    lost its peer), as opposed to a bug or bad input in this process."""
+    if not isinstance(err, jax.errors.JaxRuntimeError):
+        return False
+    text = str(err).lower()
+    return any(sign in text for sign in _PEER_FAILURE_SIGNS)
+
+
+@contextlib.contextmanager
+def stop_with_peers() -> Iterator[None]:
+    """Turns "another process died" into one clear line and a prompt exit.
+
+    Without it the survivor prints a JAX/Gloo traceback, then waits in JAX's shutdown barrier
+    for the dead process until the heartbeat timeout and aborts. Here it says what happened
+    and leaves at once (``os._exit`` skips that barrier) with :data:`PEER_LOST_EXIT`.
+    """
+    try:
+        yield
+    except Exception as err:
+        if jax.process_count() > 1 and is_peer_failure(err):
+            first_line = str(err).strip().splitlines()[0][:300]
+            sys.stdout.flush()
+            sys.stderr.write(
+                f"lamp-jax: process {jax.process_index()} of {jax.process_count()}: another "
+                f"process of this run is gone ({type(err).__name__}: {first_line}); stopping "
+                "this one too. Start the same command in every process again to resume from "
+                "the latest checkpoint.\n")
+            sys.stderr.flush()
+            os._exit(PEER_LOST_EXIT)
+        raise

@@ -1,0 +1,229 @@
+"""Runs trained on one topology open, evaluate, report and resume on every other one; two
+processes train what one process trains; kill -9 and a dead peer are survived.
+
+Topologies, each a fresh process tree as a user would start it: 1 CPU device, 2 CPU devices,
+8 fake CPU devices (one process), and 2 processes of 1 device each joined by
+``jax.distributed`` over a loopback coordinator (``python -m lamp_jax.launch``, gloo).
+The measured basis of the exact comparisons: on this embedded run the masks after 10 epochs
+were bit-identical on all four topologies (README, "Pods and topologies").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamp_jax.hosts import PEER_LOST_EXIT
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS, STOP_AFTER = 8, 12  # 24 steps in all; interrupted runs stop after 12 (4 epochs)
+TRAIN_ARGS = [f"--config.epochs={EPOCHS}", "--config.plots=False",
+              "--config.specialization=False"]
+TOPOLOGIES = ("1 device", "2 devices", "8 devices", "2 processes")
+
+pytestmark = pytest.mark.slow
+_COMPILE_CACHE: list[Path] = []  # set once per module: JAX's persistent compilation cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Subprocesses of one topology share compiled programs (train step, ranking, report),
+    which halves this module's time; the in-process tests never see the cache."""
+    _COMPILE_CACHE[:] = [tmp_path_factory.mktemp("jax_cache")]
+    yield
+    _COMPILE_CACHE.clear()
+
+
+def _command(topology: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if _COMPILE_CACHE:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(_COMPILE_CACHE[0]),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if topology == "2 processes":
+        return ([sys.executable, "-m", "lamp_jax.launch", "--processes", "2",
+                 "--devices-per-process", "1", "--", sys.executable, *args], env)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(topology.split()[0])}"
+    return [sys.executable, *args], env
+
+
+def _start(topology: str, args: list[str]) -> subprocess.Popen:
+    command, env = _command(topology, args)
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args}\n{output[-4000:]}"
+    return output
+
+
+def _train(topology: str, workdir: Path, *extra: str) -> subprocess.Popen:
+    """Starts train.py on ``topology``; :func:`_finish` waits for it. Runs overlap: most of
+    a short run is single-threaded compilation, so two at a time use both cores."""
+    return _start(topology, ["train.py", f"--workdir={workdir}", *TRAIN_ARGS, *extra])
+
+
+def _masks(workdir: Path) -> dict[str, np.ndarray]:
+    with np.load(workdir / "masks.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def _assert_same_masks(a: Path, b: Path) -> None:
+    ma, mb = _masks(a), _masks(b)
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        np.testing.assert_array_equal(ma[key], mb[key], err_msg=key)
+
+
+def _test_metrics(workdir: Path) -> dict:
+    return json.loads((workdir / "metrics.json").read_text())["test"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """``reference``: an uninterrupted run, one process with 2 devices (what `python train.py`
+    does here); one per topology: the same run stopped after STOP_AFTER steps (the preemption
+    drill)."""
+    base = tmp_path_factory.mktemp("runs")
+    workdirs = {name: base / name.replace(" ", "_") for name in ("reference", *TOPOLOGIES)}
+    started = {"reference": _train("2 devices", workdirs["reference"])}
+    for topology in TOPOLOGIES:
+        started[topology] = _train(topology, workdirs[topology],
+                                   f"--config.stop_after={STOP_AFTER}")
+    for name, proc in started.items():
+        output = _finish(proc)
+        if name != "reference":  # one line and exit status 0, not a traceback
+            assert (f"stopped after {STOP_AFTER} steps; run the same command again to resume"
+                    in output.splitlines()), output[-2000:]
+            assert not (workdirs[name] / "metrics.json").exists()
+            assert (workdirs[name] / "best").is_dir()
+    masks = _masks(workdirs["reference"])
+    kept = sum(int(np.unpackbits(v).sum()) for k, v in masks.items()
+               if not k.endswith(".shape") and k != "__meta__")
+    total = sum(int(np.prod(v)) for k, v in masks.items() if k.endswith(".shape"))
+    assert 0 < total - kept < total, "the reference run must have pruned something"
+    return workdirs
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> Path:
+    return runs["reference"]
+
+
+@pytest.fixture(scope="module")
+def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
+    """Every interrupted run opened on every topology (tests/topology_probe.py), each opener
+    on its own copies, all openers at once."""
+    started = {}
+    for opener in TOPOLOGIES:
+        base = tmp_path_factory.mktemp("opened_on_" + opener.replace(" ", "_"))
+        copies = {trained: base / trained.replace(" ", "_") for trained in TOPOLOGIES}
+        for trained, copy in copies.items():
+            shutil.copytree(runs[trained], copy)
+        out = base / "probe.json"
+        proc = _start(opener, ["tests/topology_probe.py", str(out),
+                               *(f"{name}={path}" for name, path in copies.items())])
+        started[opener] = (proc, out, copies)
+    results = {}
+    for opener, (proc, out, copies) in started.items():
+        _finish(proc, timeout=900)
+        results[opener] = (json.loads(out.read_text()), copies)
+    return results
+
+
+def test_two_processes_train_what_one_process_trains(reference, tmp_path):
+    workdir = tmp_path / "two"
+    _finish(_train("2 processes", workdir))
+    _assert_same_masks(reference, workdir)
+    assert _test_metrics(workdir) == _test_metrics(reference)
+
+
+@pytest.mark.parametrize("opener", TOPOLOGIES)
+def test_a_run_opens_and_resumes_on_any_topology(opener, opened, reference):
+    """One cell per (trained on, opened on): load_run + predict, evaluate, report, resume."""
+    probe, copies = opened[opener]
+    want_devices = {"1 device": 1, "2 devices": 2, "8 devices": 8, "2 processes": 2}[opener]
+    assert (probe["devices"], probe["processes"]) == (want_devices,
+                                                       2 if opener == "2 processes" else 1)
+    predictions = []
+    for trained, cell in probe["runs"].items():
+        for step in ("load_run", "evaluate", "report", "resume"):
+            assert cell[step]["ok"], (f"trained on {trained}, opened on {opener}: {step} "
+                                      f"failed: {cell[step].get('traceback')}")
+        predictions.append(cell["load_run"]["value"])
+        # Resumed on another topology, the run ends as the uninterrupted one did, bit for bit.
+        assert cell["resume"]["value"]["steps"] == EPOCHS * 3
+        _assert_same_masks(reference, copies[trained])
+        assert _test_metrics(copies[trained]) == _test_metrics(reference)
+        assert (copies[trained] / "report" / "index.md").exists()
+        assert (copies[trained] / "eval_test.json").exists()
+    # The best masks after 4 epochs are the same whatever trained them.
+    for got in predictions[1:]:
+        np.testing.assert_allclose([p for _, p in got], [p for _, p in predictions[0]],
+                                   atol=1e-5)
+        assert [t for t, _ in got] == [t for t, _ in predictions[0]]
+
+
+def _launch_in_background(workdir: Path, grace: float = 60) -> subprocess.Popen:
+    command, env = _command("2 processes", ["train.py", f"--workdir={workdir}", *TRAIN_ARGS])
+    command[3:3] = ["--grace", str(grace)]  # after `python -m lamp_jax.launch`
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= min_step:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in found.split()]
+
+
+def test_kill_9_of_both_processes_then_relaunch_ends_with_the_same_masks(reference, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = _launch_in_background(workdir)
+    _wait_for_checkpoint(workdir, proc, min_step=6)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes at once
+    proc.wait()
+    _finish(_train("2 processes", workdir))
+    _assert_same_masks(reference, workdir)
+    history = [json.loads(line)["step"] for line in
+               (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert history == sorted(set(history)), "resumed steps were logged twice"
+
+
+def test_when_one_process_dies_the_other_stops_promptly_with_a_clear_message(tmp_path):
+    workdir = tmp_path / "peer"
+    proc = _launch_in_background(workdir, grace=300)  # the launcher does not step in
+    _wait_for_checkpoint(workdir, proc, min_step=3)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    victim = next(pid for pid in workers
+                  if "JAX_PROCESS_ID=1\0" in Path(f"/proc/{pid}/environ").read_text())
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    output, _ = proc.communicate(timeout=120)
+    waited = time.monotonic() - killed_at
+    assert "process 0 of 2: another process of this run is gone" in output, output[-3000:]
+    assert f"0: code {PEER_LOST_EXIT}, 1: signal SIGKILL" in output
+    assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
