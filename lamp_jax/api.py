@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from lamp_jax.checkpoint import restore_best_masks
-from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, sparsity_stats
+from lamp_jax.evaluation import RankingResult, evaluate, make_rank_fn
+from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks, sparsity_stats
 from lamp_jax.models.bert import mlm_forward
-from lamp_jax.models.params import LoadedMLM, load_mlm
+from lamp_jax.models.params import LoadedMLM, load_mlm, save_mlm
 from lamp_jax.trainer import DTYPES
 
 
@@ -36,6 +39,46 @@ class Run:
     mode: MaskMode  # the inference mode (threshold or expectation)
     mask_logits: Any
     metrics: dict[str, Any] | None
+    _batches: dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
+
+    def eval_batches(self, split: str = "test") -> list[dict[str, np.ndarray]]:
+        """The run's ``split`` ("train", "dev" or "test") as ``[R, B, ...]`` evaluation batches,
+        rebuilt from ``run.json`` exactly as training split the data (cached)."""
+        if split not in self._batches:
+            from lamp_jax.data import RelationBatcher
+            from lamp_jax.trainer import prepare_data
+
+            info = json.loads((self.workdir / "run.json").read_text())
+            config = ml_collections.ConfigDict(info["config"])
+            _, data = prepare_data(config, self.mlm.tokenizer, Path(info["data"]),
+                                   log=lambda *_: None)
+            for name, encoded in data.items():
+                self._batches[name] = list(RelationBatcher(encoded, config.batch_size)
+                                           .eval_batches())
+        return self._batches[split]
+
+    def evaluate(self, split: str = "test", masks: Any = "own",
+                 kind: str | None = None) -> RankingResult:
+        """P@k and MRR per relation on ``split``. ``masks``: "own" (each relation's own
+        subnetwork), None (the full model), or one multiplier tree for every relation (e.g.
+        :meth:`combine`)."""
+        mode = self.mode if kind is None else self.mode.for_inference(kind)
+        rank_fn = make_rank_fn(self.mlm.config, mode, dtype=self.mlm.dtype)
+        batches = self.eval_batches(split)
+        if isinstance(masks, str):
+            if masks != "own":
+                raise ValueError(f"masks must be 'own', None or a multiplier tree, not {masks!r}")
+            return evaluate(rank_fn, self.mask_logits, self.mlm.params, batches, self.relations)
+        params = self.mlm.params if masks is None else multiply_masks(self.mlm.params, masks)
+        return evaluate(rank_fn, None, params, batches, self.relations)
+
+    def combine(self, relations: Sequence[str], method: str = "or") -> Any:
+        """One mask (a multiplier tree) from several relations' masks: "or" (union of the
+        binary masks, the paper's choice), "and", "vote", or "soft" (mean of sigmoid(G))."""
+        from lamp_jax.analysis.combine import combine
+
+        return combine(self.mask_logits, [self.relation_index(r) for r in relations], method,
+                       self.mode.threshold)
 
     def relation_index(self, relation: str) -> int:
         if relation not in self.relations:
@@ -67,6 +110,26 @@ class Run:
         probs = jax.nn.softmax(logits)
         top = np.argsort(-np.asarray(probs))[:k]
         return [(tokenizer.convert_ids_to_tokens(int(t)), float(probs[t])) for t in top]
+
+    def export_subnetwork(self, relation: str, directory: str | Path,
+                          kind: str = "threshold") -> Path:
+        """Writes ``relation``'s subnetwork as a Hugging Face checkpoint (``config.json``,
+        ``model.safetensors``, the tokenizer): the frozen model with the mask applied
+        (``kind``: "threshold" = the binary subnetwork, "expectation" = weights scaled by
+        sigmoid(G)). transformers opens it as any masked LM, e.g.
+        ``pipeline("fill-mask", model=directory)``, and gives the same top-k as
+        ``predict(..., relation=relation, kind=kind)``. ``lamp_jax_subnetwork.json`` in the
+        directory says which run, relation and mask it came from."""
+        params = jax.device_get(self.masked_params(relation, kind))
+        directory = save_mlm(directory, params, self.mlm.config, self.mlm.tokenizer)
+        r = self.relation_index(relation)
+        provenance = {"run": str(self.workdir), "relation": relation, "kind": kind,
+                      "mask_threshold": self.mode.threshold,
+                      "masked_layers": list(self.spec.layers),
+                      "masked_matrices": list(self.spec.matrices),
+                      "fraction_pruned": float(self.sparsity()["total"][r])}
+        (Path(directory) / "lamp_jax_subnetwork.json").write_text(json.dumps(provenance, indent=2))
+        return Path(directory)
 
     def sparsity(self) -> dict[str, np.ndarray]:
         """Fraction of pruned weights per ``layer_<i>/<matrix>`` and ``total``, each ``[R]``."""

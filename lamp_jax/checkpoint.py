@@ -43,10 +43,16 @@ class RunCheckpoints:
     def __init__(self, workdir: str | Path, keep: int = 2):
         self.workdir = Path(workdir).absolute()
         self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Each manager names its cross-process barriers with its own prefix: the latest state
+        # saves in the background while the best masks save, and two barriers of one name in
+        # flight at once fail ("Barrier ...set_value_start is already ongoing"; seen with 2
+        # processes on a loaded machine).
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               multiprocessing_options=_barriers("latest"))
         self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
         best_options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max")
+            max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max",
+            multiprocessing_options=_barriers("best"))
         self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
                                           item_handlers=ocp.StandardCheckpointHandler())
 
@@ -130,6 +136,10 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 def _numpy_target(manager: ocp.CheckpointManager, step: int) -> Any:
     """A restore target of numpy arrays with the saved shapes (``np.empty`` touches no memory):
     Orbax then reads every array onto the host, whatever devices wrote it."""
@@ -147,7 +157,8 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
     """
     workdir = Path(workdir).absolute()
     directory = workdir / "best"
-    with ocp.CheckpointManager(directory,
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_best"))
+    with ocp.CheckpointManager(directory, options=options,
                                item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step()
         if step is None:

@@ -37,8 +37,10 @@ ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
 ENV_HEARTBEAT = "LAMP_JAX_HEARTBEAT_TIMEOUT"
 # Exit status of a process whose peer died (EX_TEMPFAIL: rerunning the command resumes).
 PEER_LOST_EXIT = 75
-_PEER_FAILURE_SIGNS = ("gloo", "connection closed", "connection reset", "heartbeat", "barrier",
-                       "unavailable", "task is set to error")
+# What JAX says when a collective or the coordination service loses a process. Not every
+# barrier error: "barrier ... already ongoing" is a bug in this process, and must say so.
+_PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "heartbeat",
+                       "task is set to error", "unavailable:", "tasks have crashed")
 
 
 def distributed_requested(flag: bool, environ: dict[str, str] | None = None) -> bool:

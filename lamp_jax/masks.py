@@ -380,6 +380,16 @@ def sparsity_stats(
     return stats
 
 
+@partial(jax.jit, static_argnames="threshold")
+def pruned_fraction(mask_logits: Mapping[str, Any], threshold: float = 0.5) -> jax.Array:
+    """``[R]`` fraction of all masked weights the hard mask prunes, per relation, computed on
+    the devices (only R numbers reach the host): :func:`sparsity_stats`'s ``total``."""
+    leaves = jax.tree.leaves(mask_logits)
+    off = sum(jnp.sum(g <= _logit(threshold), axis=tuple(range(1, g.ndim)), dtype=jnp.int32)
+              for g in leaves)
+    return off / sum(g[0].size for g in leaves)
+
+
 def combine_masks(
     binary_masks: Mapping[str, Any], relations: Sequence[int], how: str = "or"
 ) -> Any:

@@ -6,12 +6,16 @@ Each function takes plain arrays and returns a matplotlib Figure (usable in a no
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg", force=False)  # headless by default; notebooks keep their own backend
+# Headless by default (scripts write PNGs); a Jupyter kernel keeps its inline backend, so the
+# figures these functions return show up in the notebook.
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

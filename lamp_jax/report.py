@@ -16,27 +16,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lamp_jax import plots  # noqa: E402
-from lamp_jax.analysis import combine, kbc, qa, representations, specialization  # noqa: E402
-from lamp_jax.api import Run, load_run  # noqa: E402
-from lamp_jax.data import RelationBatcher, Triple, read_ckbc  # noqa: E402
-from lamp_jax.evaluation import evaluate, make_rank_fn  # noqa: E402
-from lamp_jax.hosts import (  # noqa: E402
-    distributed_requested,
-    initialize,
-    is_main,
-    main_log,
-    write_text,
-)
-from lamp_jax.masks import multiply_masks  # noqa: E402
-from lamp_jax.trainer import prepare_data  # noqa: E402
+from lamp_jax import plots  # also picks matplotlib's headless backend outside notebooks
+from lamp_jax.analysis import combine, kbc, qa, representations, specialization
+from lamp_jax.api import Run, load_run
+from lamp_jax.data import Triple, read_ckbc
+from lamp_jax.evaluation import evaluate, make_rank_fn
+from lamp_jax.hosts import distributed_requested, initialize, is_main, main_log, write_text
+from lamp_jax.masks import multiply_masks
 
 
 def _save(fig, path: Path) -> str:
@@ -153,11 +143,8 @@ def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
-    info = json.loads((workdir / "run.json").read_text())
-    config = ml_collections.ConfigDict(info["config"])
-    _, data = prepare_data(config, run.mlm.tokenizer, Path(info["data"]), log=lambda *_: None)
-    batches = {name: list(RelationBatcher(d, config.batch_size).eval_batches())
-               for name, d in data.items()}
+    config = ml_collections.ConfigDict(json.loads((workdir / "run.json").read_text())["config"])
+    batches = {name: run.eval_batches(name) for name in ("dev", "test")}
     sections = {
         "specialization": specialization_section(run, batches["test"], out),
         "combination": combination_section(run, batches["dev"], out, max_size),

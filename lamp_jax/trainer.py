@@ -33,7 +33,14 @@ from lamp_jax.data import (
     split_by_fact,
 )
 from lamp_jax.hosts import is_main, main_log, sync, to_host, write_text
-from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
+from lamp_jax.masks import (
+    MaskInit,
+    MaskMode,
+    MaskSpec,
+    init_mask_logits,
+    pruned_fraction,
+    sparsity_stats,
+)
 from lamp_jax.models.bert import ModelConfig
 from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
@@ -48,6 +55,7 @@ from lamp_jax.parallel import (
     use_cpu_devices,
 )
 from lamp_jax.prefix import prefix_hidden_states
+from lamp_jax.summaries import ScalarWriter
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
@@ -194,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                                    put_batch=put)
 
     eval_every = config.eval_every or max(1, train.num_steps // config.epochs)
+    scalars = ScalarWriter(workdir, int(state.step))
     history = []
     start, first_step, pending = time.perf_counter(), int(state.step), None
     bar = tqdm(range(first_step, train.num_steps), desc="training masks", unit="step",
@@ -215,6 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                       "dev_macro_P@1": dev.macro(1), "dev_micro_P@1": dev.micro(1)}
             history.append(record)
             bar.set_postfix(dev_macro_p1=f"{dev.macro(1):.3f}")
+            pruned = to_host(pruned_fraction(state.mask_logits, mode.threshold))
+            scalars.write(done, {
+                "train/ce": record["train_ce"], "dev/macro_P1": dev.macro(1),
+                "dev/micro_P1": dev.micro(1),
+                **{f"dev_P1/{r}": p for r, p in zip(relations, dev.precision_at(1),
+                                                      strict=True)},
+                **{f"sparsity/{r}": p for r, p in zip(relations, pruned, strict=False)}})
             if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
                 record["best"] = True
             checkpoints.save(state)
@@ -226,8 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             checkpoints.wait()
             checkpoints.close()
             bar.close()
+            scalars.close()
             return {"stopped_at": done, "history": history}
     bar.close()
+    scalars.close()
     checkpoints.wait()
     train_seconds = time.perf_counter() - start
 

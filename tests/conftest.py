@@ -9,6 +9,22 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_run_dir(tmp_path_factory):
+    """The embedded default run shortened to 20 epochs (its masks are specialized well before
+    40), trained once per session. Tests that write into a run copy it first."""
+    from lamp_jax.configs import default
+    from lamp_jax.trainer import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("embedded_run")
+    config = default.get_config()
+    config.epochs, config.plots = 20, False
+    train_and_evaluate(config, workdir, log=lambda *_: None)
+    return workdir
+
 
 # Interpreter teardown with torch (the test-only reference, also imported by transformers) and
 # JAX/Orbax native threads both alive intermittently aborts (SIGABRT, empty stacks, after the

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -9,25 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
 from lamp_jax.api import load_run
 from lamp_jax.data import RelationBatcher, read_ckbc
 from lamp_jax.evaluation import make_rank_fn, specialization_matrix
 from lamp_jax.report import world_triples, write_report
-from lamp_jax.trainer import train_and_evaluate
 
 CKBC = Path(__file__).parents[2] / "shared" / "data" / "conceptnet_ckbc" / "train.txt"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """The embedded default, shortened to 20 epochs (the masks are specialized well before)."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = default.get_config()
-    config.epochs, config.plots, config.specialization = 20, False, False
-    train_and_evaluate(config, workdir, log=lambda *_: None)
+def run_dir(embedded_run_dir, tmp_path_factory):
+    """A copy of the session's embedded run (tests/conftest.py): the report writes into it."""
+    workdir = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(embedded_run_dir, workdir)
     return workdir
 
 

@@ -15,13 +15,13 @@ sys.path.insert(0, str(ROOT))
 @pytest.mark.parametrize("name", ["default", "runlocal", "bert_base_conceptnet",
                                   "roberta_base_conceptnet", "distilbert_conceptnet"])
 def test_configs_load(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"lamp_jax.configs.{name}").get_config()
     assert config.mask.mode in ("stochastic", "deterministic")
     assert config.batching in ("per_relation", "balanced")
 
 
 def test_bert_base_config_is_the_papers_setting():
-    c = importlib.import_module("configs.bert_base_conceptnet").get_config()
+    c = importlib.import_module("lamp_jax.configs.bert_base_conceptnet").get_config()
     assert (c.model, c.data.source) == ("bert-base-uncased", "lama")
     assert (c.mask.first_layer, c.mask.last_layer) == (6, 11)
     assert (c.mask.init, c.mask.init_value, c.mask.tau) == ("constant", 1.0, 0.1)

@@ -1,7 +1,6 @@
 """train.py's run on a tiny local model: outputs, metrics, resume, notebook API, mask export."""
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -10,15 +9,13 @@ import pytest
 
 from lamp_jax.api import load_run
 from lamp_jax.checkpoint import load_binary_masks, restore_best_masks
+from lamp_jax.configs import default
 from lamp_jax.data import read_lama_jsonl
 from lamp_jax.masks import hard_mask, multiply_masks
 from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
 from lamp_jax.models.params import load_mlm, save_mlm
 from lamp_jax.trainer import train_and_evaluate
 from tests.tokenizer_fixtures import make_bert_tokenizer, words_of
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from configs import default  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
 

@@ -1,6 +1,6 @@
 """LAMP on LAMA ConceptNet with distilbert-base-uncased (6 layers: masks on layers 3..5)."""
 
-from configs import bert_base_conceptnet
+from lamp_jax.configs import bert_base_conceptnet
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A smoke run of the default in well under a minute (one epoch, no plots or specialization)."""
 
-from configs import default
+from lamp_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """LAMP on LAMA ConceptNet with roberta-base (objects are matched as space-prefixed tokens)."""
 
-from configs import bert_base_conceptnet
+from lamp_jax.configs import bert_base_conceptnet
 
 
 def get_config():

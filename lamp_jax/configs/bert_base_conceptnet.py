@@ -4,7 +4,7 @@ Needs internet (hub weights + the LAMA zip) and, practically, a GPU/TPU:
     python train.py --config=configs/bert_base_conceptnet.py --workdir=runs/bert_base
 """
 
-from configs import default
+from lamp_jax.configs import default
 
 
 def get_config():

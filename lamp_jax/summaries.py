@@ -1,0 +1,47 @@
+"""TensorBoard scalars of a training run, written next to ``metrics.jsonl``.
+
+    %tensorboard --logdir runs/        # in Colab / Jupyter: every run under runs/, live
+
+What is written, at every dev evaluation: ``train/ce`` (mean over relations with data),
+``dev/macro_P1``, ``dev/micro_P1``, ``dev_P1/<relation>`` (P@1; TensorBoard tags allow no
+"@"; relations with dev prompts) and ``sparsity/<relation>`` (the fraction of masked weights
+the binary mask prunes).
+
+Why tensorboardX: it writes TensorBoard's event files with protobuf alone. ``tf.summary`` and
+flax's ``clu.metric_writers`` need TensorFlow, hundreds of MB that nothing else here uses. Only
+process 0 writes. A resumed run starts its writer with ``purge_step`` at the resumed step, so
+TensorBoard drops the events the interrupted run logged past its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from lamp_jax.hosts import is_main
+
+
+class ScalarWriter:
+    """Writes scalars to ``workdir`` on process 0 (a no-op elsewhere)."""
+
+    def __init__(self, workdir: str | Path, start_step: int = 0):
+        self._writer = None
+        if is_main():
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(workdir), purge_step=start_step or None,
+                                         flush_secs=30)
+
+    def write(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            # None / NaN: nothing measured (no train data this step, no dev prompts).
+            if value is not None and not math.isnan(value):
+                self._writer.add_scalar(name, float(value), step)
+        self._writer.flush()  # TensorBoard shows each evaluation as it happens
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
