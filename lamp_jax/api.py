@@ -50,7 +50,7 @@ class Run:
 
             info = json.loads((self.workdir / "run.json").read_text())
             config = ml_collections.ConfigDict(info["config"])
-            _, data = prepare_data(config, self.mlm.tokenizer, Path(info["data"]),
+            _, data, _ = prepare_data(config, self.mlm.tokenizer, Path(info["data"]),
                                    log=lambda *_: None)
             for name, encoded in data.items():
                 self._batches[name] = list(RelationBatcher(encoded, config.batch_size)

@@ -46,7 +46,7 @@ def reevaluate(workdir: str | Path, split: str = "test", model: str | None = Non
     run = json.loads((workdir / "run.json").read_text())
     config = ml_collections.ConfigDict(run["config"])
     mlm = load_mlm(model or run["model"], dtype=DTYPES[run["dtype"]])
-    relations, data = prepare_data(config, mlm.tokenizer, Path(run["data"]), log)
+    relations, data, _ = prepare_data(config, mlm.tokenizer, Path(run["data"]), log)
     if list(relations) != run["relations"]:
         raise ValueError(f"the data now yields relations {relations}, the run has "
                          f"{run['relations']}")

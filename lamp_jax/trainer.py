@@ -95,7 +95,10 @@ def mask_settings(config: ml_collections.ConfigDict, mlm: LoadedMLM):
 
 
 def prepare_data(config, tokenizer, jsonl: Path, log=print):
-    """Reads, encodes and splits; prints what was kept and skipped (nothing silently)."""
+    """Reads, encodes and splits; prints what was kept and skipped (nothing silently).
+
+    Returns the relations, the encoded prompts per split, and per split its facts (uuid,
+    relation, subject, object, its sentences as read): what ``split.json`` records."""
     wanted = tuple(config.data.relations) or None
     facts, read_report = read_lama_jsonl(jsonl, relations=wanted,
                                          strict=config.data.get("on_error", "stop") == "stop")
@@ -109,9 +112,14 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
     if len(encoded) == 0:
         raise ValueError(f"no usable prompts in {jsonl} (see the report above)")
     empty = [r for r, n in zip(relations, encoded.counts_per_relation(), strict=True) if n == 0]
-    if empty:
+    if empty and wanted:
         raise ValueError(f"config.data.relations lists {empty}, which have no usable prompts in "
                          f"{jsonl}; relations with prompts: {sorted(set(present) - set(empty))}")
+    if empty:  # nothing was asked for by name: train the others, and say which were left out
+        log(f"relations skipped: {len(empty)} ({', '.join(empty)}): every prompt was dropped "
+            "at encoding (see the report above)")
+        relations = tuple(r for r in relations if r not in empty)
+        encoded, _ = encode_facts(facts, tokenizer, relations, max_length=config.data.max_length)
     if config.data.split == "reference":
         log("split: reference protocol (train = dev = test = all prompts; NOT held-out numbers)")
         splits = reference_protocol_split(len(encoded))
@@ -119,7 +127,18 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
         splits = split_by_fact(encoded, tuple(config.data.fractions), config.data.seed)
     data = {name: encoded.subset(idx) for name, idx in splits.items()}
     log("prompts per split: " + ", ".join(f"{k}={len(v)}" for k, v in data.items()))
-    return relations, data
+    return relations, data, _facts_by_split(facts, data)
+
+
+def _facts_by_split(facts, data) -> dict[str, list[dict[str, Any]]]:
+    """Per split, the facts whose prompts it holds, in file order."""
+    out = {}
+    for name, encoded in data.items():
+        out[name] = [{"uuid": facts[i].uuid, "relation": facts[i].relation,
+                      "subject": facts[i].subject, "object": facts[i].obj,
+                      "sentences": list(facts[i].sentences)}
+                     for i in np.unique(encoded.fact_index)]
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -139,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     mlm = load_mlm(model_source, dtype=dtype)
     log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
         f"hidden {mlm.config.hidden_size}); data: {jsonl}")
-    relations, data = prepare_data(config, mlm.tokenizer, jsonl, log)
+    relations, data, facts_by_split = prepare_data(config, mlm.tokenizer, jsonl, log)
     spec, mode, init = mask_settings(config, mlm)
     eval_mode = mode.for_inference(config.mask.eval_kind)
 
@@ -190,6 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
                     mlm.config)
+    # Which facts were held out: anyone can recompute the metrics from this, the masks and
+    # the model, without our code.
+    write_text(workdir / "split.json", json.dumps(facts_by_split, indent=1))
     checkpoints = RunCheckpoints(workdir)
     restored = checkpoints.restore_latest(state, log)
     if restored is not None:

@@ -123,13 +123,41 @@ def test_unrequested_relations_are_counted():
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path, bad, message):
-    path = _write(tmp_path / "bad.jsonl", [_line(), "", bad, _line(uuid="y")])
+    path = _write(tmp_path / "bad.jsonl", [_line(), "", bad, _line(uuid="y", sub="cat")])
     with pytest.raises(ValueError, match=f"bad.jsonl:3: .*{message}"):
         read_lama_jsonl(path)
     facts, report = read_lama_jsonl(path, strict=False)
     assert [f.uuid for f in facts] == ["x", "y"]
     assert report.malformed == 1 and report.blank_lines == 1 and report.lines == 4
     assert "bad.jsonl:3" in report.malformed_examples[0]
+
+
+def test_a_byte_order_mark_before_the_first_line_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + (_line() + "\n" + _line(uuid="y", sub="cat")).encode())
+    facts, report = read_lama_jsonl(path)
+    assert [f.uuid for f in facts] == ["x", "y"] and report.malformed == 0
+
+
+def test_records_of_one_triple_are_one_fact_whose_sentences_share_a_split(tmp_path, bert_tok):
+    lines = [_line(uuid="a"),
+             _line(uuid="b", masked_sentences=["A dog can [MASK].", "Dogs [MASK] at night."]),
+             _line(uuid="c", masked_sentences=["Dogs often [MASK]."]),
+             _line(uuid="d", sub=None), _line(uuid="e", sub=None),  # no subject: kept apart
+             *(_line(uuid=f"o{i}", sub=f"dog{i}") for i in range(9))]
+    facts, report = read_lama_jsonl(_write(tmp_path / "dup.jsonl", lines))
+    assert report.duplicate_facts_merged == 2 and "merged into that fact 2" in report.summary()
+    assert len(facts) == 1 + 2 + 9 and report.facts == 12
+    dog = next(f for f in facts if f.subject == "dog")
+    assert dog.uuid == "a"
+    assert dog.sentences == ("A dog can [MASK].", "Dogs [MASK] at night.", "Dogs often [MASK].")
+    assert report.sentences == 3 + 2 + 9
+    assert report.facts_per_relation == {"CapableOf": 12}
+    encoded, _ = encode_facts(facts, bert_tok, ["CapableOf"])
+    splits = split_by_fact(encoded, (0.5, 0.25, 0.25), seed=0)
+    dog_rows = set(np.flatnonzero(encoded.fact_index == facts.index(dog)).tolist())
+    assert len(dog_rows) == 3
+    assert sum(dog_rows <= set(idx.tolist()) for idx in splits.values()) == 1
 
 
 def test_mask_count_and_optional_fields(tmp_path):

@@ -69,6 +69,28 @@ def test_run_writes_its_outputs(finished_run):
     assert len(summary["history"]) == 3  # one dev evaluation per epoch
 
 
+def test_the_run_records_which_facts_each_split_holds(finished_run):
+    workdir, summary = finished_run
+    split = json.loads((workdir / "split.json").read_text())
+    facts, _ = read_lama_jsonl(FIXTURE)
+    by_uuid = {f.uuid: f for f in facts}
+    uuids = {name: [row["uuid"] for row in rows] for name, rows in split.items()}
+    assert set(uuids) == {"train", "dev", "test"}
+    assert not set(uuids["train"]) & set(uuids["test"]) and not set(uuids["dev"]) & set(
+        uuids["test"])
+    for rows in split.values():
+        for row in rows:
+            fact = by_uuid[row["uuid"]]
+            assert (row["relation"], row["subject"], row["object"]) == (
+                fact.relation, fact.subject, fact.obj)
+            assert row["sentences"] == list(fact.sentences)
+    # The test split's facts are exactly those whose prompts were counted in the test metrics.
+    per_relation = summary["test"]["full"]["per_relation"]
+    for relation, stats in per_relation.items():
+        prompts = sum(len(r["sentences"]) for r in split["test"] if r["relation"] == relation)
+        assert stats["count"] <= prompts and stats["count"] > 0
+
+
 def test_full_model_metrics_match_a_plain_forward(finished_run, model_dir):
     """Independent check of the batched, sharded evaluation: one prompt at a time."""
     workdir, summary = finished_run

@@ -78,6 +78,22 @@ def test_requested_relation_missing_from_data_is_named(model_dir, tmp_path):
         train_and_evaluate(config, tmp_path, **QUIET)
 
 
+def test_a_relation_losing_every_prompt_is_skipped_and_counted_when_none_were_listed(
+        model_dir, tmp_path):
+    # As with a byte-level BPE vocabulary on real LAMA, where every ReceivesAction object is
+    # several tokens: here MadeOf's objects are two words, never one token.
+    made_of = [{**GOOD_LINE, "pred": "MadeOf", "sub": f"thing{i}", "obj": "ice cream",
+                "obj_label": "ice cream", "uuid": f"m{i}"} for i in range(3)]
+    data = _write(tmp_path / "data.jsonl", _fixture_lines() + made_of)
+    said = []
+    summary = train_and_evaluate(_config(model_dir, **{"data.source": str(data),
+                                                       "specialization": False, "plots": False}),
+                                 tmp_path / "w", log=said.append)
+    assert "MadeOf" not in summary["relations"] and "AtLocation" in summary["relations"]
+    assert any("relations skipped: 1 (MadeOf): every prompt was dropped at encoding" in line
+               for line in said)
+
+
 def test_relations_not_requested_are_counted_not_trained(model_dir, tmp_path):
     said = []
     config = _config(model_dir, **{"data.relations": ("AtLocation", "IsA"),

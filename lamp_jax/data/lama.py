@@ -85,6 +85,9 @@ class ReadReport:
     skipped_relations: dict[str, int] = dataclasses.field(default_factory=dict)
     missing_subject: int = 0
     missing_uuid: int = 0
+    # Records repeating an earlier record's (subject, relation, object): one fact, whose
+    # sentences all land in one split (new sentences are added to the first record's fact).
+    duplicate_facts_merged: int = 0
     facts_per_relation: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
@@ -97,6 +100,8 @@ class ReadReport:
             f"facts left without a usable sentence {self.facts_without_usable_sentence}",
             f"missing subject {self.missing_subject}",
             f"missing uuid {self.missing_uuid}",
+            f"records of an already-read (subject, relation, object) merged into that fact "
+            f"{self.duplicate_facts_merged}",
         ]
         text = "; ".join(parts)
         if self.skipped_relations:
@@ -181,12 +186,16 @@ def read_lama_jsonl(
     Sentences without exactly one ``[MASK]`` are dropped and counted; a fact whose sentences are
     all dropped is dropped too (``facts_without_usable_sentence``). A missing subject or uuid is
     tolerated (they are not needed for cloze probing): subject becomes ``""``, uuid becomes
-    ``"<file name>:<line>"``, both counted.
+    ``"<file name>:<line>"``, both counted. Facts are triples: a record with the same (subject,
+    relation, object) as an earlier one (LAMA repeats some under new uuids) is merged into it,
+    its new sentences added, and counted (``duplicate_facts_merged``); records without a
+    subject are never merged. A UTF-8 byte order mark before the first line is accepted.
     """
     path = Path(path)
     wanted = None if relations is None else frozenset(relations)
     report = ReadReport(path=str(path))
     facts: list[Fact] = []
+    index_of: dict[tuple[str, str, str], int] = {}  # (subject, relation, object) -> facts index
     skipped: collections.Counter[str] = collections.Counter()
     per_relation: collections.Counter[str] = collections.Counter()
     # Binary read, decoded line by line: a bad byte is then one malformed line named by number,
@@ -197,6 +206,8 @@ def read_lama_jsonl(
             where = f"{path}:{lineno}"
             try:
                 line = _decode(raw, where)
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a byte order mark (Windows editors)
                 if not line.strip():
                     report.blank_lines += 1
                     continue
@@ -221,7 +232,17 @@ def read_lama_jsonl(
             if not good:
                 report.facts_without_usable_sentence += 1
                 continue
+            key = (fields["subject"], fields["relation"], fields["obj"])
+            if fields["subject"] and key in index_of:
+                first = facts[index_of[key]]
+                new = tuple(s for s in dict.fromkeys(good) if s not in first.sentences)
+                facts[index_of[key]] = dataclasses.replace(first,
+                                                           sentences=first.sentences + new)
+                report.duplicate_facts_merged += 1
+                report.sentences += len(new)
+                continue
             fields["sentences"] = good
+            index_of[key] = len(facts)
             facts.append(Fact(**fields))
             per_relation[fields["relation"]] += 1
             report.sentences += len(good)
