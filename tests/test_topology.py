@@ -126,8 +126,9 @@ def reference(runs) -> Path:
 @pytest.fixture(scope="module")
 def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
     """Every interrupted run opened on every topology (tests/topology_probe.py), each opener
-    on its own copies, all openers at once."""
-    started = {}
+    on its own copies. Two openers at a time: one alone leaves a core idle while it compiles,
+    and all four at once compile everything four times before the cache has any of it."""
+    results, running = {}, []
     for opener in TOPOLOGIES:
         base = tmp_path_factory.mktemp("opened_on_" + opener.replace(" ", "_"))
         copies = {trained: base / trained.replace(" ", "_") for trained in TOPOLOGIES}
@@ -136,11 +137,12 @@ def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
         out = base / "probe.json"
         proc = _start(opener, ["tests/topology_probe.py", str(out),
                                *(f"{name}={path}" for name, path in copies.items())])
-        started[opener] = (proc, out, copies)
-    results = {}
-    for opener, (proc, out, copies) in started.items():
-        _finish(proc, timeout=900)
-        results[opener] = (json.loads(out.read_text()), copies)
+        running.append((opener, proc, out, copies))
+        if len(running) == 2 or opener == TOPOLOGIES[-1]:
+            for name, proc, out, copies in running:
+                _finish(proc, timeout=900)
+                results[name] = (json.loads(out.read_text()), copies)
+            running = []
     return results
 
 
@@ -225,8 +227,15 @@ def test_when_one_process_dies_the_other_stops_promptly_with_a_clear_message(tmp
     killed_at = time.monotonic()
     output, _ = proc.communicate(timeout=120)
     waited = time.monotonic() - killed_at
-    assert "process 0 of 2: another process of this run is gone" in output, output[-3000:]
-    assert f"0: code {PEER_LOST_EXIT}, 1: signal SIGKILL" in output
+    # Usually the survivor's next collective fails at once and lamp-jax says so. If it was
+    # waiting in a checkpoint barrier instead, it learns of the death from the coordinator's
+    # heartbeat timeout (20 s under lamp_jax.launch), where JAX's own error poller may stop it
+    # first, with its "another task died" abort. Either way: a message, and a bounded wait.
+    ours = ("process 0 of 2: another process of this run is gone" in output
+            and f"0: code {PEER_LOST_EXIT}, 1: signal SIGKILL" in output)
+    jax_fatal = "another task died" in output and "0: signal SIGABRT, 1: signal SIGKILL" in output
+    assert ours or jax_fatal, output[-3000:]
+    assert "launch: process 1 exited with signal SIGKILL" in output
     assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
 
 
