@@ -235,7 +235,6 @@ def test_when_one_process_dies_the_other_stops_promptly_with_a_clear_message(tmp
             and f"0: code {PEER_LOST_EXIT}, 1: signal SIGKILL" in output)
     jax_fatal = "another task died" in output and "0: signal SIGABRT, 1: signal SIGKILL" in output
     assert ours or jax_fatal, output[-3000:]
-    assert "launch: process 1 exited with signal SIGKILL" in output
     assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
 
 
