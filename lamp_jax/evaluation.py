@@ -38,6 +38,13 @@ def _logits_at_mask(params, batch, model_config, dtype, start_layer):
                        start_layer=start_layer)["logits"]
 
 
+def object_rank(logits: jax.Array, obj_id: jax.Array) -> jax.Array:
+    """``[B]`` rank of each row's object: 1 + the number of tokens scored strictly higher (a
+    tie with the object does not push it down)."""
+    target = jnp.take_along_axis(logits, obj_id[:, None], axis=-1)
+    return 1 + jnp.sum(logits > target, axis=-1)
+
+
 def batch_rank_stats(
     mask_logits: Any | None,
     frozen_params: Any,
@@ -66,8 +73,7 @@ def batch_rank_stats(
     def one_relation(g, b):
         params = frozen_params if g is None else apply_masks(frozen_params, g, mode)
         logits = _logits_at_mask(params, b, model_config, dtype, start_layer)
-        target = jnp.take_along_axis(logits, b["obj_id"][:, None], axis=-1)
-        rank = 1 + jnp.sum(logits > target, axis=-1)
+        rank = object_rank(logits, b["obj_id"])
         w = b["weight"].astype(jnp.float32)
         hits = jnp.stack([jnp.sum((rank <= k) * w) for k in ks])
         return {"hits": hits, "rr": jnp.sum(w / rank), "count": jnp.sum(w),

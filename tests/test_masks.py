@@ -205,3 +205,15 @@ def test_combine_masks():
     np.testing.assert_array_equal(combine_masks(m, [0, 1], "and")["k"], [1, 0, 0, 0])
     np.testing.assert_array_equal(combine_masks(m, [0, 1, 2], "vote")["k"], [1, 0, 0, 0])
     np.testing.assert_array_equal(hard_mask(jnp.array([0.0, 1e-6]), 0.5), [0.0, 1.0])
+
+
+def test_one_log_concrete_sample_equals_the_two_log_formula_on_the_same_noise():
+    from lamp_jax import threefry
+
+    g = jnp.asarray(np.random.default_rng(0).normal(size=(6, 40)) * 3, jnp.float32)
+    rng, tau = jax.random.key(7), 0.3
+    u = threefry.uniform(rng, g.shape, g.dtype, minval=1e-6, maxval=1.0 - 1e-6)
+    two_logs = jax.nn.sigmoid((g + jnp.log(u) - jnp.log1p(-u)) / tau)
+    got = concrete_sample(g, rng, tau)
+    np.testing.assert_allclose(got, two_logs, atol=2e-6)
+    assert 0.05 < float(jnp.mean(jnp.abs(got - jax.nn.sigmoid(g / tau)))), "noise was applied"
