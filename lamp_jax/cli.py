@@ -62,8 +62,8 @@ def _train_main(argv):
     from lamp_jax import hosts
 
     f = flags.FLAGS
-    if hosts.distributed_requested(f.distributed):
-        hosts.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    hosts.initialize_if_requested(f.distributed, f.coordinator_address, f.num_processes,
+                                  f.process_id)
     from lamp_jax.trainer import train_and_evaluate
 
     with hosts.stop_with_peers():

@@ -19,8 +19,7 @@ import ml_collections
 from lamp_jax.checkpoint import restore_best_masks
 from lamp_jax.data import RelationBatcher
 from lamp_jax.hosts import (
-    distributed_requested,
-    initialize,
+    initialize_if_requested,
     is_main,
     main_log,
     stop_with_peers,
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-devices", type=int, default=0,
                         help="CPU only: JAX devices to split the host into (0 = one per core)")
     args = parser.parse_args(argv)
-    if distributed_requested(False):  # started by lamp_jax.launch
-        initialize()
+    initialize_if_requested()  # started by lamp_jax.launch: every process takes part
     use_cpu_devices(args.cpu_devices)
     with stop_with_peers():
         reevaluate(args.workdir, args.split, args.model)

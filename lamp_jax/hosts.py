@@ -49,6 +49,17 @@ def distributed_requested(flag: bool, environ: dict[str, str] | None = None) -> 
     return flag or ENV_PROCESS_ID in environ
 
 
+def initialize_if_requested(flag: bool = False, coordinator_address: str | None = None,
+                            num_processes: int | None = None,
+                            process_id: int | None = None) -> bool:
+    """:func:`initialize` when :func:`distributed_requested`; returns whether it joined. The
+    entry points (train.py, evaluate, report) call this first thing."""
+    if not distributed_requested(flag):
+        return False
+    initialize(coordinator_address, num_processes, process_id)
+    return True
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, heartbeat_timeout: int | None = None) -> None:
     """Joins this process to the others of its run (call before any JAX computation).

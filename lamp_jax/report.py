@@ -24,8 +24,7 @@ from lamp_jax import plots  # also picks matplotlib's headless backend outside n
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
 from lamp_jax.api import Run, load_run
 from lamp_jax.data import Triple, read_ckbc
-from lamp_jax.evaluation import evaluate, make_rank_fn
-from lamp_jax.hosts import distributed_requested, initialize, is_main, main_log, write_text
+from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
 from lamp_jax.masks import multiply_masks
 
 
@@ -39,8 +38,7 @@ def _save(fig, path: Path) -> str:
 def specialization_section(run: Run, test_batches, out: Path) -> dict[str, Any]:
     matrix = specialization.specialization_matrix_batched(
         run.mask_logits, run.mlm.params, test_batches, run.mlm.config, run.mode)
-    rank_fn = make_rank_fn(run.mlm.config, run.mode, dtype=run.mlm.dtype)
-    full = evaluate(rank_fn, None, run.mlm.params, test_batches, run.relations).precision_at(1)
+    full = run.evaluate("test", masks=None).precision_at(1)
     result = {"matrix": matrix.tolist(), "relations": list(run.relations),
               **specialization.summarize(matrix, full)}
     result["figure"] = _save(plots.specialization_heatmap(run.relations, matrix),
@@ -48,13 +46,11 @@ def specialization_section(run: Run, test_batches, out: Path) -> dict[str, Any]:
     return result
 
 
-def combination_section(run: Run, dev_batches, out: Path, max_size: int) -> dict[str, Any]:
+def combination_section(run: Run, out: Path, max_size: int) -> dict[str, Any]:
     """Which single combined mask serves all relations' dev prompts best (macro P@1)."""
-    rank_fn = make_rank_fn(run.mlm.config, run.mode, ks=(1,), dtype=run.mlm.dtype)
 
     def score(multipliers):
-        params = multiply_masks(run.mlm.params, multipliers)
-        return evaluate(rank_fn, None, params, dev_batches, run.relations, (1,)).macro(1)
+        return run.evaluate("dev", masks=multipliers).macro(1)
 
     found = combine.choose_combination(score, run.mask_logits, range(len(run.relations)),
                                        max_size)
@@ -62,7 +58,7 @@ def combination_section(run: Run, dev_batches, out: Path, max_size: int) -> dict
              for row in found["search"][:12]]
     for row in found["search"]:
         row["relations"] = [run.relations[i] for i in row["relations"]]
-    full = evaluate(rank_fn, None, run.mlm.params, dev_batches, run.relations, (1,)).macro(1)
+    full = run.evaluate("dev", masks=None).macro(1)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.barh(names[::-1], [row["score"] for row in found["search"][:12]][::-1])
     ax.axvline(full, color="k", ls="--", label=f"full model {full:.2f}")
@@ -144,11 +140,11 @@ def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "run.json").read_text())["config"])
-    batches = {name: run.eval_batches(name) for name in ("dev", "test")}
+    test_batches = run.eval_batches("test")
     sections = {
-        "specialization": specialization_section(run, batches["test"], out),
-        "combination": combination_section(run, batches["dev"], out, max_size),
-        "representations": representation_section(run, batches["test"][0], out),
+        "specialization": specialization_section(run, test_batches, out),
+        "combination": combination_section(run, out, max_size),
+        "representations": representation_section(run, test_batches[0], out),
     }
     kbc_results = {}
     if config.model == "embedded":
@@ -211,8 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qa-relations", default="", help="comma-separated; default: all")
     parser.add_argument("--qa-method", choices=combine.METHODS, default="or")
     args = parser.parse_args(argv)
-    if distributed_requested(False):  # started by lamp_jax.launch: every process analyses
-        initialize()
+    initialize_if_requested()  # started by lamp_jax.launch: every process takes part
     relations = tuple(r for r in args.qa_relations.split(",") if r)
     write_report(args.workdir, args.ckbc, args.max_size, qa_file=args.qa,
                  qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method)

@@ -53,8 +53,7 @@ def _resume(workdir: Path, train_and_evaluate, log) -> dict:
 def main(argv: list[str]) -> None:
     from lamp_jax import hosts
 
-    if hosts.distributed_requested(False):
-        hosts.initialize()
+    hosts.initialize_if_requested()  # started by lamp_jax.launch
     import jax
 
     out, runs = Path(argv[0]), dict(arg.split("=", 1) for arg in argv[1:])
