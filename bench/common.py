@@ -36,6 +36,9 @@ def add_step_arguments(parser, mode: bool = True) -> None:
     parser.add_argument("--length", type=int, default=16)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     if mode:
+        parser.add_argument("--moment-dtype", choices=("float32", "bfloat16"),
+                            default="float32",
+                            help="storage of Adam's moments (config.optim.moment_dtype)")
         parser.add_argument("--mode", choices=("deterministic", "stochastic"),
                             default="deterministic")
 

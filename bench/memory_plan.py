@@ -33,12 +33,14 @@ def _nbytes(tree) -> int:
 
 def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "float32",
          mode: str = "deterministic", relation_chunk: int | None = None,
-         donate: bool | None = None, cache_prefix: bool = True) -> dict:
+         donate: bool | None = None, cache_prefix: bool = True,
+         moment_dtype: str = "float32") -> dict:
     """XLA's memory plan of our step (bytes), and the size of the training state."""
     import jax
 
     step, init, config, compute, start_layer = build_step(
-        size, relations, length, dtype, mode, relation_chunk, cache_prefix, donate)
+        size, relations, length, dtype, mode, relation_chunk, cache_prefix, donate,
+        moment_dtype=moment_dtype)
     params, state = jax.eval_shape(init, jax.random.key(0))
     data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in random_batch(relations, batch, length, config.vocab_size).items()}
@@ -59,6 +61,58 @@ def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "floa
     }
 
 
+def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: str,
+                    moment_dtype: str, device_bytes: int) -> tuple[int | None, int]:
+    """The relation chunk train.py picks on one accelerator of ``device_bytes`` (what its
+    allocator may use), and the bytes the state and frozen weights leave for transients."""
+    import jax
+    import jax.numpy as jnp
+
+    from lamp_jax.parallel import (
+        activation_bytes,
+        memory_relation_chunk,
+        transient_bytes_per_relation,
+    )
+
+    step, init, *_ = build_step(size, relations, length, dtype, "stochastic", None, True,
+                                moment_dtype=moment_dtype)
+    params, state = jax.eval_shape(init, jax.random.key(0))
+    left = device_bytes - _nbytes((state.mask_logits, state.opt_state)) - _nbytes(params)
+    mask_params = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(state.mask_logits))
+    per_relation = transient_bytes_per_relation(
+        mask_params, activation_bytes(batch * length, size["intermediate_size"],
+                                      size["hidden_size"], jnp.dtype(dtype)),
+        size["num_layers"])
+    return memory_relation_chunk(relations, per_relation, left), left
+
+
+def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
+               memories_gib: list[float]) -> None:
+    """For each device memory and moment dtype: the automatic chunk and XLA's plan of the
+    step with it (one compile per distinct chunk)."""
+    print(f"automatic relation chunk and planned peak per device memory: masked layers "
+          f"{list(size['layers'])}, R={relations}, B={batch}, L={length}, compute {dtype}, "
+          f"{mode} masks")
+    print(f"{'device GiB':>10} {'moments':>9} {'state GiB':>10} {'chunk':>6} "
+          f"{'planned peak GiB':>17} {'peak / (state+frozen)':>22}  fits")
+    plans: dict[tuple, dict] = {}
+    for memory in memories_gib:
+        for moment_dtype in ("float32", "bfloat16"):
+            # JAX's GPU allocator takes 75% of it by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+            usable = int(memory * GIB * 0.75)
+            chunk, _ = automatic_chunk(size, relations, batch, length, dtype, moment_dtype,
+                                       usable)
+            key = (chunk, moment_dtype)
+            if key not in plans:
+                plans[key] = plan(size, relations, batch, length, dtype, mode, chunk, True,
+                                  moment_dtype=moment_dtype)
+            p = plans[key]
+            base = p["state"] + p["frozen_params"]
+            print(f"{memory:>10.0f} {moment_dtype:>9} {p['state'] / GIB:>10.2f} "
+                  f"{chunk or relations:>6} {p['peak'] / GIB:>17.2f} {p['peak'] / base:>22.2f}"
+                  f"  {'yes' if p['peak'] <= usable else 'NO'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_step_arguments(parser)
@@ -69,16 +123,25 @@ def main() -> None:
                           help="new state reuses the old state's buffers (default: on "
                           "accelerators only, as jit_train_step does)")
     donation.add_argument("--no-donate", dest="donate", action="store_false")
+    parser.add_argument("--fits", type=float, nargs="+", metavar="GIB",
+                        help="instead: for accelerators of these memories (e.g. 16 40 80), the "
+                        "chunk train.py picks and the plan of the step with it, for float32 "
+                        "and bfloat16 moments")
     args = parser.parse_args()
     size = SIZES[args.size]
+    if args.fits:
+        fits_table(size, args.relations, args.batch, args.length, args.dtype, args.mode,
+                   args.fits)
+        return
     result = plan(size, args.relations, args.batch, args.length, args.dtype, args.mode,
-                  args.relation_chunk or None, args.donate)
+                  args.relation_chunk or None, args.donate, moment_dtype=args.moment_dtype)
     print(f"memory plan of one training step: size={args.size}, R={args.relations}, "
           f"B={args.batch}, L={args.length}, masked layers {list(size['layers'])}, {args.dtype}"
           + (f", relation_chunk={args.relation_chunk}" if args.relation_chunk else "")
           + f"; XLA {result['backend']} compiler")
     rows = [
-        ("training state (mask logits + Adam moments, float32)", result["state"]),
+        (f"training state (mask logits + Adam moments in {args.moment_dtype})",
+         result["state"]),
         ("frozen params (the step reads only the masked layers' and the head's)",
          result["frozen_params"]),
         ("step arguments (state, frozen params, batch)", result["arguments"]),

@@ -44,7 +44,7 @@ WARMUP_STEPS = 3
 
 def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
                relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None,
-               mesh=None, slots: int | None = None):
+               mesh=None, slots: int | None = None, moment_dtype: str = "float32"):
     """Our jitted step as the trainer builds it, and ``init(rng) -> (frozen params, state)``,
     a pure function (so :mod:`bench.memory_plan` can take its shapes without allocating).
     With ``mesh``, the step keeps the new state where the old one is, as the trainer's does.
@@ -66,7 +66,7 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
 
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    mask_mode, optim = MaskMode(mode), OptimConfig()
+    mask_mode, optim = MaskMode(mode), OptimConfig(moment_dtype=moment_dtype)
 
     def init(rng: jax.Array):
         keys = jax.random.split(rng, 3)
@@ -93,7 +93,7 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
 
 def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
                relation_chunk: int | None, cache_prefix: bool,
-               relation_parallelism: int | None = None) -> dict:
+               relation_parallelism: int | None = None, moment_dtype: str = "float32") -> dict:
     """Our jitted step, its state, frozen params and one batch, as the trainer builds them and
     placed on the devices as the trainer places them (:func:`lamp_jax.parallel.run_mesh`,
     inert relation slots included); ``prefix_s`` is the time of the frozen-prefix pass for the
@@ -117,7 +117,8 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
         batch * length, size["intermediate_size"], size["hidden_size"], dtype))
     step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
                                                           relation_chunk, cache_prefix,
-                                                          mesh=mesh, slots=slots)
+                                                          mesh=mesh, slots=slots,
+                                                          moment_dtype=moment_dtype)
     params, state = init(jax.random.key(0))
     params, state = replicate(params, mesh), place_state(state, mesh)
     data = random_batch(relations, batch, length, config.vocab_size)
@@ -138,7 +139,7 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
 
 def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
          mode: str, relation_chunk: int | None, cache_prefix: bool, cpu_devices: int,
-         relation_parallelism: int | None = None) -> dict:
+         relation_parallelism: int | None = None, moment_dtype: str = "float32") -> dict:
     import time
 
     import jax
@@ -148,7 +149,7 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
     use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
 
     built = setup_step(size, relations, batch, length, dtype, mode, relation_chunk, cache_prefix,
-                       relation_parallelism)
+                       relation_parallelism, moment_dtype)
     step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
     prefix_s = built["prefix_s"]
 
@@ -242,7 +243,8 @@ def main() -> None:
     if args.side == "ours":
         print(json.dumps(ours(size, *shape, args.repeats, args.dtype, args.mode,
                               args.relation_chunk or None, not args.no_cache_prefix,
-                              args.cpu_devices, args.relation_parallelism or None)))
+                              args.cpu_devices, args.relation_parallelism or None,
+                              args.moment_dtype)))
         return
     if args.side == "torch":
         print(json.dumps(baseline(size, *shape, args.baseline_repeats, args.mode)))
@@ -253,7 +255,8 @@ def main() -> None:
               "--baseline-repeats", str(args.baseline_repeats), "--dtype", args.dtype,
               "--mode", args.mode, "--relation-chunk", str(args.relation_chunk),
               "--cpu-devices", str(args.cpu_devices),
-              "--relation-parallelism", str(args.relation_parallelism)] + \
+              "--relation-parallelism", str(args.relation_parallelism),
+              "--moment-dtype", args.moment_dtype] + \
         (["--no-cache-prefix"] if args.no_cache_prefix else [])
     runs_a, runs_b = [], []
     for _ in range(args.rounds):

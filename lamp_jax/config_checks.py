@@ -18,6 +18,7 @@ _CHOICES = {
     "mask.ste_grad": ("identity", "sigmoid"),
     "mask.eval_kind": ("threshold", "expectation"),
     "mask.init": ("constant", "normal", "uniform", "target"),
+    "optim.moment_dtype": ("float32", "bfloat16"),
     "batching": ("per_relation", "balanced"),
     "on_nonfinite": ("stop", "skip"),
     "cache_frozen_prefix": (True, False),

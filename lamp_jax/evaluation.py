@@ -57,10 +57,13 @@ def batch_rank_stats(
     dtype: Any = jnp.float32,
     start_layer: int = 0,
     relation_shards: int = 1,
+    borrowed_from: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Per-relation sums over one ``[R, B, ...]`` batch: ``hits`` [R, K], ``rr`` [R], ``count`` [R].
 
     ``mask_logits=None`` evaluates the full (unpruned) model on every relation's prompts.
+    ``borrowed_from`` (a relation index): that relation's subnetwork on every relation's
+    prompts, built once (not once per relation: one masked model in memory).
     Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses.
     ``start_layer`` > 0: the batch carries ``hidden`` [R, B, L, H], the frozen output of layer
     ``start_layer - 1`` (:mod:`lamp_jax.prefix`), and the forward pass starts there.
@@ -70,8 +73,7 @@ def batch_rank_stats(
     if mask_logits is not None:
         check_start_layer(mask_logits, start_layer)
 
-    def one_relation(g, b):
-        params = frozen_params if g is None else apply_masks(frozen_params, g, mode)
+    def with_params(params, b):
         logits = _logits_at_mask(params, b, model_config, dtype, start_layer)
         rank = object_rank(logits, b["obj_id"])
         w = b["weight"].astype(jnp.float32)
@@ -80,8 +82,12 @@ def batch_rank_stats(
                 "rank": jnp.where(w > 0, rank, 0)}
 
     if mask_logits is None:
-        return jax.vmap(lambda b: one_relation(None, b))(batch)
-    return map_relations(one_relation, relation_chunk, relation_shards)(mask_logits, batch)
+        return jax.vmap(partial(with_params, frozen_params))(batch)
+    if borrowed_from is not None:
+        own = jax.tree.map(lambda g: g[borrowed_from], mask_logits)
+        return jax.vmap(partial(with_params, apply_masks(frozen_params, own, mode)))(batch)
+    return map_relations(lambda g, b: with_params(apply_masks(frozen_params, g, mode), b),
+                         relation_chunk, relation_shards)(mask_logits, batch)
 
 
 @dataclasses.dataclass
@@ -125,12 +131,6 @@ class RankingResult:
             "count": int(self.count.sum()),
             "per_relation": per_relation,
         }
-
-
-@jax.jit
-def _everyone_uses(mask_logits: Any, relation: jax.Array) -> Any:
-    """Every relation's slot filled with ``relation``'s mask logits (one compile for all)."""
-    return jax.tree.map(lambda g: jnp.broadcast_to(g[relation], g.shape), mask_logits)
 
 
 def make_rank_fn(model_config: ModelConfig, mode: MaskMode, ks: Sequence[int] = DEFAULT_KS,
@@ -188,13 +188,14 @@ def specialization_matrix(
     """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
 
     The diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
-    diagonal (the paper's Figure: another relation's mask hurts).
+    diagonal (the paper's Figure: another relation's mask hurts). ``rank_fn`` is made by
+    :func:`make_rank_fn`; each row builds relation a's masked model once and runs every
+    relation's prompts through it, so no more than one masked model is in memory.
     """
     num = len(relations)
     matrix = np.zeros((num, num))
     for a in range(num):
-        borrowed = _everyone_uses(mask_logits, a)
-        result = evaluate(rank_fn, borrowed, frozen_params, batches, relations,
-                          put_batch=put_batch)
+        result = evaluate(partial(rank_fn, borrowed_from=jnp.int32(a)), mask_logits,
+                          frozen_params, batches, relations, put_batch=put_batch)
         matrix[a] = result.precision_at(1)
     return matrix

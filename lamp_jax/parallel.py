@@ -34,20 +34,25 @@ from lamp_jax.hosts import to_host
 RELATION, DATA = "relation", "data"
 
 
-def map_relations(fn: Callable[..., Any], chunk_size: int | None = None,
-                  shards: int = 1) -> Callable[..., Any]:
+def map_relations(fn: Callable[..., Any], chunk_size: int | None = None, shards: int = 1, *,
+                  update_first_argument: bool = False) -> Callable[..., Any]:
     """``jax.vmap(fn)`` over the leading relation axis of every argument.
 
-    With ``chunk_size`` the relations are processed ``chunk_size`` per shard at a time with
-    ``lax.map``, so only that many masked copies of the model are alive at once on each device.
-    ``shards``: the devices the relation axis is split over (in contiguous blocks, as
-    :func:`relation_sharding` splits it). Every ``lax.map`` iteration then takes ``chunk_size``
-    relations from each block, so all devices work in every iteration and no data moves
-    between them. (Grouping neighbouring relations instead made XLA gather the state across
-    devices: 2 CPU devices, 8 relations, chunks of 2, small config: 39 ms per step against 22.)
-    A relation count per shard that the chunk does not divide is padded with copies of the
-    shard's last relation, whose results are dropped (at the price of a copy of every
-    per-relation argument: prefer a divisor).
+    With ``chunk_size`` the relations are processed ``chunk_size`` per shard at a time in a
+    loop, so only that many relations' transients (masked copies of the model, activations,
+    gradients) are alive at once on each device. ``shards``: the devices the relation axis is
+    split over (in contiguous blocks, as :func:`relation_sharding` splits it). Every iteration
+    slices ``chunk_size`` relations out of every block, so all devices work in every iteration
+    and no data moves between them. (Grouping neighbouring relations instead made XLA gather
+    the state across devices: 2 CPU devices, 8 relations, chunks of 2, small config: 39 ms per
+    step against 22.) A chunk that does not divide a shard's relations leaves a shorter last
+    chunk, run once after the loop.
+
+    ``update_first_argument``: ``fn`` returns ``(new first argument, outputs)``, and the new
+    values are written into the first argument's buffers chunk by chunk, reading each chunk
+    from those same buffers. With the argument donated to the jitted caller, the new training
+    state then takes no memory beside the old one: bert-base x 16 relations keeps one 8 GB
+    state, not two (bench/README.md, memory).
     """
     vmapped = jax.vmap(fn)
     if not chunk_size:
@@ -60,26 +65,52 @@ def map_relations(fn: Callable[..., Any], chunk_size: int | None = None,
         local = num // shards
         if chunk_size >= local:
             return vmapped(*args)
-        groups = math.ceil(local / chunk_size)
-        pad = groups * chunk_size - local
+        # [R, ...] -> [shards, local, ...] is a reshape within each device's block.
+        blocks = jax.tree.map(lambda x: x.reshape(shards, local, *x.shape[1:]), args)
 
-        # [R] -> [groups, shards * chunk]: iteration g takes relations g*chunk.. of every shard.
-        # Reshapes and a transpose that keep each relation on its device (no communication);
-        # padding a shard copies its arguments on that device.
-        def to_groups(x):
-            x = x.reshape(shards, local, *x.shape[1:])
-            if pad:
-                x = jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1)
-            x = x.reshape(shards, groups, chunk_size, *x.shape[2:]).swapaxes(0, 1)
-            return x.reshape(groups, shards * chunk_size, *x.shape[3:])
+        def take(tree, start, size):
+            return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+                                .reshape(shards * size, *x.shape[2:]), tree)
 
-        def from_groups(y):
-            y = y.reshape(groups, shards, chunk_size, *y.shape[2:]).swapaxes(0, 1)
-            y = y.reshape(shards, groups * chunk_size, *y.shape[3:])[:, :local]
-            return y.reshape(num, *y.shape[2:])
+        def put(buffers, values, start):
+            return jax.tree.map(lambda b, v: jax.lax.dynamic_update_slice_in_dim(
+                b, v.reshape(shards, -1, *v.shape[1:]).astype(b.dtype), start, axis=1),
+                buffers, values)
 
-        out = jax.lax.map(lambda a: vmapped(*a), jax.tree.map(to_groups, args))
-        return jax.tree.map(from_groups, out)
+        def run(buffers, start, size, always_true):
+            inputs = ((buffers[0],) + blocks[1:]) if update_first_argument else blocks
+            part = take(inputs, start, size)
+            if update_first_argument:
+                # ``always_true`` is a runtime value XLA cannot fold. Behind the conditional,
+                # the chunk's new values are complete buffers before any is written back, so
+                # XLA updates every state buffer in place. Without it XLA:CPU copied the
+                # whole state once per step: the new logits read the old moments' slices,
+                # and it found no order for the in-place writes (bench/README.md, memory).
+                values = jax.lax.cond(always_true, lambda p: vmapped(*p), unchanged, part)
+            else:
+                values = vmapped(*part)
+            return put(buffers, values, start)
+
+        def unchanged(part):  # never taken
+            rows = jax.tree.leaves(part)[0].shape[0]
+            return part[0], jax.tree.map(lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype),
+                                         shapes[1])
+
+        shapes = jax.eval_shape(vmapped, *take(blocks, 0, chunk_size))
+        buffers = jax.tree.map(
+            lambda s: jnp.zeros((shards, local, *s.shape[1:]), s.dtype), shapes)
+        if update_first_argument:
+            buffers = (blocks[0], buffers[1])
+        groups, rest = divmod(local, chunk_size)
+
+        def body(g, carry):
+            done, b = carry
+            return done + 1, run(b, g * chunk_size, chunk_size, g < groups)
+
+        done, buffers = jax.lax.fori_loop(0, groups, body, (jnp.int32(0), buffers))
+        if rest:  # the shorter last chunk
+            buffers = run(buffers, groups * chunk_size, rest, done == groups)
+        return jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), buffers)
 
     return chunked
 
@@ -157,16 +188,62 @@ def activation_bytes(rows: int, intermediate_size: int, hidden_size: int, dtype:
     return rows * max(intermediate_size, hidden_size) * jnp.dtype(dtype).itemsize
 
 
-def run_relation_chunk(requested: int, num_relations: int, mesh: Mesh, activation_bytes: int
-                       ) -> int | None:
-    """The relation chunk a run uses: ``requested`` when > 0; for 0, all relations at once on
-    an accelerator and :func:`cpu_relation_chunk` of each device's relations on a CPU."""
+def transient_bytes_per_relation(mask_params: int, activation_bytes: int, layers: int) -> int:
+    """Memory one relation's training step needs beside the state (an upper estimate): its
+    gradient, masked weights, concrete noise and Adam's temporaries (24 bytes per mask
+    weight) and its activations for the backward pass (8 of the widest per layer). XLA's plan
+    of the bert-base step (16 relations, 32 x 20 tokens, float32) gives 1.05 GiB per relation
+    of the chunk on the CPU; this estimate gives 1.3 GiB (bench/README.md, memory)."""
+    return 24 * mask_params + 8 * layers * activation_bytes
+
+
+def available_bytes(mesh: Mesh) -> int | None:
+    """Memory each device of ``mesh`` has free now: an accelerator's allocator limit minus what
+    is in use; on a CPU, the host's available memory shared by the mesh's devices (they run
+    side by side). None where it cannot be read."""
+    device = mesh.devices.flat[0]
+    if device.platform == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // mesh.devices.size
+        except OSError:
+            return None
+        return None
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def memory_relation_chunk(local_relations: int, per_relation_bytes: int, available: int,
+                          fraction: float = 0.8) -> int | None:
+    """The most relations (a divisor of ``local_relations``) whose transients fit in
+    ``fraction`` of ``available`` bytes; None when all fit, 1 when not even one does."""
+    budget = int(available * fraction)
+    if local_relations * per_relation_bytes <= budget:
+        return None
+    return max(c for c in range(1, local_relations + 1)
+               if local_relations % c == 0 and (c == 1 or c * per_relation_bytes <= budget))
+
+
+def run_relation_chunk(requested: int, num_relations: int, mesh: Mesh, activation_bytes: int,
+                       per_relation_bytes: int = 0, available: int | None = None) -> int | None:
+    """The relation chunk a run uses: ``requested`` when > 0. For 0: all relations at once on
+    an accelerator and :func:`cpu_relation_chunk` of each device's relations on a CPU, made
+    smaller where that many relations' transients (``per_relation_bytes`` each) would not fit
+    in the ``available`` memory of a device (:func:`memory_relation_chunk`)."""
     if requested:
         return requested
-    if mesh.devices.flat[0].platform != "cpu":
-        return None
-    return cpu_relation_chunk(relation_slots(num_relations, mesh) // mesh.shape[RELATION],
-                              activation_bytes, l2_cache_bytes())
+    local = relation_slots(num_relations, mesh) // mesh.shape[RELATION]
+    speed = None
+    if mesh.devices.flat[0].platform == "cpu":
+        speed = cpu_relation_chunk(local, activation_bytes, l2_cache_bytes())
+    memory = None
+    if per_relation_bytes and available is not None:
+        memory = memory_relation_chunk(local, per_relation_bytes, available)
+    chunks = [c for c in (speed, memory) if c is not None]
+    return min(chunks) if chunks else None
 
 
 def make_mesh(

@@ -46,12 +46,14 @@ from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
     RELATION,
     activation_bytes,
+    available_bytes,
     pad_relations,
     relation_slots,
     replicate,
     run_mesh,
     run_relation_chunk,
     shard_batch,
+    transient_bytes_per_relation,
     use_cpu_devices,
 )
 from lamp_jax.prefix import prefix_hidden_states
@@ -67,6 +69,10 @@ from lamp_jax.training import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# From this size of training state up, a CPU run donates the old state to the step.
+DONATE_ON_CPU_BYTES = 256 * 2**20
+# Below this size of training state, checkpoints are saved in the background.
+BACKGROUND_SAVE_BYTES = 2**30
 
 
 def resolve_model_and_data(config: ml_collections.ConfigDict) -> tuple[str, Path]:
@@ -149,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics.
     """
     validate_config(config)
+    clock = PhaseClock()
     # First, before JAX starts its backends (a no-op once they have, e.g. later in a notebook).
     use_cpu_devices(config.cpu_devices)
     log = main_log(log)
@@ -161,6 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     relations, data, facts_by_split = prepare_data(config, mlm.tokenizer, jsonl, log)
     spec, mode, init = mask_settings(config, mlm)
     eval_mode = mode.for_inference(config.mask.eval_kind)
+    clock.lap("load")
 
     mesh = run_mesh(len(relations), config.batch_size, config.relation_parallelism or None)
     # The relation axis, padded with inert relations to a multiple of its devices.
@@ -172,13 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 for name, d in data.items()}
     train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
                             config.epochs, row_features=features["train"])
-    chunk = _relation_chunk(config, mlm.config, len(relations), mesh,
-                            data["train"].input_ids.shape[1])
-    log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
-        f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
-        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices in "
-        f"{jax.process_count()} process(es)), relation slots {slots} ({slots - len(relations)} "
-        f"inert), relations per device at a time: {chunk or 'all'}")
+    clock.lap("prefix")
 
     rng = jax.random.key(config.seed)
     # Initialised for the real relations (so the values do not depend on the topology), then
@@ -190,15 +192,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     if hint:
         log(hint)
     optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
-                        config.optim.clip_norm or None, config.optim.weight_decay)
+                        config.optim.clip_norm or None, config.optim.weight_decay,
+                        moment_dtype=config.optim.get("moment_dtype", "float32"))
     loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
                       compute_dtype=dtype, start_layer=start_layer)
     state = init_train_state(logits, make_optimizer(optim),
                              pad_relations(np.asarray(train.steps_per_relation), slots),
                              jax.random.fold_in(rng, 1))
+    del logits  # the host copy: 2.7 GB for bert-base x 16 relations, for the whole run
     state = place_state(state, mesh)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
+    # After the state is placed: the chunk fits in the memory that is left.
+    chunk = _relation_chunk(config, mlm.config, len(relations), mesh,
+                            data["train"].input_ids.shape[1], _mask_params(state.mask_logits))
+    log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
+        f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
+        f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es)), relation slots {slots} ({slots - len(relations)} "
+        f"inert), relations per device at a time: {chunk or 'all'}; training state "
+        f"{state_bytes / 2**30:.2f} GiB (mask logits + Adam moments in "
+        f"{optim.moment_dtype})")
+    # Donation lets the new state reuse the old one's buffers. XLA:CPU ran small donated steps
+    # 1.3-1.5x slower (bench/README.md), so a CPU donates only where the state is large.
+    donate = jax.default_backend() != "cpu" or state_bytes >= DONATE_ON_CPU_BYTES
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
-                             relation_chunk=chunk, state_sharding=state_shardings(state, mesh))
+                             relation_chunk=chunk, state_sharding=state_shardings(state, mesh),
+                             donate=donate)
     shards = mesh.shape[RELATION]
     rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype,
                                       start_layer=start_layer, relation_shards=shards)
@@ -212,12 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     # Which facts were held out: anyone can recompute the metrics from this, the masks and
     # the model, without our code.
     write_text(workdir / "split.json", json.dumps(facts_by_split, indent=1))
-    checkpoints = RunCheckpoints(workdir)
+    # A background save must first copy the whole state off the devices (the next step
+    # overwrites the donated buffers): bert-base x 16 relations on a GPU took 18 GB of host
+    # memory to save. Large states are saved in place, 1 GB at a time, while training waits.
+    checkpoints = RunCheckpoints(workdir, background=state_bytes < BACKGROUND_SAVE_BYTES)
     restored = checkpoints.restore_latest(state, log)
     if restored is not None:
         state = restored
         log(f"resumed from step {int(state.step)}")
     _truncate_metrics_log(workdir / "metrics.jsonl", int(state.step))
+    clock.lap("setup")
 
     def dev_score(logits) -> evaluation.RankingResult:
         return evaluation.evaluate(rank_fn, logits, frozen, eval_sets["dev"], relations,
@@ -239,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         if done % eval_every == 0 or done == train.num_steps:
             _check_finite(pending, done, relations, config.on_nonfinite, log)
             pending = None
+            clock.lap("steps", state.mask_logits)
             dev = dev_score(state.mask_logits)
             seen = to_host({k: metrics[k] for k in ("ce", "count")})
             ce = seen["ce"][seen["count"] > 0]
@@ -253,9 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 **{f"dev_P1/{r}": p for r, p in zip(relations, dev.precision_at(1),
                                                       strict=True)},
                 **{f"sparsity/{r}": p for r, p in zip(relations, pruned, strict=False)}})
+            clock.lap("evaluation")
             if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
                 record["best"] = True
-            checkpoints.save(state)
+            saved = checkpoints.save(state)
+            if saved:
+                record["checkpoint_GB"] = round(saved["bytes"] / 1e9, 3)
+                record["checkpoint_s"] = round(saved["seconds"], 2)
+            clock.lap("checkpoints")
             if is_main():
                 with open(workdir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -269,16 +298,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     bar.close()
     scalars.close()
     checkpoints.wait()
+    clock.lap("checkpoints")
     train_seconds = time.perf_counter() - start
 
     best = checkpoints.restore_best(state.mask_logits)
     summary = final_report(config, workdir, mlm.config, best, frozen, eval_sets, relations,
                             spec, mode, mesh, log, start_layer)
+    clock.lap("report")
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
-                   best_dev_macro_P1=checkpoints.best_score())
+                   best_dev_macro_P1=checkpoints.best_score(), resources=clock.resources())
+    log(clock.summary())
     write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
     checkpoints.close()
     return summary
+
+
+class PhaseClock:
+    """Wall seconds per phase of a run (load, prefix, setup, steps, evaluation, checkpoints,
+    report) and peak memory. A lap ends a phase; ``lap(phase, arrays)`` first waits for the
+    device work behind ``arrays``, so asynchronous steps are charged to "steps"."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started_unix = time.time()
+        self._start = self._mark = time.perf_counter()
+        self.timeline: list[tuple[str, float, float]] = []  # (phase, from s, to s)
+
+    def lap(self, phase: str, arrays: Any = None) -> None:
+        if arrays is not None:
+            jax.block_until_ready(arrays)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._mark
+        self.timeline.append((phase, round(self._mark - self._start, 3),
+                              round(now - self._start, 3)))
+        self._mark = now
+
+    def resources(self) -> dict[str, Any]:
+        device_peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use")
+                        for d in jax.local_devices() if d.platform != "cpu"]
+        return {"phase_seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "phase_timeline": self.timeline, "started_unix": self.started_unix,
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_device_bytes": max([p for p in device_peaks if p], default=None)}
+
+    def summary(self) -> str:
+        res = self.resources()
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
+        device = (f", peak device memory {res['peak_device_bytes'] / 2**30:.2f} GiB"
+                  if res["peak_device_bytes"] else "")
+        return (f"wall seconds per phase: {phases}; peak RSS "
+                f"{res['peak_rss_bytes'] / 2**30:.2f} GiB{device}")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def _writable_workdir(workdir: str | Path) -> Path:
@@ -363,7 +440,7 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
     put = lambda b: shard_batch(b, mesh, relation_slots(len(relations), mesh))  # noqa: E731
     dtype = DTYPES[config.dtype]
     chunk = _relation_chunk(config, model_config, len(relations), mesh,
-                            test[0]["input_ids"].shape[-1] if test else 1)
+                            test[0]["input_ids"].shape[-1] if test else 1, _mask_params(best))
     shards = mesh.shape[RELATION]
     eval_mode = mode.for_inference(config.mask.eval_kind)
     rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
@@ -403,13 +480,21 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
     return summary
 
 
+def _mask_params(mask_logits) -> int:
+    """Mask weights of one relation."""
+    return sum(x.size // x.shape[0] for x in jax.tree.leaves(mask_logits))
+
+
 def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
-                    mesh: jax.sharding.Mesh, length: int) -> int | None:
+                    mesh: jax.sharding.Mesh, length: int, mask_params: int) -> int | None:
     """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
-    to ``length`` (every split of a run shares it)."""
+    to ``length`` (every split of a run shares it) and relations of ``mask_params`` mask
+    weights, in the memory the devices have left now."""
     size = activation_bytes(config.batch_size * length, model_config.intermediate_size,
                             model_config.hidden_size, DTYPES[config.dtype])
-    return run_relation_chunk(config.relation_chunk, num_relations, mesh, size)
+    per_relation = transient_bytes_per_relation(mask_params, size, model_config.num_layers)
+    return run_relation_chunk(config.relation_chunk, num_relations, mesh, size, per_relation,
+                              available_bytes(mesh))
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:

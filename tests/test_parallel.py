@@ -18,6 +18,7 @@ from lamp_jax.parallel import (
     l2_cache_bytes,
     make_mesh,
     map_relations,
+    memory_relation_chunk,
     replicate,
     run_mesh,
     run_relation_chunk,
@@ -92,6 +93,36 @@ def test_run_relation_chunk_takes_a_requested_chunk_as_is():
     assert run_relation_chunk(0, 8, mesh, activation_bytes=1) is None  # all fit
     assert run_relation_chunk(0, 8, mesh, activation_bytes=l2_cache_bytes() // 2) == (
         None if local == 1 else 1)
+
+
+def test_memory_relation_chunk_takes_the_largest_divisor_that_fits():
+    gib = 2**30
+    assert memory_relation_chunk(16, gib, 20 * gib) is None  # 16 GiB fit in 80% of 20
+    assert memory_relation_chunk(16, gib, 10 * gib) == 8
+    assert memory_relation_chunk(16, gib, 5 * gib) == 4
+    assert memory_relation_chunk(12, gib, 5 * gib) == 4
+    assert memory_relation_chunk(13, gib, 10 * gib) == 1  # prime: one at a time
+    assert memory_relation_chunk(16, 10 * gib, gib) == 1  # not even one: still one
+    # The smaller of the cache's and the memory's choice; a requested chunk is taken as is.
+    relations = 2 * len(jax.devices())  # two per device
+    mesh = run_mesh(relations, 16)
+    assert run_relation_chunk(0, relations, mesh, 1, per_relation_bytes=gib,
+                              available=2 * gib) == 1
+    assert run_relation_chunk(0, relations, mesh, 1, per_relation_bytes=gib,
+                              available=3 * gib) is None
+    assert run_relation_chunk(3, relations, mesh, 1, per_relation_bytes=gib, available=gib) == 3
+
+
+def test_map_relations_can_write_new_values_into_its_first_argument():
+    values = jnp.arange(8 * 3.0).reshape(8, 3)
+    other = jnp.arange(8.0)
+    for chunk, shards in ((None, 1), (2, 1), (3, 2), (1, 2)):
+        (new_values, new_other), out = map_relations(
+            lambda own, o: ((own[0] * 2 + own[1], own[1] + 1), own[0].sum() + o), chunk, shards,
+            update_first_argument=True)((values, other), other)
+        np.testing.assert_array_equal(new_values, values * 2 + other[:, None])
+        np.testing.assert_array_equal(new_other, other + 1)
+        np.testing.assert_array_equal(out, values.sum(1) + other)
 
 
 @pytest.mark.parametrize("relations,chunk,shards", [(6, 2, 2), (8, 2, 2), (8, 3, 2), (6, 4, 1)])

@@ -23,6 +23,7 @@ from lamp_jax.training import (
     make_optimizer,
     place_state,
     relation_loss,
+    scale_by_adam,
     state_shardings,
     train_step,
 )
@@ -187,7 +188,7 @@ def test_evaluation_from_the_cached_prefix_gives_the_same_ranks(frozen):
         np.testing.assert_array_equal(got["hits"], want["hits"])
 
 
-# Uneven chunks pad the last group; a divisor groups by reshaping.
+# Uneven chunks leave a shorter last chunk; a divisor runs the loop only.
 @pytest.mark.parametrize("relations,chunk", [(5, 2), (5, 3), (6, 3)])
 def test_relation_chunks_equal_one_vmap(frozen, relations, chunk):
     loss = LossConfig(MaskMode("stochastic", tau=0.5))
@@ -354,3 +355,45 @@ def test_thirteen_relations_use_all_eight_devices_and_equal_one_device(frozen):
                    put_batch=lambda b: shard_batch(b, mesh, slots))
     np.testing.assert_array_equal(got.count, np.asarray(want_stats["count"]))
     np.testing.assert_array_equal(got.hits, np.asarray(want_stats["hits"]))
+
+
+def test_bfloat16_moments_follow_float32_adam_and_take_two_thirds_of_the_state():
+    params = {"w": jnp.zeros((64, 32))}
+    grads = [jax.random.normal(jax.random.key(i), (64, 32)) * (1 + i) for i in range(30)]
+    wide, narrow = scale_by_adam(0.9, 0.999, 1e-8), scale_by_adam(0.9, 0.999, 1e-8, jnp.bfloat16)
+    # float32 storage is optax's transform itself.
+    state_wide, state_narrow = wide.init(params), narrow.init(params)
+    assert isinstance(state_wide, optax.ScaleByAdamState)
+    for g in grads:
+        u_wide, state_wide = wide.update({"w": g}, state_wide)
+        u_narrow, state_narrow = narrow.update({"w": g}, state_narrow)
+        # Each update: Adam's direction to bfloat16 precision of the moments, not exactly.
+        np.testing.assert_allclose(u_narrow["w"], u_wide["w"], rtol=0.05, atol=0.02)
+    assert not np.array_equal(u_narrow["w"], u_wide["w"])
+    assert state_narrow.mu["w"].dtype == state_narrow.nu["w"].dtype == jnp.bfloat16
+    assert int(state_narrow.count) == len(grads)
+    logits = init_mask_logits(SPEC, init_params(CONFIG, jax.random.key(0)), 2, MaskInit(),
+                              MaskMode(), jax.random.key(1))
+    size = {dtype: sum(x.nbytes for x in jax.tree.leaves((logits, jax.vmap(make_optimizer(
+        OptimConfig(moment_dtype=dtype)).init)(logits)))) for dtype in ("float32", "bfloat16")}
+    logit_bytes = sum(x.nbytes for x in jax.tree.leaves(logits))
+    assert size["float32"] == 3 * logit_bytes + 8 and size["bfloat16"] == 2 * logit_bytes + 8
+
+
+def test_a_donated_chunked_step_updates_the_state_in_place(frozen):
+    """XLA's plan of the step: the new state is written into the donated old one, and the
+    temporaries are those of one chunk of relations, not a second state (the conditional in
+    map_relations; without it XLA:CPU copied the whole state once per step)."""
+    relations = 8
+    state, optim = _state(frozen, relations)
+    batch = synthetic_batch(relations, 4)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
+    plans = {}
+    for chunk in (1, 2):
+        step = jit_train_step(model_config=CONFIG, loss_config=LossConfig(MaskMode("stochastic")),
+                              optim_config=optim, relation_chunk=chunk, donate=True)
+        plans[chunk] = step.lower(state, frozen, batch).compile().memory_analysis()
+        assert plans[chunk].alias_size_in_bytes >= state_bytes
+    per_relation = plans[2].temp_size_in_bytes - plans[1].temp_size_in_bytes
+    assert 0 < per_relation < state_bytes / relations * 4
+    assert plans[1].temp_size_in_bytes < state_bytes / 2

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_fraction = 0.2  # of each relation's updates
     c.optim.clip_norm = 5.0  # per-relation global norm; 0 disables
     c.optim.weight_decay = 0.0  # > 0: AdamW
+    # Storage of Adam's two moments: "bfloat16" takes 8 bytes per mask weight instead of 12
+    # (bert-base x 16 relations: 5.4 GB of state instead of 8.2); the logits stay float32.
+    c.optim.moment_dtype = "float32"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.sparsity_weight = 0.0  # weight of the expected-density (L0) penalty; 0 = off
