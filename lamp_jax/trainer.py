@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from lamp_jax import evaluation, plots
@@ -32,7 +33,7 @@ from lamp_jax.data import (
     reference_protocol_split,
     split_by_fact,
 )
-from lamp_jax.hosts import is_main, main_log, sync, to_host, write_text
+from lamp_jax.hosts import append_text, is_main, main_log, sync, to_host, write_text
 from lamp_jax.masks import (
     MaskInit,
     MaskMode,
@@ -54,6 +55,7 @@ from lamp_jax.parallel import (
     shard_batch,
     use_cpu_devices,
 )
+from lamp_jax.paths import run_dir
 from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.summaries import ScalarWriter
 from lamp_jax.training import (
@@ -256,9 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             if checkpoints.save_best(done, state.mask_logits, dev.macro(1)):
                 record["best"] = True
             checkpoints.save(state)
-            if is_main():
-                with open(workdir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            append_text(workdir / "metrics.jsonl", json.dumps(record) + "\n")
         if config.stop_after and done - first_step >= config.stop_after and done < train.num_steps:
             checkpoints.save(state)
             checkpoints.wait()
@@ -281,9 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     return summary
 
 
-def _writable_workdir(workdir: str | Path) -> Path:
-    """Creates the workdir and proves it writable now, not at the first checkpoint."""
-    workdir = Path(workdir).absolute()
+def _writable_workdir(workdir: str | Path) -> epath.Path:
+    """Creates the workdir (a local path or a gs://... URL, :mod:`lamp_jax.paths`) and proves
+    it writable now, not at the first checkpoint."""
+    workdir = run_dir(workdir)
     probe = workdir / f".write_test.{jax.process_index()}"  # one per process: no races
     try:
         workdir.mkdir(parents=True, exist_ok=True)
