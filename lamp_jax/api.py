@@ -1,7 +1,7 @@
 """Notebook-facing access to a finished (or running) training run.
 
     from lamp_jax.api import load_run
-    run = load_run("runs/default")
+    run = load_run("runs/default")           # or a bucket: load_run("gs://my-bucket/runs/x")
     run.predict("You are likely to find a fork in the [MASK].", relation="AtLocation")
     run.sparsity()["total"]                  # fraction pruned, per relation
     params = run.masked_params("AtLocation") # a plain params pytree for mlm_forward
@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from lamp_jax.checkpoint import restore_best_masks
 from lamp_jax.evaluation import RankingResult, evaluate, make_rank_fn
 from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks, sparsity_stats
 from lamp_jax.models.bert import mlm_forward
 from lamp_jax.models.params import LoadedMLM, load_mlm, save_mlm
+from lamp_jax.paths import as_path
 from lamp_jax.trainer import DTYPES
 
 
@@ -32,7 +34,7 @@ from lamp_jax.trainer import DTYPES
 class Run:
     """A trained run: the frozen model, the best mask logits ``[R, ...]`` and how to use them."""
 
-    workdir: Path
+    workdir: epath.Path  # a local path or a URL (lamp_jax.paths)
     mlm: LoadedMLM
     relations: tuple[str, ...]
     spec: MaskSpec
@@ -137,9 +139,10 @@ class Run:
 
 
 def load_run(workdir: str | Path, model: str | None = None) -> Run:
-    """Opens a run directory written by ``train.py``. ``model`` overrides where the frozen
+    """Opens a run directory written by ``train.py``: a local path or a URL such as
+    ``gs://bucket/runs/x`` (:mod:`lamp_jax.paths`). ``model`` overrides where the frozen
     model is loaded from (e.g. a local copy of the hub checkpoint on an offline machine)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     path = workdir / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{workdir} is not a lamp-jax run directory (no run.json)")

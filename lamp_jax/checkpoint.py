@@ -25,9 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lamp_jax.hosts import is_main, to_host, write_text
 from lamp_jax.masks import MATRICES, MaskSpec, hard_mask, insert_path, iter_masks
+from lamp_jax.paths import as_path, load_npz, run_dir, save_npz
 from lamp_jax.training import TrainState
 
 # Gigabytes Orbax serialises at once. Each array in flight costs a host copy (compression
@@ -55,7 +57,7 @@ class RunCheckpoints:
     def __init__(self, workdir: str | Path, keep: int = 2, background: bool = True):
         """``background``: saves of the latest state return at once and write while training
         goes on (after a copy of the state to the host); else they write before returning."""
-        self.workdir = Path(workdir).absolute()
+        self.workdir = run_dir(workdir)  # a local path or a URL (lamp_jax.paths)
         self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
         # Each manager names its cross-process barriers with its own prefix: the latest state
         # saves in the background while the best masks save, and two barriers of one name in
@@ -177,7 +179,7 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
     host of every process, ``[num_relations, ...]`` (inert slots dropped; the run's relation
     count from ``run.json`` when not given).
     """
-    workdir = Path(workdir).absolute()
+    workdir = run_dir(workdir)
     directory = workdir / "best"
     options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_best"))
     with ocp.CheckpointManager(directory, options=options,
@@ -203,7 +205,7 @@ def export_binary_masks(
     spec: MaskSpec,
     relations: tuple[str, ...],
     threshold: float = 0.5,
-) -> Path:
+) -> epath.Path:
     """Writes the hard masks with one bit per weight (``np.packbits``): 32x smaller than logits.
 
     The file holds, per masked matrix ``layer_<i>/<matrix>``, the packed bits of ``[R, in, out]``
@@ -218,9 +220,9 @@ def export_binary_masks(
         arrays[f"layer_{i}/{m}.shape"] = np.asarray(bits.shape)
     meta = {"relations": list(relations), "layers": list(spec.layers),
             "matrices": list(spec.matrices), "threshold": threshold}
-    path = Path(path)
+    path = as_path(path)
     if is_main():
-        np.savez_compressed(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
+        save_npz(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
     return path
 
 
@@ -229,7 +231,7 @@ def load_binary_masks(path: str | Path) -> tuple[dict[str, Any], MaskSpec, tuple
 
     The tree has the mask-logit layout; ``multiply_masks(params, tree_r)`` applies relation r's.
     """
-    with np.load(path) as data:
+    with load_npz(path) as data:
         meta = json.loads(str(data["__meta__"]))
         spec = MaskSpec(tuple(meta["layers"]), tuple(meta["matrices"]))
         tree: dict[str, Any] = {}

@@ -4,6 +4,7 @@
     lamp-jax-train                                         # the embedded default
     lamp-jax-train --config=bert_base_conceptnet --workdir=runs/bert_base
     lamp-jax-train --config=my_configs/sweep.py --config.epochs=2
+    lamp-jax-train --workdir=gs://my-bucket/runs/default   # any run directory may be a URL
 
 ``--config`` takes a config file's path or the name of a packaged one (``lamp_jax/configs``:
 default, runlocal, bert_base_conceptnet, roberta_base_conceptnet, distilbert_conceptnet).
@@ -85,7 +86,9 @@ def train(argv: list[str] | None = None) -> None:
 
     config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "default.py"),
                                     "Run configuration: a file, or a packaged config's name.")
-    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
+    flags.DEFINE_string("workdir", "runs/default",
+                        "Checkpoints, metrics and plots go here: a local path or a gs:// or "
+                        "s3:// URL (lamp_jax.paths).")
     flags.DEFINE_bool("distributed", False,
                       "Join the other processes of the run (jax.distributed.initialize) "
                       "first; implied when JAX_PROCESS_ID is set, as lamp_jax.launch does.")

@@ -3,13 +3,15 @@
 Rebuilds the data split exactly as training did (from ``DIR/run.json``), restores the best masks
 onto this process's devices (whatever devices or processes trained them) and prints/writes the
 full-vs-pruned metrics, the specialization matrix and the plots. Under
-``python -m lamp_jax.launch`` it runs as one job over all the processes.
+``python -m lamp_jax.launch`` it runs as one job over all the processes. ``DIR`` may be a URL
+(``gs://bucket/runs/x``, :mod:`lamp_jax.paths`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +37,14 @@ from lamp_jax.parallel import (
     shard_relations,
     use_cpu_devices,
 )
+from lamp_jax.paths import as_path
 from lamp_jax.trainer import DTYPES, final_report, prepare_data
 
 
-def reevaluate(workdir: str | Path, split: str = "test", model: str | None = None,
+def reevaluate(workdir: str | os.PathLike, split: str = "test", model: str | None = None,
                log=print) -> dict[str, Any]:
     """Metrics of the run in ``workdir`` on ``split``; also written to ``DIR/eval_<split>.json``."""
-    workdir, log = Path(workdir), main_log(log)
+    workdir, log = as_path(workdir), main_log(log)
     run = json.loads((workdir / "run.json").read_text())
     config = ml_collections.ConfigDict(run["config"])
     mlm = load_mlm(model or run["model"], dtype=DTYPES[run["dtype"]])
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         reevaluate(args.workdir, args.split, args.model)
     if is_main():
         print(f"devices: {jax.device_count()} in {jax.process_count()} process(es); wrote "
-              f"{Path(args.workdir) / f'eval_{args.split}.json'}")
+              f"{as_path(args.workdir) / f'eval_{args.split}.json'}")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+from lamp_jax import paths
+from lamp_jax.paths import as_path, is_url
 
 ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
     "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -118,13 +120,26 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Writes ``path`` atomically (a reader never sees half a file), on process 0 only."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``path`` atomically (a reader never sees half a file), on process 0 only.
+
+    ``path`` may be a URL (``gs://...``, :mod:`lamp_jax.paths`): there one object upload is
+    atomic by itself."""
     if not is_main():
+        return
+    path = as_path(path)
+    if is_url(path):
+        path.write_text(text)
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends ``text`` to ``path`` on process 0 only (:func:`lamp_jax.paths.append_text`)."""
+    if is_main():
+        paths.append_text(path, text)
 
 
 def is_peer_failure(err: BaseException) -> bool:

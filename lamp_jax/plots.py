@@ -6,9 +6,9 @@ Each function takes plain arrays and returns a matplotlib Figure (usable in a no
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -18,9 +18,11 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from lamp_jax.evaluation import RankingResult  # noqa: E402
 from lamp_jax.masks import MaskSpec  # noqa: E402
+from lamp_jax.paths import as_path, save_figure  # noqa: E402
 
 
 def p_at_1_per_relation(relations: Sequence[str], full: RankingResult, pruned: RankingResult):
@@ -67,9 +69,10 @@ def specialization_heatmap(relations: Sequence[str], matrix: np.ndarray):
     return fig
 
 
-def write_run_plots(directory: Path, relations, full, pruned, sparsity, spec,
-                    specialization: np.ndarray | None = None) -> list[Path]:
-    directory = Path(directory)
+def write_run_plots(directory: str | os.PathLike, relations, full, pruned, sparsity, spec,
+                    specialization: np.ndarray | None = None) -> list[epath.Path]:
+    """Saves the standard figures as PNGs into ``directory`` (a local path or a URL)."""
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     figures = {"p_at_1_per_relation": p_at_1_per_relation(relations, full, pruned),
                "sparsity_per_layer": sparsity_heatmap(relations, sparsity, spec)}
@@ -78,7 +81,7 @@ def write_run_plots(directory: Path, relations, full, pruned, sparsity, spec,
     paths = []
     for name, fig in figures.items():
         path = directory / f"{name}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -2,6 +2,9 @@
 
     python -m lamp_jax.report --workdir runs/default [--ckbc PATH/conceptnet_ckbc/test.txt]
 
+The run directory may be a URL (``gs://bucket/runs/x``, :mod:`lamp_jax.paths`); the report is
+written into it.
+
 Writes: ``specialization.json/png`` (all R x R pairs in one pass), ``combination.json/png`` (the
 search over combined masks), ``kbc.json`` (knowledge-base completion: CKBC triples if given, and
 for the embedded world its own facts), ``representations.json/png`` (PCA of [MASK] states with
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
+from etils import epath
 
 from lamp_jax import plots  # also picks matplotlib's headless backend outside notebooks
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
@@ -26,16 +30,17 @@ from lamp_jax.api import Run, load_run
 from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
 from lamp_jax.masks import multiply_masks
+from lamp_jax.paths import as_path, save_figure
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path: epath.Path) -> str:
     if is_main():
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path.name
 
 
-def specialization_section(run: Run, test_batches, out: Path) -> dict[str, Any]:
+def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str, Any]:
     matrix = specialization.specialization_matrix_batched(
         run.mask_logits, run.mlm.params, test_batches, run.mlm.config, run.mode)
     full = run.evaluate("test", masks=None).precision_at(1)
@@ -46,7 +51,7 @@ def specialization_section(run: Run, test_batches, out: Path) -> dict[str, Any]:
     return result
 
 
-def combination_section(run: Run, out: Path, max_size: int) -> dict[str, Any]:
+def combination_section(run: Run, out: epath.Path, max_size: int) -> dict[str, Any]:
     """Which single combined mask serves all relations' dev prompts best (macro P@1)."""
 
     def score(multipliers):
@@ -69,7 +74,7 @@ def combination_section(run: Run, out: Path, max_size: int) -> dict[str, Any]:
             "figure": _save(fig, out / "combination.png")}
 
 
-def representation_section(run: Run, test_batch, out: Path) -> dict[str, Any]:
+def representation_section(run: Run, test_batch, out: epath.Path) -> dict[str, Any]:
     labels = np.repeat(np.arange(len(run.relations)), test_batch["weight"].shape[1])
     real = test_batch["weight"].reshape(-1) > 0
     result, fig, axes = {}, *plt.subplots(1, 2, figsize=(10, 4.5))
@@ -132,10 +137,10 @@ def qa_section(run: Run, path: str, fmt: str, relations: list[str], method: str)
             "combined_accuracy": qa.accuracy(combined, run.mlm, questions)}
 
 
-def write_report(workdir: str | Path, ckbc: str | None = None, max_size: int = 2,
+def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: int = 2,
                  log=print, qa_file: str | None = None, qa_format: str = "csqa",
-                 qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> Path:
-    workdir, log = Path(workdir), main_log(log)
+                 qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> epath.Path:
+    workdir, log = as_path(workdir), main_log(log)
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)

@@ -11,27 +11,40 @@ Why tensorboardX: it writes TensorBoard's event files with protobuf alone. ``tf.
 flax's ``clu.metric_writers`` need TensorFlow, hundreds of MB that nothing else here uses. Only
 process 0 writes. A resumed run starts its writer with ``purge_step`` at the resumed step, so
 TensorBoard drops the events the interrupted run logged past its last checkpoint.
+
+A run directory in a bucket (``gs://...``, :mod:`lamp_jax.paths`): the events are written to a
+local temporary directory and copied into the run directory at every flush, through the same
+``etils.epath`` as every other file of the run (tensorboardX's own gs:// and s3:// writers
+would each need a client library and credentials of their own).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from lamp_jax.hosts import is_main
+from lamp_jax.paths import as_path, is_url
 
 
 class ScalarWriter:
     """Writes scalars to ``workdir`` on process 0 (a no-op elsewhere)."""
 
-    def __init__(self, workdir: str | Path, start_step: int = 0):
+    def __init__(self, workdir: str | os.PathLike, start_step: int = 0):
         self._writer = None
+        self._staging = None  # a URL workdir: (local directory written to, the workdir)
         if is_main():
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(workdir), purge_step=start_step or None,
-                                         flush_secs=30)
+            logdir = os.fspath(workdir)
+            if is_url(workdir):
+                local = tempfile.TemporaryDirectory(prefix="lamp_jax_events_")
+                self._staging = (local, as_path(workdir))
+                logdir = local.name
+            self._writer = SummaryWriter(logdir, purge_step=start_step or None, flush_secs=30)
 
     def write(self, step: int, scalars: Mapping[str, float | None]) -> None:
         if self._writer is None:
@@ -41,7 +54,20 @@ class ScalarWriter:
             if value is not None and not math.isnan(value):
                 self._writer.add_scalar(name, float(value), step)
         self._writer.flush()  # TensorBoard shows each evaluation as it happens
+        self._upload()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._upload()
+            if self._staging is not None:
+                self._staging[0].cleanup()
+            self._writer = self._staging = None
+
+    def _upload(self) -> None:
+        """Copies the staged event files into a URL workdir (whole files: objects)."""
+        if self._staging is None:
+            return
+        local, target = self._staging
+        for file in sorted(Path(local.name).iterdir()):
+            (target / file.name).write_bytes(file.read_bytes())

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from lamp_jax import evaluation, plots
@@ -32,7 +33,7 @@ from lamp_jax.data import (
     reference_protocol_split,
     split_by_fact,
 )
-from lamp_jax.hosts import is_main, main_log, sync, to_host, write_text
+from lamp_jax.hosts import append_text, is_main, main_log, sync, to_host, write_text
 from lamp_jax.masks import (
     MaskInit,
     MaskMode,
@@ -56,6 +57,7 @@ from lamp_jax.parallel import (
     transient_bytes_per_relation,
     use_cpu_devices,
 )
+from lamp_jax.paths import run_dir
 from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.summaries import ScalarWriter
 from lamp_jax.training import (
@@ -285,9 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 record["checkpoint_GB"] = round(saved["bytes"] / 1e9, 3)
                 record["checkpoint_s"] = round(saved["seconds"], 2)
             clock.lap("checkpoints")
-            if is_main():
-                with open(workdir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            append_text(workdir / "metrics.jsonl", json.dumps(record) + "\n")
         if config.stop_after and done - first_step >= config.stop_after and done < train.num_steps:
             checkpoints.save(state)
             checkpoints.wait()
@@ -358,9 +358,10 @@ def peak_rss_bytes() -> int:
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
-def _writable_workdir(workdir: str | Path) -> Path:
-    """Creates the workdir and proves it writable now, not at the first checkpoint."""
-    workdir = Path(workdir).absolute()
+def _writable_workdir(workdir: str | Path) -> epath.Path:
+    """Creates the workdir (a local path or a gs://... URL, :mod:`lamp_jax.paths`) and proves
+    it writable now, not at the first checkpoint."""
+    workdir = run_dir(workdir)
     probe = workdir / f".write_test.{jax.process_index()}"  # one per process: no races
     try:
         workdir.mkdir(parents=True, exist_ok=True)
