@@ -295,6 +295,19 @@ def jit_train_step(
     return jax.jit(step, donate_argnums=0 if donate else (), out_shardings=out_shardings)
 
 
+def init_placed_state(mask_logits: Any, optimizer: optax.GradientTransformation,
+                      total_steps: Any, rng: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
+    """:func:`init_train_state` built where :func:`state_shardings` places it: the (host)
+    logits are copied to their devices once and the moments are created there. Building the
+    state on one device and then placing it held three copies of the logits and two of the
+    moments at once (bert-base x 16 relations on a CPU: 15 GiB for an 8 GB state)."""
+    logits = jax.tree.map(lambda x: put_global(x, relation_sharding(mesh)), mask_logits)
+    build = partial(init_train_state, optimizer=optimizer, total_steps=total_steps, rng=rng)
+    placement = state_shardings(jax.eval_shape(build, logits), mesh)
+    # Donated: the new state's logits are the placed ones, not a copy.
+    return jax.jit(build, out_shardings=placement, donate_argnums=0)(logits)
+
+
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
     """Per-relation leaves split along the mesh's relation axis; step and rng replicated."""
     rel, rep = relation_sharding(mesh), replicated(mesh)
