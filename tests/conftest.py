@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices so multi-device code is exercised on any machine.
 
 The flag must be set before JAX initialises its backends, hence here, before any test imports jax.
+What tests need from outside the repository (torch, scikit-learn, CKBC data) they ask for with
+``tests/needs.py``: a skip on a developer's machine, a failure in CI.
 """
 
 import os

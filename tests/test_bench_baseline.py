@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from tests.needs import require
+
+torch = require("torch")
+require("transformers")
 
 from bench.baseline_torch import HF_LINEARS, ReferenceLAMP, reference_bert  # noqa: E402
 from bench.common import torch_batches, torch_prompts  # noqa: E402

@@ -30,10 +30,10 @@ from lamp_jax.data.triples import (
     read_ckbc_relations,
     triples_to_facts,
 )
+from tests.needs import CKBC_DIR, require_path
 from tests.tokenizer_fixtures import make_bert_tokenizer, make_roberta_tokenizer, words_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
-CKBC_DIR = Path("/work/shared/data/conceptnet_ckbc")
 
 EXPECTED_PER_RELATION = {
     "AtLocation": 7,
@@ -473,8 +473,8 @@ def test_triples_to_facts_and_encoding(bert_tok):
     assert len(enc) == 2 and enc_report.skipped["object_not_single_token"] == 1  # "pet store"
 
 
-@pytest.mark.skipif(not CKBC_DIR.is_dir(), reason="CKBC data not available")
 def test_read_real_ckbc():
+    require_path(CKBC_DIR, "ConceptNet CKBC data (LAMP_JAX_CKBC_DIR)")
     train = read_ckbc(CKBC_DIR / "train.txt")
     assert len(train) == 100_000 and all(t.label is None for t in train[:100])
     assert set(LAMA_CONCEPTNET_RELATIONS) <= {t.relation for t in train}

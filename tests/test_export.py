@@ -16,10 +16,12 @@ from lamp_jax.data import read_lama_jsonl
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.models.params import save_mlm
 from lamp_jax.trainer import train_and_evaluate
+from tests.needs import require
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
 QUIET = {"log": lambda *args, **kwargs: None}
 pytestmark = pytest.mark.slow
+require("torch")  # transformers' pipeline runs the exported checkpoint with PyTorch
 
 
 def _pipeline_top5(directory: Path, prompt: str):

@@ -19,6 +19,7 @@ from lamp_jax.masks import (
     expected_initial_sparsity,
     hard_mask,
     init_mask_logits,
+    sparsity_penalty,
     sparsity_stats,
     straight_through_mask,
 )
@@ -217,3 +218,32 @@ def test_one_log_concrete_sample_equals_the_two_log_formula_on_the_same_noise():
     got = concrete_sample(g, rng, tau)
     np.testing.assert_allclose(got, two_logs, atol=2e-6)
     assert 0.05 < float(jnp.mean(jnp.abs(got - jax.nn.sigmoid(g / tau)))), "noise was applied"
+
+
+@pytest.mark.parametrize("mode", [MaskMode("stochastic", tau=0.3, threshold=0.6),
+                                  MaskMode("deterministic", threshold=0.4)])
+@pytest.mark.parametrize("target", [None, 0.7])
+def test_sparsity_penalty_value_and_gradient_by_hand(mode, target):
+    rng = np.random.default_rng(0)
+    tree = {"a": rng.normal(size=(3, 4)) * 2, "b": {"c": rng.normal(size=(5,)) + 1.0}}
+    logits = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+    # Expected density: P(m > t) per entry, averaged over all 17 entries (not per leaf). For the
+    # concrete mask sigmoid((G + L) / tau) > t  <=>  L > tau * logit(t) - G, L ~ Logistic(0, 1);
+    # for the others sigmoid(G - logit(t)) stands in for 1[G > logit(t)].
+    t = mode.threshold
+    shift = (mode.tau if mode.kind == "stochastic" else 1.0) * np.log(t / (1 - t))
+    g = np.concatenate([tree["a"].ravel(), tree["b"]["c"]])
+    s = 1 / (1 + np.exp(-(g - shift)))
+    density = s.mean()
+    assert float(expected_density(logits, mode)) == pytest.approx(density, rel=1e-6)
+    weight = 0.5
+    if target is None:
+        value, slope = weight * density, weight
+    else:  # hold the density at 1 - target: a quadratic around 0.3
+        value, slope = weight * (density - 0.3) ** 2, 2 * weight * (density - 0.3)
+    grad_by_hand = slope * s * (1 - s) / g.size
+    got, grad = jax.value_and_grad(lambda x: sparsity_penalty(x, mode, weight, target))(logits)
+    assert float(got) == pytest.approx(value, rel=1e-5)
+    flat = np.concatenate([np.ravel(grad["a"]), np.ravel(grad["b"]["c"])])
+    np.testing.assert_allclose(flat, grad_by_hand, rtol=1e-5)
+    assert value > 1e-3 and np.abs(grad_by_hand).max() > 1e-4  # not a comparison of zeros

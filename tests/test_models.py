@@ -14,9 +14,10 @@ from lamp_jax.models.params import (
     read_torch_bin,
     save_mlm,
 )
+from tests.needs import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              vocab_size=99, max_position_embeddings=40)

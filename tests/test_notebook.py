@@ -11,8 +11,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.needs import require
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_run.ipynb"
 pytestmark = pytest.mark.slow
+require("torch")  # the notebook checks its export with transformers' PyTorch pipeline
 
 
 def test_the_notebook_is_stored_without_outputs():

@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,7 +11,7 @@ import pytest
 
 from lamp_jax.evaluation import batch_rank_stats, evaluate, make_rank_fn
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
-from lamp_jax.models.bert import ModelConfig, init_params
+from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
 from lamp_jax.parallel import make_mesh, relation_slots, replicate, shard_batch
 from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
 from lamp_jax.training import (
@@ -27,6 +28,7 @@ from lamp_jax.training import (
     state_shardings,
     train_step,
 )
+from tests import by_hand
 
 CONFIG = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
                      intermediate_size=64, max_position_embeddings=16)
@@ -397,3 +399,156 @@ def test_a_donated_chunked_step_updates_the_state_in_place(frozen):
     per_relation = plans[2].temp_size_in_bytes - plans[1].temp_size_in_bytes
     assert 0 < per_relation < state_bytes / relations * 4
     assert plans[1].temp_size_in_bytes < state_bytes / 2
+
+
+def _numpy_tree(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def test_adamw_steps_equal_numpy_adam_with_decoupled_weight_decay(frozen):
+    """Three steps of two relations against clip -> Adam (bias-corrected) -> + decay * G, times
+    the schedule's rate, written in numpy; only each step's CE gradient comes from JAX."""
+    loss = LossConfig(MaskMode("deterministic"))
+    optim = OptimConfig(learning_rate=0.05, warmup_fraction=0.2, clip_norm=0.05,
+                        weight_decay=0.1, eps=1e-3)
+    logits = init_mask_logits(SPEC, frozen, 2, NORMAL_INIT, MaskMode(), jax.random.key(1))
+    initial = _numpy_tree(logits)
+    state = init_train_state(logits, make_optimizer(optim), 10, jax.random.key(2))
+    step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim,
+                          donate=False)
+    batches = [synthetic_batch(2, 6, seed=s) for s in range(3)]
+    for batch in batches:
+        state, _ = step(state, frozen, batch)
+
+    ce_grad = jax.jit(jax.grad(lambda g, b: relation_loss(
+        g, frozen, b, None, model_config=CONFIG, loss_config=loss)[0]))
+
+    def reference(r, decay):
+        theta = jax.tree.map(lambda x: x[r], initial)
+        m = jax.tree.map(np.zeros_like, theta)
+        v = jax.tree.map(np.zeros_like, theta)
+        for t, batch in enumerate(batches):
+            batch_r = {k: x[r] for k, x in batch.items()}
+            grad = _numpy_tree(ce_grad(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta),
+                                       batch_r))
+            norm = np.sqrt(sum(np.sum(x ** 2) for x in jax.tree.leaves(grad)))
+            scale = min(1.0, 0.05 / norm)  # clipping by the relation's global norm
+            grad = jax.tree.map(lambda x, scale=scale: x * scale, grad)
+            m = jax.tree.map(lambda a, g: 0.9 * a + 0.1 * g, m, grad)
+            v = jax.tree.map(lambda a, g: 0.999 * a + 0.001 * g ** 2, v, grad)
+            # 10 updates, warmup ceil(0.2 * 10) = 2: rates 0.025, 0.05, then 0.05 * (10 - t) / 8.
+            lr = 0.05 * ((t + 1) / 2 if t < 2 else (10 - t) / 8)
+            theta = jax.tree.map(
+                lambda p, a, b, t=t, lr=lr: p - lr * (
+                    (a / (1 - 0.9 ** (t + 1))) / (np.sqrt(b / (1 - 0.999 ** (t + 1))) + 1e-3)
+                    + decay * p), theta, m, v)
+        return theta
+
+    for r in range(2):
+        want, without_decay = reference(r, 0.1), reference(r, 0.0)
+        for got, w, plain in zip(jax.tree.leaves(state.mask_logits), jax.tree.leaves(want),
+                                 jax.tree.leaves(without_decay), strict=True):
+            np.testing.assert_allclose(got[r], w, atol=1e-5)
+            assert np.abs(w - plain).max() > 1e-3  # the decay is far above the tolerance
+
+
+def test_the_sparsity_penalty_enters_the_loss_its_gradient_and_the_step(frozen):
+    # Deterministic masks compile faster; the formula's dependence on tau and the threshold is
+    # tested in test_masks.py.
+    mode = MaskMode("deterministic")
+    weight, target = 1000.0, 0.6
+    logits = init_mask_logits(SPEC, frozen, 2, NORMAL_INIT, mode, jax.random.key(1))
+    batch = synthetic_batch(2, 6)
+    with_penalty = LossConfig(mode, sparsity_weight=weight, target_sparsity=target)
+
+    def density_by_hand(tree):
+        # The smooth stand-in of 1[sigmoid(G) > 0.5]: sigmoid(G - logit(0.5)) = sigmoid(G).
+        s = np.concatenate([by_hand.sigmoid(x).ravel() for x in jax.tree.leaves(tree)])
+        return s.mean(), s
+
+    def loss_and_ce(g, b):
+        return relation_loss(g, frozen, b, None, model_config=CONFIG, loss_config=with_penalty)
+
+    @jax.jit
+    def gradients(g, b):
+        """The metrics, the gradient of the loss and that of its cross-entropy alone."""
+        (_, metrics), grad = jax.value_and_grad(loss_and_ce, has_aux=True)(g, b)
+        return metrics, grad, jax.grad(lambda x: loss_and_ce(x, b)[1]["ce"])(g)
+
+    for r in range(2):
+        g = jax.tree.map(lambda x, r=r: x[r], logits)
+        b = {k: x[r] for k, x in batch.items()}
+        got, grad, ce_grad = gradients(g, b)
+        density, s = density_by_hand(g)
+        assert float(got["loss"] - got["ce"]) == pytest.approx(
+            weight * (density - (1 - target)) ** 2, rel=1e-4)
+        penalty_grad = 2 * weight * (density - (1 - target)) * s * (1 - s) / s.size
+        difference = np.concatenate([np.ravel(a - c) for a, c in zip(
+            jax.tree.leaves(grad), jax.tree.leaves(ce_grad), strict=True)])
+        np.testing.assert_allclose(difference, penalty_grad, rtol=1e-3, atol=1e-7)
+        assert np.abs(penalty_grad).max() > 1e-3
+
+    # Over 40 steps a heavy penalty brings the expected density from 0.66 (logits N(1, 1)) to
+    # 1 - target and holds it there (measured 0.398 and 0.394); the step reports the density of
+    # its new masks.
+    optim = OptimConfig(learning_rate=0.1, warmup_fraction=0.0, clip_norm=None)
+    state = init_train_state(logits, make_optimizer(optim), 40, jax.random.key(2))
+    step = jit_train_step(model_config=CONFIG, loss_config=with_penalty, optim_config=optim)
+    for _ in range(40):
+        state, metrics = step(state, frozen, batch)
+    for r in range(2):
+        density, _ = density_by_hand(jax.tree.map(lambda x, r=r: x[r], state.mask_logits))
+        assert float(metrics["density"][r]) == pytest.approx(density, rel=1e-5)
+        assert density == pytest.approx(1 - target, abs=0.03)
+
+
+def _dot_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """Operand dtypes of every matrix product in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _dot_dtypes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _dot_dtypes(sub)
+    return found
+
+
+def test_bfloat16_computes_every_product_in_bfloat16_and_stays_close_to_float32(frozen):
+    batch = synthetic_batch(2, 6)
+    forward = jax.jit(lambda p, ids, mask, dtype: mlm_forward(p, ids, mask, config=CONFIG,
+                                                              dtype=dtype)["logits"],
+                      static_argnums=3)
+    args = (frozen, batch["input_ids"][0], batch["attention_mask"][0])
+    logits = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        dots = _dot_dtypes(forward.trace(*args, dtype).jaxpr.jaxpr)
+        assert dots and all(d == (jnp.dtype(dtype).name,) * 2 for d in dots), dots
+        logits[dtype] = np.asarray(forward(*args, dtype))
+    # The same float32 params: only the compute dtype differs.
+    gap = np.abs(logits[jnp.bfloat16] - logits[jnp.float32]).max()
+    assert logits[jnp.bfloat16].dtype == np.float32
+    assert 1e-4 < gap < 0.05 * np.abs(logits[jnp.float32]).max(), gap
+
+    # The training step: every product of its forward and backward passes in bfloat16 (none
+    # in the float32 step); its loss in float32, close to the float32 loss but not equal.
+    optim = OptimConfig(learning_rate=0.05, clip_norm=0.05, eps=1e-3)
+    mask_logits = init_mask_logits(SPEC, frozen, 2, NORMAL_INIT, MaskMode(), jax.random.key(1))
+    state = init_train_state(mask_logits, make_optimizer(optim), 10, jax.random.key(2))
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        loss = LossConfig(MaskMode("deterministic"), compute_dtype=dtype)
+        traced = jax.jit(lambda s, b, loss=loss: train_step(
+            s, frozen, b, model_config=CONFIG, loss_config=loss, optim_config=optim)).trace(
+            state, batch)
+        dots = _dot_dtypes(traced.jaxpr.jaxpr)
+        bf16 = sum(d == ("bfloat16", "bfloat16") for d in dots)
+        assert len(dots) > 20 and bf16 == (len(dots) if dtype == jnp.bfloat16 else 0), dots
+        losses[dtype] = np.asarray(jax.jit(jax.vmap(lambda g, b, loss=loss: relation_loss(
+            g, frozen, b, None, model_config=CONFIG, loss_config=loss)[0]))(mask_logits, batch))
+    assert losses[jnp.bfloat16].dtype == np.float32
+    np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=2e-2)
+    assert np.all(losses[jnp.bfloat16] != losses[jnp.float32])
