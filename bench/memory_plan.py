@@ -83,7 +83,7 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
         mask_params, activation_bytes(batch * length, size["intermediate_size"],
                                       size["hidden_size"], jnp.dtype(dtype)),
         size["num_layers"])
-    return memory_relation_chunk(relations, per_relation, left), left
+    return memory_relation_chunk(relations, per_relation, int(0.8 * left)), left
 
 
 def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,

@@ -19,6 +19,7 @@ _CHOICES = {
     "mask.eval_kind": ("threshold", "expectation"),
     "mask.init": ("constant", "normal", "uniform", "target"),
     "optim.moment_dtype": ("float32", "bfloat16"),
+    "optim.schedule": ("linear", "constant"),
     "batching": ("per_relation", "balanced"),
     "on_nonfinite": ("stop", "skip"),
     "cache_frozen_prefix": (True, False),

@@ -7,6 +7,7 @@ call into the pure functions of ``masks``, ``training`` and ``evaluation``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -47,13 +48,13 @@ from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
     RELATION,
     activation_bytes,
-    available_bytes,
     pad_relations,
     relation_slots,
     replicate,
     run_mesh,
     run_relation_chunk,
     shard_batch,
+    transient_budget,
     transient_bytes_per_relation,
     use_cpu_devices,
 )
@@ -66,6 +67,7 @@ from lamp_jax.training import (
     init_placed_state,
     jit_train_step,
     make_optimizer,
+    max_logit_travel,
     state_shardings,
 )
 
@@ -194,7 +196,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         log(hint)
     optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
                         config.optim.clip_norm or None, config.optim.weight_decay,
-                        moment_dtype=config.optim.get("moment_dtype", "float32"))
+                        moment_dtype=config.optim.get("moment_dtype", "float32"),
+                        schedule=config.optim.get("schedule", "linear"))
+    warning = threshold_warning(logits, len(relations), max(train.steps_per_relation), optim,
+                                mode.threshold)
+    if warning:
+        log("warning: " + warning)
     loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
                       compute_dtype=dtype, start_layer=start_layer)
     state = init_placed_state(logits, make_optimizer(optim),
@@ -204,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
     # After the state is placed: the chunk fits in the memory that is left.
     chunk = _relation_chunk(config, mlm.config, len(relations), mesh,
-                            data["train"].input_ids.shape[1], _mask_params(state.mask_logits))
+                            data["train"].input_ids.shape[1], _mask_params(state.mask_logits),
+                            state_bytes)
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
         f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices in "
@@ -361,6 +369,27 @@ def peak_rss_bytes() -> int:
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
+def threshold_warning(logits: Any, num_relations: int, updates: int, optim: OptimConfig,
+                      threshold: float) -> str | None:
+    """A warning when no initial mask logit is close enough to the threshold for training to
+    move it across: binary (threshold) inference then equals the full model by construction.
+    Adam moves a logit by about the learning rate per update at most (lr 3e-4 over a few
+    hundred updates: well under 1), so the paper's recipe with logits starting at 1 and
+    threshold 0.5 (logit 0) cannot prune."""
+    travel = max_logit_travel(updates, optim)
+    boundary = math.log(threshold) - math.log1p(-threshold)
+    nearest = min(float(np.min(np.abs(np.asarray(leaf[:num_relations]) - boundary)))
+                  for leaf in jax.tree.leaves(logits))
+    if nearest <= travel:
+        return None
+    return (f"no mask logit can cross the threshold: the nearest starts {nearest:.3g} from it, "
+            f"and {updates} updates at learning rate {optim.learning_rate:g} ({optim.schedule} "
+            f"schedule) move a logit by at most about {travel:.3g}. Binary (threshold) results "
+            "will equal the full model; the soft (expectation) results still show what was "
+            "learned. A larger learning rate, more epochs or an init nearer the threshold "
+            "(config.mask.init_value) lets masks prune.")
+
+
 def _writable_workdir(workdir: str | Path) -> epath.Path:
     """Creates the workdir (a local path or a gs://... URL, :mod:`lamp_jax.paths`) and proves
     it writable now, not at the first checkpoint."""
@@ -444,7 +473,8 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
     put = lambda b: shard_batch(b, mesh, relation_slots(len(relations), mesh))  # noqa: E731
     dtype = DTYPES[config.dtype]
     chunk = _relation_chunk(config, model_config, len(relations), mesh,
-                            test[0]["input_ids"].shape[-1] if test else 1, _mask_params(best))
+                            test[0]["input_ids"].shape[-1] if test else 1, _mask_params(best),
+                            sum(x.nbytes for x in jax.tree.leaves(best)))
     shards = mesh.shape[RELATION]
     eval_mode = mode.for_inference(config.mask.eval_kind)
     rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
@@ -490,15 +520,16 @@ def _mask_params(mask_logits) -> int:
 
 
 def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
-                    mesh: jax.sharding.Mesh, length: int, mask_params: int) -> int | None:
+                    mesh: jax.sharding.Mesh, length: int, mask_params: int,
+                    state_bytes: int) -> int | None:
     """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
     to ``length`` (every split of a run shares it) and relations of ``mask_params`` mask
-    weights, in the memory the devices have left now."""
+    weights, in the memory the devices have left now beside a state of ``state_bytes``."""
     size = activation_bytes(config.batch_size * length, model_config.intermediate_size,
                             model_config.hidden_size, DTYPES[config.dtype])
     per_relation = transient_bytes_per_relation(mask_params, size, model_config.num_layers)
     return run_relation_chunk(config.relation_chunk, num_relations, mesh, size, per_relation,
-                              available_bytes(mesh))
+                              transient_budget(mesh, state_bytes))
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:

@@ -34,7 +34,7 @@ class OptimConfig:
     """Adam(W) on the mask logits, per relation (the reference: lr 3e-4, warmup 20%, clip 5)."""
 
     learning_rate: float = 3e-4
-    warmup_fraction: float = 0.2  # of each relation's own number of updates
+    warmup_fraction: float = 0.2  # of each relation's own number of updates (linear only)
     clip_norm: float | None = 5.0  # per-relation global gradient norm; None disables clipping
     weight_decay: float = 0.0  # > 0 gives AdamW's decoupled decay (pulls logits towards 0)
     b1: float = 0.9
@@ -43,6 +43,9 @@ class OptimConfig:
     # Storage of both Adam moments. "bfloat16" takes 8 bytes per mask weight instead of 12
     # (bert-base x 16 relations: 5.4 GB of state instead of 8.2); the logits stay float32.
     moment_dtype: str = "float32"
+    # "linear": warmup then linear decay to 0, per relation; "constant": the learning rate
+    # throughout (what the reference ran: its per-relation scheduler.step() is commented out).
+    schedule: str = "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,22 @@ def linear_warmup_decay(
     up = (count + 1.0) / warmup
     down = jnp.clip((total - count) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
     return peak * jnp.where(count < warmup, up, down)
+
+
+def learning_rate(count: jax.Array, total: jax.Array, cfg: OptimConfig) -> jax.Array:
+    """The step size of update ``count`` out of ``total`` under ``cfg.schedule``."""
+    if cfg.schedule == "constant":
+        return jnp.full(jnp.shape(count), cfg.learning_rate, jnp.float32)
+    if cfg.schedule != "linear":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: 'linear' or 'constant'")
+    return linear_warmup_decay(count, total, cfg.learning_rate, cfg.warmup_fraction)
+
+
+def max_logit_travel(total_steps: int, cfg: OptimConfig) -> float:
+    """How far a mask logit can move over ``total_steps`` updates: Adam's update is about 1 in
+    size at most, so the sum of the step sizes (weight decay, pulling towards 0, aside)."""
+    counts = jnp.arange(max(int(total_steps), 1))
+    return float(jnp.sum(learning_rate(counts, jnp.full_like(counts, total_steps), cfg)))
 
 
 def init_train_state(
@@ -251,8 +270,7 @@ def relation_update(
                                          loss_config=loss_config), has_aux=True)
     (_, metrics), grads = grad_fn(mask_logits, frozen_params, batch, rng)
     updates, new_opt_state = make_optimizer(optim_config).update(grads, opt_state, mask_logits)
-    lr = linear_warmup_decay(relation_steps, total_steps, optim_config.learning_rate,
-                             optim_config.warmup_fraction)
+    lr = learning_rate(relation_steps, total_steps, optim_config)
     new_logits = jax.tree.map(lambda g, u: g - lr * u.astype(g.dtype), mask_logits, updates)
 
     grad_norm = optax.global_norm(grads)

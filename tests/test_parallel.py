@@ -22,6 +22,7 @@ from lamp_jax.parallel import (
     replicate,
     run_mesh,
     run_relation_chunk,
+    transient_budget,
 )
 from lamp_jax.prefix import prefix_hidden_states
 
@@ -97,20 +98,22 @@ def test_run_relation_chunk_takes_a_requested_chunk_as_is():
 
 def test_memory_relation_chunk_takes_the_largest_divisor_that_fits():
     gib = 2**30
-    assert memory_relation_chunk(16, gib, 20 * gib) is None  # 16 GiB fit in 80% of 20
-    assert memory_relation_chunk(16, gib, 10 * gib) == 8
-    assert memory_relation_chunk(16, gib, 5 * gib) == 4
-    assert memory_relation_chunk(12, gib, 5 * gib) == 4
+    assert memory_relation_chunk(16, gib, 16 * gib) is None  # all fit
+    assert memory_relation_chunk(16, gib, 8 * gib) == 8
+    assert memory_relation_chunk(16, gib, 4 * gib) == 4
+    assert memory_relation_chunk(12, gib, 5 * gib) == 4  # a divisor
     assert memory_relation_chunk(13, gib, 10 * gib) == 1  # prime: one at a time
     assert memory_relation_chunk(16, 10 * gib, gib) == 1  # not even one: still one
     # The smaller of the cache's and the memory's choice; a requested chunk is taken as is.
     relations = 2 * len(jax.devices())  # two per device
     mesh = run_mesh(relations, 16)
     assert run_relation_chunk(0, relations, mesh, 1, per_relation_bytes=gib,
-                              available=2 * gib) == 1
+                              budget=gib) == 1
     assert run_relation_chunk(0, relations, mesh, 1, per_relation_bytes=gib,
-                              available=3 * gib) is None
-    assert run_relation_chunk(3, relations, mesh, 1, per_relation_bytes=gib, available=gib) == 3
+                              budget=2 * gib) is None
+    assert run_relation_chunk(3, relations, mesh, 1, per_relation_bytes=gib, budget=gib) == 3
+    # A CPU device's budget is at most a quarter of the state it holds.
+    assert transient_budget(mesh, 8 * gib * mesh.shape["relation"]) <= 2 * gib
 
 
 def test_map_relations_can_write_new_values_into_its_first_argument():

@@ -14,14 +14,17 @@ from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, spars
 from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
 from lamp_jax.parallel import make_mesh, relation_slots, replicate, shard_batch
 from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
+from lamp_jax.trainer import threshold_warning
 from lamp_jax.training import (
     LossConfig,
     OptimConfig,
     clip_by_global_norm,
     init_train_state,
     jit_train_step,
+    learning_rate,
     linear_warmup_decay,
     make_optimizer,
+    max_logit_travel,
     place_state,
     relation_loss,
     scale_by_adam,
@@ -552,3 +555,30 @@ def test_bfloat16_computes_every_product_in_bfloat16_and_stays_close_to_float32(
     assert losses[jnp.bfloat16].dtype == np.float32
     np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=2e-2)
     assert np.all(losses[jnp.bfloat16] != losses[jnp.float32])
+
+
+def test_constant_schedule_and_how_far_a_logit_can_travel():
+    counts, total = jnp.arange(10), jnp.full(10, 10)
+    constant = OptimConfig(learning_rate=0.5, schedule="constant")
+    np.testing.assert_array_equal(learning_rate(counts, total, constant), np.full(10, 0.5))
+    linear = OptimConfig(learning_rate=0.5, warmup_fraction=0.2)
+    np.testing.assert_array_equal(learning_rate(counts, total, linear),
+                                  linear_warmup_decay(counts, total, 0.5, 0.2))
+    assert max_logit_travel(10, constant) == pytest.approx(5.0)
+    # Warmup 0.25, 0.5, then 1, 7/8, ..., 1/8 of 0.5: 0.375 + 2.25.
+    assert max_logit_travel(10, linear) == pytest.approx(0.5 * (0.5 + 1.0 + 4.5))
+
+
+def test_startup_warns_when_no_logit_can_cross_the_threshold():
+    logits = {"w": np.full((3, 4, 4), 1.0, np.float32)}
+    paper = OptimConfig(learning_rate=3e-4, schedule="constant")
+    said = threshold_warning(logits, 3, 300, paper, threshold=0.5)
+    assert "nearest starts 1 from it" in said and "at most about 0.09" in said
+    assert threshold_warning(logits, 3, 300, OptimConfig(learning_rate=0.01), 0.5) is None
+    near = {"w": logits["w"].copy()}
+    near["w"][1, 2, 3] = 0.05  # one logit within reach
+    assert threshold_warning(near, 3, 300, paper, threshold=0.5) is None
+    near["w"][1, 2, 3] = 1.0
+    near = {"w": np.concatenate([near["w"], np.zeros((1, 4, 4), np.float32)])}
+    # An inert slot (past the real relations) at the threshold does not count.
+    assert threshold_warning(near, 3, 300, paper, threshold=0.5) is not None

@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1  # the toy model needs far larger steps than bert-base's 3e-4
-    c.optim.warmup_fraction = 0.2  # of each relation's updates
+    c.optim.schedule = "linear"  # "linear" (warmup, then decay to 0) or "constant"
+    c.optim.warmup_fraction = 0.2  # of each relation's updates (linear schedule)
     c.optim.clip_norm = 5.0  # per-relation global norm; 0 disables
     c.optim.weight_decay = 0.0  # > 0: AdamW
     # Storage of Adam's two moments: "bfloat16" takes 8 bytes per mask weight instead of 12
