@@ -57,13 +57,10 @@ def batch_rank_stats(
     dtype: Any = jnp.float32,
     start_layer: int = 0,
     relation_shards: int = 1,
-    borrowed_from: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Per-relation sums over one ``[R, B, ...]`` batch: ``hits`` [R, K], ``rr`` [R], ``count`` [R].
 
     ``mask_logits=None`` evaluates the full (unpruned) model on every relation's prompts.
-    ``borrowed_from`` (a relation index): that relation's subnetwork on every relation's
-    prompts, built once (not once per relation: one masked model in memory).
     Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses.
     ``start_layer`` > 0: the batch carries ``hidden`` [R, B, L, H], the frozen output of layer
     ``start_layer - 1`` (:mod:`lamp_jax.prefix`), and the forward pass starts there.
@@ -83,15 +80,6 @@ def batch_rank_stats(
 
     if mask_logits is None:
         return jax.vmap(partial(with_params, frozen_params))(batch)
-    if borrowed_from is not None:
-        # A select and a sum over the relation axis instead of an index into it: an index
-        # into a sharded axis made XLA gather every relation's logits onto every device
-        # (bert-base x 16 relations on 2 CPU devices: +7 GiB per row of the matrix); the sum
-        # moves one relation's worth. Exact: every other term is 0.
-        pick = jnp.arange(jax.tree.leaves(mask_logits)[0].shape[0]) == borrowed_from
-        own = jax.tree.map(lambda g: jnp.where(pick.reshape((-1,) + (1,) * (g.ndim - 1)), g,
-                                               jnp.zeros((), g.dtype)).sum(axis=0), mask_logits)
-        return jax.vmap(partial(with_params, apply_masks(frozen_params, own, mode)))(batch)
     return map_relations(lambda g, b: with_params(apply_masks(frozen_params, g, mode), b),
                          relation_chunk, relation_shards)(mask_logits, batch)
 
@@ -194,14 +182,22 @@ def specialization_matrix(
     """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
 
     The diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
-    diagonal (the paper's Figure: another relation's mask hurts). ``rank_fn`` is made by
-    :func:`make_rank_fn`; each row builds relation a's masked model once and runs every
-    relation's prompts through it, so no more than one masked model is in memory.
+    diagonal (the paper's Figure: another relation's mask hurts).
+
+    The masks stay where they are; the prompts move. Pass ``k`` rolls the relation axis of
+    the batches by ``k`` on the host, so that mask a meets relation a + k's prompts, and one
+    ordinary evaluation fills the k-th diagonal. R passes fill the matrix, each as light as
+    a dev evaluation. (Moving relation a's masks to every relation's slot instead gathered
+    all relations' logits onto every device: bert-base x 16 relations on 2 CPU devices,
+    +5 GiB per row.)
     """
     num = len(relations)
     matrix = np.zeros((num, num))
-    for a in range(num):
-        result = evaluate(partial(rank_fn, borrowed_from=jnp.int32(a)), mask_logits,
-                          frozen_params, batches, relations, put_batch=put_batch)
-        matrix[a] = result.precision_at(1)
+    rows = np.arange(num)
+    for shift in range(num):
+        moved = [{k: np.roll(v, -shift, axis=0) for k, v in batch.items()}
+                 for batch in batches]
+        result = evaluate(rank_fn, mask_logits, frozen_params, moved, relations,
+                          put_batch=put_batch)
+        matrix[rows, (rows + shift) % num] = result.precision_at(1)
     return matrix
