@@ -50,7 +50,6 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     from lamp_jax.models.bert import ModelConfig, init_params
     from lamp_jax.parallel import (
         RELATION,
-        activation_bytes,
         pad_relations,
         relation_slots,
         replicate,
@@ -73,8 +72,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     slots = relation_slots(relations, mesh)  # inert relations pad to the relation devices
     params = replicate(params, mesh)
     logits = shard_relations(pad_relations(jax.device_get(logits), slots), mesh)
-    chunk = run_relation_chunk(0, relations, mesh, activation_bytes(
-        batch * length, config.intermediate_size, config.hidden_size, compute))
+    chunk = run_relation_chunk(0, relations, mesh)  # all at once: memory to spare
     start_layer = min(size["layers"])
     rank_fn = make_rank_fn(config, MaskMode("threshold"), dtype=compute, start_layer=start_layer,
                            relation_chunk=chunk, relation_shards=mesh.shape[RELATION])

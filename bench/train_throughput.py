@@ -101,7 +101,6 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
     import jax
 
     from lamp_jax.parallel import (
-        activation_bytes,
         relation_slots,
         replicate,
         run_mesh,
@@ -113,8 +112,8 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
 
     mesh = run_mesh(relations, batch, relation_parallelism)
     slots = relation_slots(relations, mesh)
-    relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh, activation_bytes(
-        batch * length, size["intermediate_size"], size["hidden_size"], dtype))
+    # As train.py on a device with memory to spare: a requested chunk, else all at once.
+    relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh)
     step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
                                                           relation_chunk, cache_prefix,
                                                           mesh=mesh, slots=slots,
@@ -220,7 +219,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of both sides")
     parser.add_argument("--relation-chunk", type=int, default=0,
                         help="ours: vmap this many relations per device at a time (0 = as "
-                        "train.py chooses: all on an accelerator, by L2 cache size on a CPU)")
+                        "train.py chooses with memory to spare: all at once)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for MFU (e.g. 989 for H100 SXM bf16 dense); on a CPU "
                         "the default is the measured float32 rate of a 2048^3 matmul")

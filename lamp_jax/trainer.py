@@ -528,7 +528,7 @@ def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
     size = activation_bytes(config.batch_size * length, model_config.intermediate_size,
                             model_config.hidden_size, DTYPES[config.dtype])
     per_relation = transient_bytes_per_relation(mask_params, size, model_config.num_layers)
-    return run_relation_chunk(config.relation_chunk, num_relations, mesh, size, per_relation,
+    return run_relation_chunk(config.relation_chunk, num_relations, mesh, per_relation,
                               transient_budget(mesh, state_bytes))
 
 

@@ -14,8 +14,6 @@ from lamp_jax.parallel import (
     activation_bytes,
     available_cores,
     cpu_device_count,
-    cpu_relation_chunk,
-    l2_cache_bytes,
     make_mesh,
     map_relations,
     memory_relation_chunk,
@@ -23,6 +21,7 @@ from lamp_jax.parallel import (
     run_mesh,
     run_relation_chunk,
     transient_budget,
+    transient_bytes_per_relation,
 )
 from lamp_jax.prefix import prefix_hidden_states
 
@@ -71,29 +70,18 @@ def test_run_mesh_keeps_each_relations_batch_on_one_cpu_device():
     assert dict(run_mesh(6, 8, relation_parallelism=2).shape) == {"relation": 2, "data": 1}
 
 
-def test_cpu_relation_chunk_keeps_a_chunks_activations_in_half_the_l2_cache():
+def test_activation_bytes_is_the_widest_activation_of_a_relations_batch():
     mib = 2**20
-    # The measured cases (2 MiB L2, 4 relations per device): 512 KiB -> 2, 1 MiB -> 1,
-    # 256 KiB -> all at once, 2 MiB (bert-base) -> all at once (chunks were slower).
-    assert cpu_relation_chunk(4, mib // 2, 2 * mib) == 2
-    assert cpu_relation_chunk(4, mib, 2 * mib) == 1
-    assert cpu_relation_chunk(4, mib // 4, 2 * mib) is None
-    assert cpu_relation_chunk(2, 2 * mib, 2 * mib) is None
-    assert cpu_relation_chunk(6, mib // 4, 2 * mib) == 3  # a divisor: no padded chunk
-    assert cpu_relation_chunk(5, mib // 4, 2 * mib) == 1
-    assert l2_cache_bytes() >= 64 * 1024
     # Small config, 16 prompts of 16 tokens: the FFN's 512 floats per row, 512 KiB per relation.
     assert activation_bytes(16 * 16, 512, 128, jnp.float32) == mib // 2
     assert activation_bytes(16 * 16, 512, 128, jnp.bfloat16) == mib // 4
+    assert transient_bytes_per_relation(1000, mib, 2) == 24 * 1000 + 16 * mib
 
 
 def test_run_relation_chunk_takes_a_requested_chunk_as_is():
     mesh = run_mesh(8, 16)
-    assert run_relation_chunk(3, 8, mesh, activation_bytes=1) == 3
-    local = 8 // mesh.shape["relation"]
-    assert run_relation_chunk(0, 8, mesh, activation_bytes=1) is None  # all fit
-    assert run_relation_chunk(0, 8, mesh, activation_bytes=l2_cache_bytes() // 2) == (
-        None if local == 1 else 1)
+    assert run_relation_chunk(3, 8, mesh) == 3
+    assert run_relation_chunk(0, 8, mesh) is None  # no budget given: all at once
 
 
 def test_memory_relation_chunk_takes_the_largest_divisor_that_fits():
@@ -107,11 +95,9 @@ def test_memory_relation_chunk_takes_the_largest_divisor_that_fits():
     # The smaller of the cache's and the memory's choice; a requested chunk is taken as is.
     relations = 2 * len(jax.devices())  # two per device
     mesh = run_mesh(relations, 16)
-    assert run_relation_chunk(0, relations, mesh, 1, per_relation_bytes=gib,
-                              budget=gib) == 1
-    assert run_relation_chunk(0, relations, mesh, 1, per_relation_bytes=gib,
-                              budget=2 * gib) is None
-    assert run_relation_chunk(3, relations, mesh, 1, per_relation_bytes=gib, budget=gib) == 3
+    assert run_relation_chunk(0, relations, mesh, per_relation_bytes=gib, budget=gib) == 1
+    assert run_relation_chunk(0, relations, mesh, per_relation_bytes=gib, budget=2 * gib) is None
+    assert run_relation_chunk(3, relations, mesh, per_relation_bytes=gib, budget=gib) == 3
     # A CPU device's budget is at most a quarter of the state it holds.
     assert transient_budget(mesh, 8 * gib * mesh.shape["relation"]) <= 2 * gib
 

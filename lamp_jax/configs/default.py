@@ -60,11 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.epochs = 40  # the toy world has ~30 training facts per relation: 2 steps per epoch
     c.batching = "per_relation"  # "per_relation" (reference) or "balanced"
     c.eval_every = 0  # steps between dev evaluations; 0 = once per epoch
-    # Relations each device vmaps at a time. > 0 bounds activations and masked weights (long
-    # sequences, big batches), not the state; a divisor of the relations avoids copying it.
-    # `python -m bench.memory_plan` shows the effect before a run. 0 = automatic: all at once
-    # on an accelerator; on a CPU, as many as keep a chunk's FFN activations in half the L2
-    # cache (lamp_jax.parallel.cpu_relation_chunk).
+    # Relations each device trains at a time; each chunk's new state is written into the old
+    # one's buffers, so a step holds the state plus one chunk's masked weights, gradients and
+    # activations (about 1 GiB per relation for bert-base). 0 = automatic: all at once when
+    # they fit in 80% of an accelerator's free memory (on a CPU: in a quarter of the state
+    # each device holds), else the largest divisor of a device's relations that does.
+    # `python -m bench.memory_plan --fits 16 40 80` shows what fits where before a run.
     c.relation_chunk = 0
     # Compute the frozen layers below the lowest pruned one once per prompt and start every
     # step there (lamp_jax/prefix.py); costs N x L x hidden values of host memory.
