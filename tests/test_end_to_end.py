@@ -17,6 +17,7 @@ from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.models.params import save_mlm
 from lamp_jax.trainer import train_and_evaluate
 from tests import by_hand
+from tests.needs import require
 from tests.tokenizer_fixtures import make_bert_tokenizer, words_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
@@ -246,3 +247,58 @@ def test_reevaluate_cli_reproduces_the_run_metrics(finished_run):
     again = json.loads((workdir / "eval_test.json").read_text())
     assert again["test"] == summary["test"]
     np.testing.assert_equal(again["specialization"], summary["specialization"])  # NaN: no prompts
+
+
+# Our matrix names -> the module of transformers' BertLayer whose weight they mask.
+TORCH_MODULES = {"query": "attention.self.query", "key": "attention.self.key",
+                 "value": "attention.self.value", "attn_out": "attention.output.dense",
+                 "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
+
+
+def test_embedded_run_metrics_recomputed_from_its_files_with_transformers_pytorch(
+        embedded_run_dir):
+    """Anyone can recompute a run's test metrics without our code: the facts from split.json,
+    the binary masks from masks.npz (unpacked with numpy), the model from its hub-format
+    directory through transformers' PyTorch BertForMaskedLM, one prompt at a time."""
+    torch = require("torch")
+    transformers = require("transformers")
+    run = json.loads((embedded_run_dir / "run.json").read_text())
+    metrics = json.loads((embedded_run_dir / "metrics.json").read_text())["test"]["pruned"]
+    model_dir = Path(run["model"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    test = json.loads((embedded_run_dir / "split.json").read_text())["test"]
+    with np.load(embedded_run_dir / "masks.npz") as packed:
+        meta = json.loads(str(packed["__meta__"]))
+        masks = {name: np.unpackbits(packed[name], count=int(np.prod(packed[name + ".shape"])))
+                 .reshape(tuple(packed[name + ".shape"])) for name in packed.files
+                 if name != "__meta__" and not name.endswith(".shape")}
+    assert meta["relations"] == run["relations"] and len(masks) == 2 * 6
+    model = transformers.BertForMaskedLM.from_pretrained(model_dir).eval()
+    modules = {}
+    for name in masks:
+        layer, matrix = name.split("/")
+        module = model.bert.encoder.layer[int(layer.split("_")[1])]
+        for attribute in TORCH_MODULES[matrix].split("."):
+            module = getattr(module, attribute)
+        modules[name] = (module, module.weight.detach().clone())
+    ranks = {}
+    for r, relation in enumerate(run["relations"]):
+        with torch.no_grad():
+            for name, (module, full) in modules.items():  # torch's weight is [out, in]
+                module.weight.copy_(full * torch.from_numpy(masks[name][r].T.astype(np.float32)))
+            ranks[relation] = []
+            for fact in (f for f in test if f["relation"] == relation):
+                for sentence in fact["sentences"]:
+                    ids = tokenizer(sentence.replace("[MASK]", tokenizer.mask_token),
+                                    return_tensors="pt")["input_ids"]
+                    target = tokenizer.convert_tokens_to_ids(fact["object"].lower())
+                    position = int((ids[0] == tokenizer.mask_token_id).nonzero()[0, 0])
+                    scores = model(input_ids=ids).logits[0, position]
+                    ranks[relation].append(1 + int((scores > scores[target]).sum()))
+    want = by_hand.metrics_from_ranks(ranks)
+    assert want["count"] == metrics["count"] > 100
+    for relation, values in want["per_relation"].items():
+        assert metrics["per_relation"][relation]["P@1"] == pytest.approx(values["P@1"]), relation
+        assert metrics["per_relation"][relation]["MRR"] == pytest.approx(values["MRR"], rel=1e-3)
+    assert metrics["macro_P@1"] == pytest.approx(want["macro_P@1"])
+    assert 0.2 < want["macro_P@1"] < 1  # subnetworks that work, not a comparison of zeros
