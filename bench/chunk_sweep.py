@@ -12,9 +12,8 @@ devices, donated on accelerators, the frozen prefix cached.
 from __future__ import annotations
 
 import argparse
-import time
 
-from bench.common import SIZES, add_step_arguments, machine, median_time
+from bench.common import SIZES, add_step_arguments, machine, time_steps
 
 GIB = 2**30
 
@@ -54,18 +53,8 @@ def measure(args, chunk: int) -> tuple[float, float, int, int]:
     stats = step.lower(state, params, data).compile().memory_analysis()
     peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-    start = time.perf_counter()
-    state, _ = step(state, params, data)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - start
-
-    def one():
-        nonlocal state
-        state, _ = step(state, params, data)
-        jax.block_until_ready(state.mask_logits)
-
-    one()
-    return median_time(one, args.repeats), compile_s, peak, base
+    seconds, first_s = time_steps(step, state, params, data, args.repeats, warmup=1)
+    return seconds, first_s, peak, base
 
 if __name__ == "__main__":
     main()

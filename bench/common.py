@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lamp_jax.hosts import peak_rss_bytes
 from lamp_jax.parallel import available_cores
 
 SIZES = {
@@ -103,9 +105,33 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
+def time_steps(step: Callable, state: Any, params: Any, data: Any, repeats: int,
+               warmup: int = 0, during: Any = None) -> tuple[float, float]:
+    """Times a jitted training step fed its own new state: ``(median seconds of `repeats`
+    steps, seconds of the first call)``. The first call compiles the step (unless it was
+    compiled before); ``warmup`` untimed steps follow it, then the timed ones, all inside the
+    context manager ``during`` (e.g. a :class:`CompileCounter`) when one is given."""
+    import jax
+
+    start = time.perf_counter()
+    state, _ = step(state, params, data)
+    jax.block_until_ready(state)
+    first_s = time.perf_counter() - start
+
+    def one():
+        nonlocal state
+        state, _ = step(state, params, data)
+        jax.block_until_ready(state.mask_logits)
+
+    with during if during is not None else contextlib.nullcontext():
+        for _ in range(warmup):
+            one()
+        return median_time(one, repeats), first_s
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory in MiB (:func:`lamp_jax.hosts.peak_rss_bytes`)."""
+    return peak_rss_bytes() / 2**20
 
 
 

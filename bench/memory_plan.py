@@ -69,6 +69,7 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
     import jax.numpy as jnp
 
     from lamp_jax.parallel import (
+        ACCELERATOR_SHARE,
         activation_bytes,
         memory_relation_chunk,
         transient_bytes_per_relation,
@@ -83,7 +84,7 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
         mask_params, activation_bytes(batch * length, size["intermediate_size"],
                                       size["hidden_size"], jnp.dtype(dtype)),
         size["num_layers"])
-    return memory_relation_chunk(relations, per_relation, int(0.8 * left)), left
+    return memory_relation_chunk(relations, per_relation, int(ACCELERATOR_SHARE * left)), left
 
 
 def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,

@@ -13,12 +13,11 @@ least-squares line ``step = fixed + per_relation * R`` is printed for the first 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 
-from bench.common import machine, median_time, random_batch, train_flops_per_example
+from bench.common import machine, random_batch, time_steps, train_flops_per_example
 from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.training import (
@@ -45,17 +44,7 @@ def step_time(shape: dict, layers: tuple[int, ...], relations: int, batch: int, 
     state = init_train_state(logits, make_optimizer(optim), 10_000, jax.random.key(2))
     step = jit_train_step(model_config=config, loss_config=LossConfig(mode), optim_config=optim)
     data = jax.device_put(random_batch(relations, batch, length, config.vocab_size))
-    start = time.perf_counter()
-    state, _ = step(state, params, data)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - start
-
-    def one():
-        nonlocal state
-        state, _ = step(state, params, data)
-        jax.block_until_ready(state.mask_logits)
-
-    return median_time(one, repeats), compile_s
+    return time_steps(step, state, params, data, repeats)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from bench.common import (
     peak_rss_mb,
     random_batch,
     run_side,
+    time_steps,
     torch_batches,
     torch_bert_kwargs,
     torch_setup,
@@ -139,9 +140,7 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
 def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
          mode: str, relation_chunk: int | None, cache_prefix: bool, cpu_devices: int,
          relation_parallelism: int | None = None, moment_dtype: str = "float32") -> dict:
-    import time
 
-    import jax
 
     from lamp_jax.parallel import use_cpu_devices
 
@@ -152,20 +151,10 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
     step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
     prefix_s = built["prefix_s"]
 
-    start = time.perf_counter()
-    state, _ = step(state, params, data)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - start
-
-    def one():
-        nonlocal state
-        state, _ = step(state, params, data)
-        jax.block_until_ready(state.mask_logits)
-
-    with CompileCounter() as compiles:
-        for _ in range(WARMUP_STEPS - 1):  # the first steps after compiling fault in memory
-            one()
-        seconds = median_time(one, repeats)
+    # The first steps after compiling fault in memory: WARMUP_STEPS - 1 more go untimed.
+    compiles = CompileCounter()
+    seconds, compile_s = time_steps(step, state, params, data, repeats,
+                                    warmup=WARMUP_STEPS - 1, during=compiles)
     summary = jax_device_summary()
     return {"step_s": seconds, "mesh": dict(built["mesh"].shape), "slots": built["slots"],
             "relation_chunk": built["relation_chunk"], "prefix_s": prefix_s,

@@ -134,7 +134,8 @@ def iter_masks(mask_tree: Mapping[str, Any], spec: MaskSpec):
 # --- initialisation ----------------------------------------------------------------------------
 
 
-def _logit(p: float) -> float:
+def logit(p: float) -> float:
+    """The mask logit whose sigmoid is ``p`` (the threshold a logit must cross)."""
     return math.log(p) - math.log1p(-p)
 
 
@@ -142,7 +143,7 @@ def constant_for_sparsity(sparsity: float, mode: MaskMode) -> float:
     """The constant logit whose stochastic training mask has the given expected sparsity."""
     if not 0.0 < sparsity < 1.0:
         raise ValueError(f"target sparsity must be in (0, 1), got {sparsity}")
-    return mode.tau * _logit(mode.threshold) - _logit(sparsity)
+    return mode.tau * logit(mode.threshold) - logit(sparsity)
 
 
 def expected_initial_sparsity(init: MaskInit, mode: MaskMode) -> float:
@@ -153,7 +154,7 @@ def expected_initial_sparsity(init: MaskInit, mode: MaskMode) -> float:
     """
     if init.kind == "target":
         return init.sparsity
-    t = _logit(mode.threshold)
+    t = logit(mode.threshold)
     if mode.kind != "stochastic" and init.kind == "normal" and init.std > 0:
         return float(0.5 * (1 + math.erf((t - init.value) / (init.std * math.sqrt(2)))))
     if init.kind == "constant" or init.kind == "normal" and init.std == 0:
@@ -257,7 +258,7 @@ def concrete_sample(logits: jax.Array, rng: jax.Array, tau: float) -> jax.Array:
 
 def hard_mask(logits: jax.Array, threshold: float) -> jax.Array:
     """``1[sigmoid(G) > t]`` computed as ``G > logit(t)`` (no rounding at the boundary)."""
-    return (logits > _logit(threshold)).astype(logits.dtype)
+    return (logits > logit(threshold)).astype(logits.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -342,7 +343,7 @@ def expected_density(mask_logits: Mapping[str, Any], mode: MaskMode) -> jax.Arra
     For a concrete mask ``P(m > t) = sigmoid(G - tau*logit(t))``; for the other kinds we use
     ``sigmoid(G - logit(t))`` as the smooth stand-in of the hard indicator.
     """
-    shift = (mode.tau if mode.kind == "stochastic" else 1.0) * _logit(mode.threshold)
+    shift = (mode.tau if mode.kind == "stochastic" else 1.0) * logit(mode.threshold)
     leaves = jax.tree.leaves(mask_logits)
     total = sum(jnp.sum(jax.nn.sigmoid(g - shift)) for g in leaves)
     return total / sum(g.size for g in leaves)
@@ -371,7 +372,7 @@ def sparsity_stats(
     """
     stats, zeros, count = {}, 0, 0
     for i, m, leaf in iter_masks(mask_logits, spec):
-        off = to_host(leaf) <= _logit(threshold)
+        off = to_host(leaf) <= logit(threshold)
         per_relation = off.reshape(off.shape[0], -1)
         stats[f"layer_{i}/{m}"] = per_relation.mean(axis=1)
         zeros = zeros + per_relation.sum(axis=1)
@@ -385,7 +386,7 @@ def pruned_fraction(mask_logits: Mapping[str, Any], threshold: float = 0.5) -> j
     """``[R]`` fraction of all masked weights the hard mask prunes, per relation, computed on
     the devices (only R numbers reach the host): :func:`sparsity_stats`'s ``total``."""
     leaves = jax.tree.leaves(mask_logits)
-    off = sum(jnp.sum(g <= _logit(threshold), axis=tuple(range(1, g.ndim)), dtype=jnp.int32)
+    off = sum(jnp.sum(g <= logit(threshold), axis=tuple(range(1, g.ndim)), dtype=jnp.int32)
               for g in leaves)
     return off / sum(g[0].size for g in leaves)
 

@@ -151,7 +151,7 @@ def use_cpu_devices(requested: int = 0) -> int | None:
 
 def activation_bytes(rows: int, intermediate_size: int, hidden_size: int, dtype: Any) -> int:
     """Bytes of one relation's largest activation: its ``rows`` (prompts x length) at the wider
-    of the FFN and hidden widths (what :func:`run_relation_chunk` fits into the cache)."""
+    of the FFN and hidden widths (part of :func:`transient_bytes_per_relation`)."""
     return rows * max(intermediate_size, hidden_size) * jnp.dtype(dtype).itemsize
 
 
@@ -183,6 +183,10 @@ def available_bytes(mesh: Mesh) -> int | None:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
+# The share of an accelerator's free memory a step's transients may take.
+ACCELERATOR_SHARE = 0.8
+
+
 def transient_budget(mesh: Mesh, state_bytes: int) -> int | None:
     """Bytes each device of ``mesh`` may give one step's transients (masked weights,
     gradients, activations of the relations it runs at a time), beside a state of
@@ -193,7 +197,7 @@ def transient_budget(mesh: Mesh, state_bytes: int) -> int | None:
     free = available_bytes(mesh)
     if free is None:
         return None
-    budget = int(0.8 * free)
+    budget = int(ACCELERATOR_SHARE * free)
     if mesh.devices.flat[0].platform == "cpu":
         budget = min(budget, state_bytes // mesh.shape[RELATION] // 4)
     return budget

@@ -7,7 +7,6 @@ call into the pure functions of ``masks``, ``training`` and ``evaluation``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -34,12 +33,21 @@ from lamp_jax.data import (
     reference_protocol_split,
     split_by_fact,
 )
-from lamp_jax.hosts import append_text, is_main, main_log, sync, to_host, write_text
+from lamp_jax.hosts import (
+    append_text,
+    is_main,
+    main_log,
+    peak_rss_bytes,
+    sync,
+    to_host,
+    write_text,
+)
 from lamp_jax.masks import (
     MaskInit,
     MaskMode,
     MaskSpec,
     init_mask_logits,
+    logit,
     pruned_fraction,
     sparsity_stats,
 )
@@ -361,14 +369,6 @@ class PhaseClock:
                 f"{res['peak_rss_bytes'] / 2**30:.2f} GiB{device}")
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
-
-
 def threshold_warning(logits: Any, num_relations: int, updates: int, optim: OptimConfig,
                       threshold: float) -> str | None:
     """A warning when no initial mask logit is close enough to the threshold for training to
@@ -377,7 +377,7 @@ def threshold_warning(logits: Any, num_relations: int, updates: int, optim: Opti
     hundred updates: well under 1), so the paper's recipe with logits starting at 1 and
     threshold 0.5 (logit 0) cannot prune."""
     travel = max_logit_travel(updates, optim)
-    boundary = math.log(threshold) - math.log1p(-threshold)
+    boundary = logit(threshold)
     nearest = min(float(np.min(np.abs(np.asarray(leaf[:num_relations]) - boundary)))
                   for leaf in jax.tree.leaves(logits))
     if nearest <= travel:

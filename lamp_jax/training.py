@@ -292,7 +292,8 @@ def relation_update(
     optim_config: OptimConfig,
 ) -> tuple[tuple[Any, Any, jax.Array], dict[str, jax.Array]]:
     """ONE relation's update: gradient of :func:`relation_loss`, clipping by its global norm,
-    Adam(W) with its own state, and its own linear warmup/decay step size.
+    Adam(W) with its own state, and the step size of its own schedule
+    (:func:`learning_rate`).
 
     A relation with no data in this batch (it finished its epochs) keeps its logits and state,
     and so does one whose loss or gradient is not finite: NaN never reaches the masks.
