@@ -69,8 +69,8 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
     import jax.numpy as jnp
 
     from lamp_jax.parallel import (
-        ACCELERATOR_SHARE,
         activation_bytes,
+        budget_for,
         memory_relation_chunk,
         transient_bytes_per_relation,
     )
@@ -78,13 +78,14 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
     step, init, *_ = build_step(size, relations, length, dtype, "stochastic", None, True,
                                 moment_dtype=moment_dtype)
     params, state = jax.eval_shape(init, jax.random.key(0))
-    left = device_bytes - _nbytes((state.mask_logits, state.opt_state)) - _nbytes(params)
+    state_bytes = _nbytes((state.mask_logits, state.opt_state))
+    left = device_bytes - state_bytes - _nbytes(params)
     mask_params = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(state.mask_logits))
     per_relation = transient_bytes_per_relation(
         mask_params, activation_bytes(batch * length, size["intermediate_size"],
                                       size["hidden_size"], jnp.dtype(dtype)),
         size["num_layers"])
-    return memory_relation_chunk(relations, per_relation, int(ACCELERATOR_SHARE * left)), left
+    return memory_relation_chunk(relations, per_relation, budget_for(left, state_bytes)), left
 
 
 def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,

@@ -164,14 +164,20 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
         sections["qa"] = qa_section(run, qa_file, qa_format, list(qa_relations), qa_method)
     for name, result in sections.items():
         write_text(out / f"{name}.json", json.dumps(result, indent=2))
-    write_text(out / "index.md", _index(sections))
+    seeds = {"seed": config.get("seed"), "data_seed": config.data.get("seed")}
+    write_text(out / "index.md", _index(sections, seeds))
     log(f"report written to {out / 'index.md'}")
     return out
 
 
-def _index(sections: dict[str, Any]) -> str:
+def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str:
     s, c, r = sections["specialization"], sections["combination"], sections["representations"]
-    lines = ["# lamp-jax report", "", "## Specialization (test P@1, macro)", "",
+    seeds = seeds or {}
+    lines = ["# lamp-jax report", "",
+             f"Every figure below is from one run: seed {seeds.get('seed')} (mask init, noise, "
+             f"batch order), held-out facts of data seed {seeds.get('data_seed')}. For a mean "
+             "+- std over seeds, train with `python -m lamp_jax.sweep --seeds 3`.", "",
+             "## Specialization (test P@1, macro)", "",
              f"own subnetwork {s['own_mask_macro_P@1']:.3f}, other relations' subnetworks "
              f"{s['other_masks_macro_P@1']:.3f}, full model {s['full_model_macro_P@1']:.3f}", "",
              f"![specialization]({s['figure']})", "", "## Combined masks (dev macro P@1)", "",

@@ -38,6 +38,7 @@ from lamp_jax.hosts import (
     is_main,
     main_log,
     peak_rss_bytes,
+    return_free_memory,
     sync,
     to_host,
     write_text,
@@ -54,8 +55,10 @@ from lamp_jax.masks import (
 from lamp_jax.models.bert import ModelConfig
 from lamp_jax.models.params import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
+    ACCELERATOR_SHARE,
     RELATION,
     activation_bytes,
+    available_bytes,
     pad_relations,
     relation_slots,
     replicate,
@@ -100,6 +103,39 @@ def resolve_model_and_data(config: ml_collections.ConfigDict) -> tuple[str, Path
     if source == "lama":
         return model, download_lama_conceptnet(Path(config.data.cache_dir).expanduser())
     return model, Path(source).expanduser()
+
+
+def load_model_and_data(config: ml_collections.ConfigDict, log=print):
+    """The model and the run's data, read, encoded and split (:func:`prepare_data`).
+
+    Returns ``(model_source, jsonl, mlm, relations, data, facts_by_split)``."""
+    model_source, jsonl = resolve_model_and_data(config)
+    mlm = load_mlm(model_source, dtype=DTYPES[config.dtype])
+    log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
+        f"hidden {mlm.config.hidden_size}); data: {jsonl}")
+    relations, data, facts_by_split = prepare_data(config, mlm.tokenizer, jsonl, log)
+    return model_source, jsonl, mlm, relations, data, facts_by_split
+
+
+def optim_settings(config: ml_collections.ConfigDict) -> OptimConfig:
+    o = config.optim
+    return OptimConfig(o.learning_rate, o.warmup_fraction, o.clip_norm or None, o.weight_decay,
+                       moment_dtype=o.get("moment_dtype", "float32"),
+                       schedule=o.get("schedule", "linear"))
+
+
+def loss_settings(config: ml_collections.ConfigDict, mode: MaskMode, start_layer: int
+                  ) -> LossConfig:
+    return LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
+                      compute_dtype=DTYPES[config.dtype], start_layer=start_layer)
+
+
+def evaluation_batches(config: ml_collections.ConfigDict, data, features
+                       ) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per split, its prompts in ``[R, B, ...]`` batches, each relation's own in order."""
+    return {name: list(RelationBatcher(d, config.batch_size, mode="per_relation",
+                                       row_features=features[name]).eval_batches())
+            for name, d in data.items()}
 
 
 def mask_settings(config: ml_collections.ConfigDict, mlm: LoadedMLM):
@@ -172,11 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     log = main_log(log)
     workdir = _writable_workdir(workdir)
     dtype = DTYPES[config.dtype]
-    model_source, jsonl = resolve_model_and_data(config)
-    mlm = load_mlm(model_source, dtype=dtype)
-    log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
-        f"hidden {mlm.config.hidden_size}); data: {jsonl}")
-    relations, data, facts_by_split = prepare_data(config, mlm.tokenizer, jsonl, log)
+    model_source, jsonl, mlm, relations, data, facts_by_split = load_model_and_data(config, log)
     spec, mode, init = mask_settings(config, mlm)
     eval_mode = mode.for_inference(config.mask.eval_kind)
     clock.lap("load")
@@ -187,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     frozen = replicate(mlm.params, mesh)
     # Layers below the lowest masked one are frozen: their output is computed once per prompt.
     start_layer = min(spec.layers) if config.cache_frozen_prefix else 0
-    features = {name: _frozen_prefix(mlm.config, frozen, d, start_layer, dtype, mesh)
+    features = {name: frozen_prefix(mlm.config, frozen, d, start_layer, dtype, mesh)
                 for name, d in data.items()}
     train = RelationBatcher(data["train"], config.batch_size, config.seed, config.batching,
                             config.epochs, row_features=features["train"])
@@ -202,16 +234,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                           platform.system(), os.environ, mesh.devices.size)
     if hint:
         log(hint)
-    optim = OptimConfig(config.optim.learning_rate, config.optim.warmup_fraction,
-                        config.optim.clip_norm or None, config.optim.weight_decay,
-                        moment_dtype=config.optim.get("moment_dtype", "float32"),
-                        schedule=config.optim.get("schedule", "linear"))
+    optim = optim_settings(config)
     warning = threshold_warning(logits, len(relations), max(train.steps_per_relation), optim,
                                 mode.threshold)
     if warning:
         log("warning: " + warning)
-    loss = LossConfig(mode, config.loss.sparsity_weight, config.loss.target_sparsity,
-                      compute_dtype=dtype, start_layer=start_layer)
+    loss = loss_settings(config, mode, start_layer)
     state = init_placed_state(logits, make_optimizer(optim),
                               pad_relations(np.asarray(train.steps_per_relation), slots),
                               jax.random.fold_in(rng, 1), mesh)
@@ -220,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     # After the state is placed: the chunk fits in the memory that is left.
     chunk = _relation_chunk(config, mlm.config, len(relations), mesh,
                             data["train"].input_ids.shape[1], _mask_params(state.mask_logits),
-                            state_bytes)
+                            state_bytes, log)
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
         f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices in "
@@ -238,9 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     rank_fn = evaluation.make_rank_fn(mlm.config, eval_mode, relation_chunk=chunk, dtype=dtype,
                                       start_layer=start_layer, relation_shards=shards)
     put = lambda b: shard_batch(b, mesh, slots)  # noqa: E731
-    eval_sets = {name: list(RelationBatcher(d, config.batch_size, mode="per_relation",
-                                            row_features=features[name]).eval_batches())
-                 for name, d in data.items()}
+    eval_sets = evaluation_batches(config, data, features)
 
     _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
                     mlm.config)
@@ -300,6 +326,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             if saved:
                 record["checkpoint_GB"] = round(saved["bytes"] / 1e9, 3)
                 record["checkpoint_s"] = round(saved["seconds"], 2)
+            if state_bytes >= BACKGROUND_SAVE_BYTES:
+                # The save's and the evaluation's host buffers are free now, but glibc kept
+                # them mapped: bert-base x 16 relations crept from 9.2 to 10.5 GiB between
+                # two steps on a CPU (bench/README.md, memory).
+                return_free_memory()
             clock.lap("checkpoints")
             append_text(workdir / "metrics.jsonl", json.dumps(record) + "\n")
         if config.stop_after and done - first_step >= config.stop_after and done < train.num_steps:
@@ -453,7 +484,7 @@ def allocator_hint(mask_logit_bytes: int, backend: str, system: str,
             + " made bert-base steps 1.7x faster here (README, Speed)")
 
 
-def _frozen_prefix(model_config: ModelConfig, frozen: Any, encoded, start_layer: int, dtype,
+def frozen_prefix(model_config: ModelConfig, frozen: Any, encoded, start_layer: int, dtype,
                    mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
     """``{"hidden": [N, L, H]}`` for the batcher, or nothing when the prefix is not cached."""
     if not start_layer or len(encoded) == 0:
@@ -496,7 +527,8 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
                "relations": list(relations)}
     log(_table(relations, full, pruned, sparsity["total"]))
     log(f"test macro P@1: full {full.macro(1):.3f} -> pruned {pruned.macro(1):.3f}; "
-        f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f}")
+        f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f} (one run, seed "
+        f"{config.seed}; mean +- std over seeds: python -m lamp_jax.sweep --seeds 3)")
     spec_matrix = None
     if config.specialization:
         spec_matrix = evaluation.specialization_matrix(rank_fn, best, frozen, test, relations,
@@ -521,15 +553,28 @@ def _mask_params(mask_logits) -> int:
 
 def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
                     mesh: jax.sharding.Mesh, length: int, mask_params: int,
-                    state_bytes: int) -> int | None:
+                    state_bytes: int, log=None) -> int | None:
     """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
     to ``length`` (every split of a run shares it) and relations of ``mask_params`` mask
-    weights, in the memory the devices have left now beside a state of ``state_bytes``."""
+    weights, in the memory the devices have left now beside a state of ``state_bytes``.
+    With ``log``: says when a larger chunk would fit in free memory and run faster."""
     size = activation_bytes(config.batch_size * length, model_config.intermediate_size,
                             model_config.hidden_size, DTYPES[config.dtype])
     per_relation = transient_bytes_per_relation(mask_params, size, model_config.num_layers)
-    return run_relation_chunk(config.relation_chunk, num_relations, mesh, per_relation,
-                              transient_budget(mesh, state_bytes))
+    budget = transient_budget(mesh, state_bytes)
+    chunk = run_relation_chunk(config.relation_chunk, num_relations, mesh, per_relation, budget)
+    free = available_bytes(mesh)
+    if log is None or config.relation_chunk or free is None:
+        return chunk
+    fastest = run_relation_chunk(0, num_relations, mesh, per_relation,
+                                 int(ACCELERATOR_SHARE * free))
+    local = relation_slots(num_relations, mesh) // mesh.shape[RELATION]
+    if (fastest or local) > (chunk or local):
+        extra = ((fastest or local) - chunk) * per_relation
+        log(f"memory first: {chunk} relation(s) per device at a time keep the step within "
+            f"1.25x the state; --config.relation_chunk={fastest or local} fits in free memory "
+            f"too: faster steps for about {extra / 2**30:.1f} GiB more per device")
+    return chunk
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:

@@ -71,7 +71,11 @@ class TrainState(flax.struct.PyTreeNode):
     relation_steps: jax.Array  # [R] updates applied so far to each relation
     total_steps: jax.Array  # [R] updates each relation will get (its schedule's length)
     step: jax.Array  # global step count
+    # One key, or ``[runs]`` keys when the relation axis holds several runs side by side (a
+    # sweep, :mod:`lamp_jax.sweep`): each run then draws the noise it would draw alone.
     rng: jax.Array
+    # None: every slot uses the OptimConfig's learning rate; else ``[R]`` peak step sizes.
+    learning_rate: Any = None
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -94,8 +98,9 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: Any = jnp.floa
     ``mu_dtype`` narrows the first moment only, to nearest). To nearest, the second moment
     stops moving: 0.999 x rounds back to x in bfloat16's 8 bits, and so does adding a
     gradient square under 1/512 of it. Measured on the embedded default (test macro P@1, seeds
-    0/1/2): float32 0.476 +- 0.007; bfloat16 to nearest 0.448 +- 0.014; bfloat16 with
-    stochastic rounding 0.469 +- 0.033 (0.459 / 0.506 / 0.441)."""
+    0/1/2, bench/README.md): float32 0.609 +- 0.028, bfloat16 with stochastic rounding 0.610
+    +- 0.021; on the earlier deterministic default, rounding to nearest lost 0.028 (0.448 +-
+    0.014 against 0.476 +- 0.007), stochastic rounding 0.007."""
     if jnp.dtype(moment_dtype) == jnp.float32:
         return optax.scale_by_adam(b1, b2, eps)
 
@@ -176,13 +181,16 @@ def linear_warmup_decay(
     return peak * jnp.where(count < warmup, up, down)
 
 
-def learning_rate(count: jax.Array, total: jax.Array, cfg: OptimConfig) -> jax.Array:
-    """The step size of update ``count`` out of ``total`` under ``cfg.schedule``."""
+def learning_rate(count: jax.Array, total: jax.Array, cfg: OptimConfig,
+                  peak: Any = None) -> jax.Array:
+    """The step size of update ``count`` out of ``total`` under ``cfg.schedule``, peaking at
+    ``peak`` (default ``cfg.learning_rate``)."""
+    peak = cfg.learning_rate if peak is None else peak
     if cfg.schedule == "constant":
-        return jnp.full(jnp.shape(count), cfg.learning_rate, jnp.float32)
+        return jnp.broadcast_to(jnp.asarray(peak, jnp.float32), jnp.shape(count))
     if cfg.schedule != "linear":
         raise ValueError(f"unknown schedule {cfg.schedule!r}: 'linear' or 'constant'")
-    return linear_warmup_decay(count, total, cfg.learning_rate, cfg.warmup_fraction)
+    return linear_warmup_decay(count, total, peak, cfg.warmup_fraction)
 
 
 def max_logit_travel(total_steps: int, cfg: OptimConfig) -> float:
@@ -193,11 +201,17 @@ def max_logit_travel(total_steps: int, cfg: OptimConfig) -> float:
 
 
 def init_train_state(
-    mask_logits: Any, optimizer: optax.GradientTransformation, total_steps: Any, rng: jax.Array
+    mask_logits: Any, optimizer: optax.GradientTransformation, total_steps: Any, rng: jax.Array,
+    learning_rate: Any = None,
 ) -> TrainState:
-    """``total_steps``: ``[R]`` (or one int for all) updates in each relation's schedule."""
+    """``total_steps``: ``[R]`` (or one int for all) updates in each relation's schedule.
+    ``rng``: one key, or ``[runs]`` keys for runs side by side (:func:`slot_rngs`).
+    ``learning_rate``: None (the OptimConfig's), or ``[R]`` per-slot peak step sizes."""
     num_relations = jax.tree.leaves(mask_logits)[0].shape[0]
     total = jnp.broadcast_to(jnp.asarray(total_steps, jnp.int32), (num_relations,))
+    if learning_rate is not None:
+        learning_rate = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32),
+                                         (num_relations,))
     return TrainState(
         mask_logits=mask_logits,
         opt_state=jax.vmap(optimizer.init)(mask_logits),
@@ -205,7 +219,26 @@ def init_train_state(
         total_steps=total,
         step=jnp.zeros((), jnp.int32),
         rng=rng,
+        learning_rate=learning_rate,
     )
+
+
+def slot_rngs(rng: jax.Array, num_slots: int, relations_per_run: int | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """The next state key(s) and ``[num_slots]`` keys for this step's noise.
+
+    One key: split, and the step key split over the slots. ``[runs]`` keys (several runs on
+    one relation axis, ``relations_per_run`` slots each, then inert padding): each run does
+    exactly that with its own key, so slot ``r`` of run ``v`` draws what relation ``r`` of
+    that run draws alone (``split(key, n)[i]`` does not depend on ``n`` with JAX's
+    partitionable Threefry); padding slots reuse keys of real ones."""
+    if rng.ndim == 0:
+        rng, step_rng = jax.random.split(rng)
+        return rng, jax.random.split(step_rng, num_slots)
+    pairs = jax.vmap(jax.random.split)(rng)
+    per_run = relations_per_run or num_slots // rng.shape[0]
+    keys = jax.vmap(lambda k: jax.random.split(k, per_run))(pairs[:, 1]).reshape(-1)
+    return pairs[:, 0], keys[jnp.arange(num_slots) % keys.shape[0]]
 
 
 def relation_loss(
@@ -256,6 +289,7 @@ def train_step(
     optim_config: OptimConfig,
     relation_chunk: int | None = None,
     relation_shards: int = 1,
+    relations_per_run: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update of every relation's masks. Returns the new state and ``[R]`` metrics.
 
@@ -263,16 +297,21 @@ def train_step(
     relation's state (:func:`relation_update`), vmapped over the relations. ``relation_chunk``:
     relations per device at a time (``relation_shards`` devices hold the relation axis); each
     chunk's new state is written into the old state's buffers, so with donation the step holds
-    one state plus one chunk's gradients and masked weights (:func:`map_relations`)."""
+    one state plus one chunk's gradients and masked weights (:func:`map_relations`).
+    ``relations_per_run``: with ``[runs]`` keys in ``state.rng``, the real slots of each run
+    (:func:`slot_rngs`)."""
     num_relations = state.relation_steps.shape[0]
-    rng, step_rng = jax.random.split(state.rng)
-    rngs = jax.random.split(step_rng, num_relations)
+    rng, rngs = slot_rngs(state.rng, num_relations, relations_per_run)
+    peak = state.learning_rate
+    if peak is None:
+        peak = jnp.full((num_relations,), optim_config.learning_rate, jnp.float32)
     update = partial(relation_update, frozen_params=frozen_params, model_config=model_config,
                      loss_config=loss_config, optim_config=optim_config)
     per_relation = (state.mask_logits, state.opt_state, state.relation_steps)
     (logits, opt_state, steps), metrics = map_relations(
-        lambda own, total, b, r: update(*own, total, b, r), relation_chunk, relation_shards,
-        update_first_argument=True)(per_relation, state.total_steps, batch, rngs)
+        lambda own, total, lr, b, r: update(*own, total, b, r, peak_learning_rate=lr),
+        relation_chunk, relation_shards, update_first_argument=True,
+    )(per_relation, state.total_steps, peak, batch, rngs)
     new_state = state.replace(mask_logits=logits, opt_state=opt_state, relation_steps=steps,
                               step=state.step + 1, rng=rng)
     return new_state, metrics
@@ -290,10 +329,11 @@ def relation_update(
     model_config: ModelConfig,
     loss_config: LossConfig,
     optim_config: OptimConfig,
+    peak_learning_rate: Any = None,
 ) -> tuple[tuple[Any, Any, jax.Array], dict[str, jax.Array]]:
     """ONE relation's update: gradient of :func:`relation_loss`, clipping by its global norm,
     Adam(W) with its own state, and the step size of its own schedule
-    (:func:`learning_rate`).
+    (:func:`learning_rate`), peaking at ``peak_learning_rate`` (default: the config's).
 
     A relation with no data in this batch (it finished its epochs) keeps its logits and state,
     and so does one whose loss or gradient is not finite: NaN never reaches the masks.
@@ -302,7 +342,7 @@ def relation_update(
                                          loss_config=loss_config), has_aux=True)
     (_, metrics), grads = grad_fn(mask_logits, frozen_params, batch, rng)
     updates, new_opt_state = make_optimizer(optim_config).update(grads, opt_state, mask_logits)
-    lr = learning_rate(relation_steps, total_steps, optim_config)
+    lr = learning_rate(relation_steps, total_steps, optim_config, peak_learning_rate)
     new_logits = jax.tree.map(lambda g, u: g - lr * u.astype(g.dtype), mask_logits, updates)
 
     grad_norm = optax.global_norm(grads)
@@ -325,6 +365,7 @@ def jit_train_step(
     relation_chunk: int | None = None,
     state_sharding: Any = None,
     donate: bool | None = None,
+    relations_per_run: int | None = None,
 ):
     """``train_step`` jitted with its configuration bound.
 
@@ -340,19 +381,21 @@ def jit_train_step(
     shards = 1 if state_sharding is None else state_sharding.relation_steps.mesh.shape[RELATION]
     step = partial(train_step, model_config=model_config, loss_config=loss_config,
                    optim_config=optim_config, relation_chunk=relation_chunk,
-                   relation_shards=shards)
+                   relation_shards=shards, relations_per_run=relations_per_run)
     out_shardings = None if state_sharding is None else (state_sharding, None)
     return jax.jit(step, donate_argnums=0 if donate else (), out_shardings=out_shardings)
 
 
 def init_placed_state(mask_logits: Any, optimizer: optax.GradientTransformation,
-                      total_steps: Any, rng: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
+                      total_steps: Any, rng: jax.Array, mesh: jax.sharding.Mesh,
+                      learning_rate: Any = None) -> TrainState:
     """:func:`init_train_state` built where :func:`state_shardings` places it: the (host)
     logits are copied to their devices once and the moments are created there. Building the
     state on one device and then placing it held three copies of the logits and two of the
     moments at once (bert-base x 16 relations on a CPU: 15 GiB for an 8 GB state)."""
     logits = jax.tree.map(lambda x: put_global(x, relation_sharding(mesh)), mask_logits)
-    build = partial(init_train_state, optimizer=optimizer, total_steps=total_steps, rng=rng)
+    build = partial(init_train_state, optimizer=optimizer, total_steps=total_steps, rng=rng,
+                    learning_rate=learning_rate)
     placement = state_shardings(jax.eval_shape(build, logits), mesh)
     # Donated: the new state's logits are the placed ones, not a copy.
     return jax.jit(build, out_shardings=placement, donate_argnums=0)(logits)
@@ -368,6 +411,7 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
         total_steps=rel,
         step=rep,
         rng=rep,
+        learning_rate=None if state.learning_rate is None else rel,
     )
 
 

@@ -15,6 +15,7 @@ from lamp_jax.data import read_lama_jsonl
 from lamp_jax.masks import hard_mask, multiply_masks
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.models.params import save_mlm
+from lamp_jax.sweep import with_overrides
 from lamp_jax.trainer import train_and_evaluate
 from tests import by_hand
 from tests.needs import require
@@ -42,13 +43,7 @@ def _config(model_dir, **overrides):
     c = default.get_config()
     c.model, c.data.source = str(model_dir), str(FIXTURE)
     c.batch_size, c.epochs, c.optim.learning_rate = 2, 3, 0.05
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return with_overrides(c, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +142,10 @@ def test_embedded_run_metrics_match_a_plain_forward_with_masks_applied_by_hand(
         want = by_hand.metrics_from_ranks(_ranks_by_hand(embedded_run_dir, run, params_of))
         _assert_metrics_equal(metrics[name], want)
         macro[name] = want["macro_P@1"]
-    # Measured (20 epochs): full 0.17, binary 0.32, soft 0.26. Non-zero and all different, so
-    # expectation inference is neither the threshold nor the full model.
-    assert 0 < macro["full"] < macro["pruned_expectation"] < macro["pruned"] < 1
+    # Measured (20 epochs of the default): full 0.17, binary 0.50, soft 0.52. Non-zero and all
+    # different, so expectation inference is neither the threshold nor the full model.
+    assert 0 < macro["full"] < min(macro["pruned_expectation"], macro["pruned"])
+    assert macro["pruned_expectation"] != macro["pruned"] and macro["pruned"] < 1
 
 
 def test_config_fields_reach_the_step_and_the_evaluation(model_dir, tmp_path, monkeypatch):
@@ -234,8 +230,10 @@ def test_workdir_of_another_mask_layout_is_refused(finished_run, model_dir):
     with pytest.raises(ValueError, match="masks with layers"):
         train_and_evaluate(_config(model_dir, **{"mask.first_layer": 0}), workdir,
                            log=lambda *_: None)
-    with pytest.raises(ValueError, match="masks with mode deterministic"):
-        train_and_evaluate(_config(model_dir, **{"mask.mode": "stochastic"}), workdir,
+    trained = default.get_config().mask.mode
+    other = "deterministic" if trained == "stochastic" else "stochastic"
+    with pytest.raises(ValueError, match=f"masks with mode {trained}"):
+        train_and_evaluate(_config(model_dir, **{"mask.mode": other}), workdir,
                            log=lambda *_: None)
 
 

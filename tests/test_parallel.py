@@ -13,6 +13,7 @@ from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.parallel import (
     activation_bytes,
     available_cores,
+    budget_for,
     cpu_device_count,
     make_mesh,
     map_relations,
@@ -98,8 +99,18 @@ def test_memory_relation_chunk_takes_the_largest_divisor_that_fits():
     assert run_relation_chunk(0, relations, mesh, per_relation_bytes=gib, budget=gib) == 1
     assert run_relation_chunk(0, relations, mesh, per_relation_bytes=gib, budget=2 * gib) is None
     assert run_relation_chunk(3, relations, mesh, per_relation_bytes=gib, budget=gib) == 3
-    # A CPU device's budget is at most a quarter of the state it holds.
+    # A large state bounds a device's budget to a quarter of the state it holds; a small one
+    # leaves 80% of the free memory (on a CPU, the host's available memory per device).
     assert transient_budget(mesh, 8 * gib * mesh.shape["relation"]) <= 2 * gib
+    assert transient_budget(mesh, 2**20) > 2**20
+
+
+def test_budget_for_holds_large_states_to_a_quarter_of_their_size():
+    gib = 2**30
+    assert budget_for(100 * gib, 8 * gib, relation_shards=2) == gib  # 4 GiB per device / 4
+    assert budget_for(100 * gib, 8 * gib) == 2 * gib
+    assert budget_for(gib, 8 * gib) == int(0.8 * gib)  # free memory is the tighter bound
+    assert budget_for(10 * gib, gib // 2) == int(0.8 * 10 * gib)  # small state: speed first
 
 
 def test_map_relations_can_write_new_values_into_its_first_argument():
@@ -135,3 +146,23 @@ def test_prefix_split_over_devices_equals_one_device():
     split = prefix_hidden_states(replicate(params, mesh), ids, mask, model_config=CONFIG,
                                  stop_layer=1, chunk=4, mesh=mesh)
     np.testing.assert_allclose(split, one, atol=1e-6)
+
+
+def test_a_run_with_a_large_state_says_which_faster_chunk_would_fit():
+    from lamp_jax.configs import default
+    from lamp_jax.trainer import _relation_chunk
+
+    config = default.get_config()
+    mesh = run_mesh(2 * len(jax.devices()), 16)  # two relations per device
+    said = []
+    # 0.1 GiB per relation; a state of 0.5 GiB per device (1 GiB or more in all) leaves each
+    # device's transients 128 MiB: one relation at a time.
+    mask_params, state = 2**30 // 10 // 24, 2**29 * max(2, len(jax.devices()))
+    chunk = _relation_chunk(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
+                            state, log=said.append)
+    assert chunk == 1
+    assert len(said) == 1 and "--config.relation_chunk=2 fits in free memory" in said[0]
+    config.relation_chunk = 2  # asked for: taken as is, nothing to say
+    said.clear()
+    assert _relation_chunk(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
+                           state, log=said.append) == 2 and not said

@@ -4,8 +4,12 @@ processes train what one process trains; kill -9 and a dead peer are survived.
 Topologies, each a fresh process tree as a user would start it: 1 CPU device, 2 CPU devices,
 8 fake CPU devices (one process), and 2 processes of 1 device each joined by
 ``jax.distributed`` over a loopback coordinator (``python -m lamp_jax.launch``, gloo).
-The measured basis of the exact comparisons: on this embedded run the masks after 10 epochs
-were bit-identical on all four topologies (README, "Pods and topologies").
+The measured basis of the exact comparisons: on this embedded run with deterministic masks at
+learning rate 0.1, the masks after 10 epochs were bit-identical on all four topologies (README,
+"Pods and topologies"). The default's stochastic masks at learning rate 2.0 are not: a device
+count changes how many relations one kernel call holds, XLA rounds their last bits
+differently, and large steps through continuous noise carry that into the masks (measured:
+0.1% of the bytes of layer 2's packed query masks after 24 steps).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from lamp_jax.launch import process_environments
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, STOP_AFTER = 8, 12  # 24 steps in all; interrupted runs stop after 12 (4 epochs)
 TRAIN_ARGS = [f"--config.epochs={EPOCHS}", "--config.plots=False",
-              "--config.specialization=False"]
+              "--config.specialization=False", "--config.mask.mode=deterministic",
+              "--config.optim.learning_rate=0.1"]
 TOPOLOGIES = ("1 device", "2 devices", "8 devices", "2 processes")
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,102 @@
+"""lamp_jax.sweep: runs side by side on the relation axis equal the same runs made one by one."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lamp_jax.configs import default
+from lamp_jax.sweep import Run, parse_grid, plan_groups, run_sweep, summarize
+from lamp_jax.training import slot_rngs
+
+
+def test_grid_values_take_the_config_field_types_and_bad_fields_are_named():
+    base = default.get_config()
+    grid = parse_grid(base, ["optim.learning_rate=0.1,1", "mask.mode=stochastic,deterministic",
+                             "epochs=2,3", "specialization=false"])
+    assert grid == {"optim.learning_rate": [0.1, 1.0], "mask.mode": ["stochastic",
+                                                                     "deterministic"],
+                    "epochs": [2, 3], "specialization": [False]}
+    assert isinstance(grid["epochs"][0], int) and isinstance(grid["optim.learning_rate"][1], float)
+    with pytest.raises(ValueError, match="no field 'optim.lr'"):
+        parse_grid(base, ["optim.lr=0.1"])
+    with pytest.raises(ValueError, match="--seeds"):
+        parse_grid(base, ["seed=1,2"])
+    with pytest.raises(ValueError, match="not a number"):
+        parse_grid(base, ["optim.learning_rate=fast"])
+
+
+def test_program_settings_make_groups_and_value_settings_share_one():
+    base = default.get_config()
+    base.seed = 5
+    grid = parse_grid(base, ["mask.mode=stochastic,deterministic",
+                             "optim.learning_rate=0.1,0.3", "mask.init_value=0.5,1"])
+    groups = plan_groups(base, grid, seeds=2)
+    assert [fixed for fixed, _ in groups] == [{"mask.mode": "stochastic"},
+                                              {"mask.mode": "deterministic"}]
+    runs = groups[0][1]
+    assert len(runs) == 2 * 2 * 2  # learning rates x inits x seeds
+    assert sorted({r.seed for r in runs}) == [5, 6]
+    config = runs[-1].config(base)
+    assert (config.mask.mode, config.optim.learning_rate, config.mask.init_value,
+            config.seed) == ("stochastic", 0.3, 1.0, 6)
+    assert base.optim.learning_rate == default.get_config().optim.learning_rate  # unmodified
+    assert base.seed == 5
+
+
+def test_slot_keys_of_several_runs_are_the_keys_each_run_draws_alone():
+    runs = jnp.stack([jax.random.key(3), jax.random.key(8)])
+    new, keys = slot_rngs(runs, num_slots=7, relations_per_run=3)  # 6 real slots + 1 inert
+    for v in range(2):
+        alone_next, alone = slot_rngs(runs[v], num_slots=3)
+        assert (jax.random.key_data(new[v]) == jax.random.key_data(alone_next)).all()
+        np.testing.assert_array_equal(jax.random.key_data(keys[3 * v: 3 * v + 3]),
+                                      jax.random.key_data(alone))
+    # One key: the split train.py always did.
+    rng, step = jax.random.split(jax.random.key(3))
+    _, single = slot_rngs(jax.random.key(3), 4)
+    np.testing.assert_array_equal(jax.random.key_data(single),
+                                  jax.random.key_data(jax.random.split(step, 4)))
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    records = [{"label": "a", "seed": s, "dev_binary": v, "dev_soft": 0.0, "test_binary": v,
+                "test_soft": 0.0, "sparsity": 0.5} for s, v in enumerate((0.2, 0.4, 0.9))]
+    (row,) = summarize(records)
+    assert row["seeds"] == [0, 1, 2]
+    assert row["dev_binary"] == pytest.approx((0.5, np.std([0.2, 0.4, 0.9], ddof=1)))
+    assert row["sparsity"] == (0.5, 0.0)
+
+
+@pytest.mark.slow
+def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(tmp_path):
+    base = default.get_config()
+    base.epochs = 4
+    base.mask.mode = "stochastic"
+    base.mask.init_value = 0.3  # near the threshold: masks prune within 4 epochs
+    base.data.relations = ("AtLocation", "IsA", "PartOf")
+    out = run_sweep(base, ["optim.learning_rate=0.2,0.5"], seeds=2, workdir=tmp_path,
+                    compare_sequential=True, log=lambda *_: None)
+    runs = out["runs"]
+    assert [(r["learning_rate"], r["seed"]) for r in runs] == [(0.2, 0), (0.2, 1), (0.5, 0),
+                                                               (0.5, 1)]
+    # Not a comparison of trivial values: the runs prune, learn, and differ from each other.
+    assert all(r["sparsity"] > 0.01 for r in runs)
+    assert all(r["test_soft"] != r["test_full"] for r in runs)
+    assert len({(r["test_binary"], r["test_soft"], r["sparsity"]) for r in runs}) == 4
+    # train.py's own function, run after run, gives the very same dev and test metrics (at
+    # these moderate steps; large ones can turn last-bit rounding into other masks, README).
+    assert out["sequential"]["max_difference"] == 0.0
+    assert out["sequential"]["identical_runs"] == 4
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(saved["table"]) == 2 and saved["table"][0]["seeds"] == [0, 1]
+    table = (tmp_path / "sweep.md").read_text()
+    assert "optim.learning_rate=0.2" in table and "+-" in table
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_run_labels_name_the_grid_values():
+    assert Run((("optim.learning_rate", 0.1),), 0).label == "optim.learning_rate=0.1"
+    assert Run((), 2).label == "base config"
