@@ -97,11 +97,14 @@ def test_schedule_is_linear_warmup_then_linear_decay():
                                     0.0, 0.0])
 
 
-def test_vmapped_step_equals_separate_single_relation_steps(frozen):
+@pytest.mark.parametrize("peaks", [None, (0.05, 0.02, 0.1)])  # the config's; per slot (sweeps)
+def test_vmapped_step_equals_separate_single_relation_steps(frozen, peaks):
     """Reference: plain optax (clip + Adam) on each relation alone, lr by the formula."""
     loss = LossConfig(MaskMode("deterministic"))
     num_relations, steps = 3, 3
     state, optim = _state(frozen, num_relations, total=[10, 6, 8])
+    if peaks is not None:
+        state = state.replace(learning_rate=jnp.asarray(peaks, jnp.float32))
     batches = [synthetic_batch(num_relations, 6, seed=s, empty=(1,) if s == 1 else ())
                for s in range(steps)]
     step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim)
@@ -111,6 +114,8 @@ def test_vmapped_step_equals_separate_single_relation_steps(frozen):
     assert metrics["grad_norm"].min() > optim.clip_norm  # clipping was active
     np.testing.assert_array_equal(state.relation_steps, [3, 2, 3])
 
+    grad = jax.jit(jax.grad(lambda x, b: relation_loss(x, frozen, b, None, model_config=CONFIG,
+                                                       loss_config=loss)[0]))
     for r, total in enumerate([10, 6, 8]):
         g = jax.tree.map(lambda x, r=r: jnp.asarray(x[r]), initial)
         tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
@@ -120,12 +125,12 @@ def test_vmapped_step_equals_separate_single_relation_steps(frozen):
             batch_r = {k: v[r] for k, v in batch.items()}
             if batch_r["weight"].sum() == 0:
                 continue
-            grads = jax.grad(lambda x, b=batch_r: relation_loss(
-                x, frozen, b, None, model_config=CONFIG, loss_config=loss)[0])(g)
+            grads = grad(g, batch_r)
             updates, opt_state = tx.update(grads, opt_state)
             warmup = np.ceil(0.3 * total)
             decay = (total - count) / (total - warmup)
-            lr = 0.05 * ((count + 1) / warmup if count < warmup else decay)
+            peak = 0.05 if peaks is None else peaks[r]
+            lr = peak * ((count + 1) / warmup if count < warmup else decay)
             g = jax.tree.map(lambda p, u, lr=lr: p - lr * u, g, updates)
             count += 1
         for got, want in zip(jax.tree.leaves(state.mask_logits), jax.tree.leaves(g), strict=True):
