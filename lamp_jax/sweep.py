@@ -55,7 +55,13 @@ from lamp_jax.parallel import (
     shard_batch,
     use_cpu_devices,
 )
-from lamp_jax.training import init_placed_state, jit_train_step, make_optimizer, state_shardings
+from lamp_jax.training import (
+    init_placed_state,
+    jit_train_step,
+    make_optimizer,
+    state_nbytes,
+    state_shardings,
+)
 
 # Settings that only change values, not the program: they vary per run inside one group.
 SLOT_KEYS = ("seed", "optim.learning_rate", "mask.init", "mask.init_value", "mask.init_std",
@@ -194,15 +200,15 @@ def train_group(base: ml_collections.ConfigDict, runs: Sequence[Run], log=print
         jnp.stack([jax.random.fold_in(k, 1) for k in keys]), mesh,
         learning_rate=per_slot([c.optim.learning_rate for c in configs]).astype(np.float32))
     del logits
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
-    chunk = trainer._relation_chunk(config, mlm.config, num_runs * num_relations, mesh,
-                                    data["train"].input_ids.shape[1],
-                                    trainer._mask_params(state.mask_logits), state_bytes, log)
+    state_bytes = state_nbytes(state)
+    chunk = trainer.relation_chunk_for(
+        config, mlm.config, num_runs * num_relations, mesh, data["train"].input_ids.shape[1],
+        trainer.mask_params_per_relation(state.mask_logits), state_bytes, log)
     loss = trainer.loss_settings(config, mode, start_layer)
     step_fn = jit_train_step(
         model_config=mlm.config, loss_config=loss, optim_config=optim, relation_chunk=chunk,
         state_sharding=state_shardings(state, mesh), relations_per_run=num_relations,
-        donate=jax.default_backend() != "cpu" or state_bytes >= trainer.DONATE_ON_CPU_BYTES)
+        donate=trainer.donates_state(state_bytes))
     shards = mesh.shape[RELATION]
     rank_fns = {kind: evaluation.make_rank_fn(mlm.config, mode.for_inference(kind),
                                               relation_chunk=chunk, dtype=loss.compute_dtype,
@@ -227,8 +233,9 @@ def train_group(base: ml_collections.ConfigDict, runs: Sequence[Run], log=print
     best_step = np.zeros(num_runs, int)
     start = time.perf_counter()
     for step in tqdm(range(train.num_steps), desc=f"sweep: {num_runs} runs", unit="step"):
-        batch = [batchers[c.seed].batch_at(step) for c in configs]
-        batch = {k: np.concatenate([b[k] for b in batch]) for k in batch[0] if k != "index"}
+        by_seed = {seed: b.batch_at(step) for seed, b in batchers.items()}  # once per seed
+        batch = {k: np.concatenate([by_seed[c.seed][k] for c in configs])
+                 for k in by_seed[config.seed] if k != "index"}
         state, _ = step_fn(state, frozen, put(batch))
         done = step + 1
         if done % eval_every == 0 or done == train.num_steps:
@@ -237,9 +244,9 @@ def train_group(base: ml_collections.ConfigDict, runs: Sequence[Run], log=print
             better = dev > best_score  # strictly, as train.py's best checkpoint
             best_score = np.where(better, dev, best_score)
             best_step = np.where(better, done, best_step)
-            better_slots = per_slot(better)
+            better_slots = put_global(per_slot(better).astype(bool), relation_sharding(mesh))
             best = (jax.tree.map(jnp.copy, state.mask_logits) if best is None
-                    else take(best, state.mask_logits, put_global_mask(better_slots, mesh)))
+                    else take(best, state.mask_logits, better_slots))
     del state
     train_seconds = time.perf_counter() - start
 
@@ -263,11 +270,6 @@ def train_group(base: ml_collections.ConfigDict, runs: Sequence[Run], log=print
         })
     log(f"group of {num_runs} runs: {train.num_steps} steps in {train_seconds:.1f} s")
     return records
-
-
-def put_global_mask(values: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-    """A per-slot boolean, laid out like the relation axis of the state."""
-    return put_global(np.asarray(values, bool), relation_sharding(mesh))
 
 
 def _rows(result: evaluation.RankingResult, first: int, relations: Sequence[str]

@@ -79,6 +79,7 @@ from lamp_jax.training import (
     jit_train_step,
     make_optimizer,
     max_logit_travel,
+    state_nbytes,
     state_shardings,
 )
 
@@ -244,11 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                               pad_relations(np.asarray(train.steps_per_relation), slots),
                               jax.random.fold_in(rng, 1), mesh)
     del logits  # the host copy: 2.7 GB for bert-base x 16 relations, for the whole run
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
+    state_bytes = state_nbytes(state)
     # After the state is placed: the chunk fits in the memory that is left.
-    chunk = _relation_chunk(config, mlm.config, len(relations), mesh,
-                            data["train"].input_ids.shape[1], _mask_params(state.mask_logits),
-                            state_bytes, log)
+    chunk = relation_chunk_for(config, mlm.config, len(relations), mesh,
+                               data["train"].input_ids.shape[1],
+                               mask_params_per_relation(state.mask_logits), state_bytes, log)
     log(f"{len(relations)} relations x {len(spec.paths())} masked matrices (layers "
         f"{spec.layers[0]}..{spec.layers[-1]}); {train.num_steps} steps; devices: mesh "
         f"{dict(mesh.shape)} ({mesh.devices.size} of {jax.device_count()} devices in "
@@ -256,9 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         f"inert), relations per device at a time: {chunk or 'all'}; training state "
         f"{state_bytes / 2**30:.2f} GiB (mask logits + Adam moments in "
         f"{optim.moment_dtype})")
-    # Donation lets the new state reuse the old one's buffers. XLA:CPU ran small donated steps
-    # 1.3-1.5x slower (bench/README.md), so a CPU donates only where the state is large.
-    donate = jax.default_backend() != "cpu" or state_bytes >= DONATE_ON_CPU_BYTES
+    donate = donates_state(state_bytes)
     step_fn = jit_train_step(model_config=mlm.config, loss_config=loss, optim_config=optim,
                              relation_chunk=chunk, state_sharding=state_shardings(state, mesh),
                              donate=donate)
@@ -503,9 +502,10 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
     test = eval_sets["test"]
     put = lambda b: shard_batch(b, mesh, relation_slots(len(relations), mesh))  # noqa: E731
     dtype = DTYPES[config.dtype]
-    chunk = _relation_chunk(config, model_config, len(relations), mesh,
-                            test[0]["input_ids"].shape[-1] if test else 1, _mask_params(best),
-                            sum(x.nbytes for x in jax.tree.leaves(best)))
+    chunk = relation_chunk_for(config, model_config, len(relations), mesh,
+                               test[0]["input_ids"].shape[-1] if test else 1,
+                               mask_params_per_relation(best),
+                               sum(x.nbytes for x in jax.tree.leaves(best)))
     shards = mesh.shape[RELATION]
     eval_mode = mode.for_inference(config.mask.eval_kind)
     rank_fn = evaluation.make_rank_fn(model_config, eval_mode, relation_chunk=chunk, dtype=dtype,
@@ -546,14 +546,21 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
     return summary
 
 
-def _mask_params(mask_logits) -> int:
+def mask_params_per_relation(mask_logits) -> int:
     """Mask weights of one relation."""
     return sum(x.size // x.shape[0] for x in jax.tree.leaves(mask_logits))
 
 
-def _relation_chunk(config, model_config: ModelConfig, num_relations: int,
-                    mesh: jax.sharding.Mesh, length: int, mask_params: int,
-                    state_bytes: int, log=None) -> int | None:
+def donates_state(state_bytes: int) -> bool:
+    """Whether the step reuses the old state's buffers for the new one. XLA:CPU ran small
+    donated steps 1.3-1.5x slower (bench/README.md), so a CPU donates only where the state is
+    large."""
+    return jax.default_backend() != "cpu" or state_bytes >= DONATE_ON_CPU_BYTES
+
+
+def relation_chunk_for(config, model_config: ModelConfig, num_relations: int,
+                       mesh: jax.sharding.Mesh, length: int, mask_params: int,
+                       state_bytes: int, log=None) -> int | None:
     """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
     to ``length`` (every split of a run shares it) and relations of ``mask_params`` mask
     weights, in the memory the devices have left now beside a state of ``state_bytes``.

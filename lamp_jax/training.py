@@ -223,6 +223,11 @@ def init_train_state(
     )
 
 
+def state_nbytes(state: TrainState) -> int:
+    """Bytes of what training must hold per relation: the mask logits and optimiser state."""
+    return sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
+
+
 def slot_rngs(rng: jax.Array, num_slots: int, relations_per_run: int | None = None
               ) -> tuple[jax.Array, jax.Array]:
     """The next state key(s) and ``[num_slots]`` keys for this step's noise.

@@ -150,7 +150,7 @@ def test_prefix_split_over_devices_equals_one_device():
 
 def test_a_run_with_a_large_state_says_which_faster_chunk_would_fit():
     from lamp_jax.configs import default
-    from lamp_jax.trainer import _relation_chunk
+    from lamp_jax.trainer import relation_chunk_for
 
     config = default.get_config()
     mesh = run_mesh(2 * len(jax.devices()), 16)  # two relations per device
@@ -158,11 +158,11 @@ def test_a_run_with_a_large_state_says_which_faster_chunk_would_fit():
     # 0.1 GiB per relation; a state of 0.5 GiB per device (1 GiB or more in all) leaves each
     # device's transients 128 MiB: one relation at a time.
     mask_params, state = 2**30 // 10 // 24, 2**29 * max(2, len(jax.devices()))
-    chunk = _relation_chunk(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
+    chunk = relation_chunk_for(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
                             state, log=said.append)
     assert chunk == 1
     assert len(said) == 1 and "--config.relation_chunk=2 fits in free memory" in said[0]
     config.relation_chunk = 2  # asked for: taken as is, nothing to say
     said.clear()
-    assert _relation_chunk(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
+    assert relation_chunk_for(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
                            state, log=said.append) == 2 and not said
