@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lamp_jax.hosts import is_main, to_host, write_text
+from lamp_jax.hosts import is_main, sync, to_host, write_text
 from lamp_jax.masks import MATRICES, MaskSpec, hard_mask, insert_path, iter_masks
 from lamp_jax.paths import as_path, load_npz, run_dir, save_npz
 from lamp_jax.training import TrainState
@@ -51,6 +51,27 @@ def _to_saveable(state: TrainState) -> dict[str, Any]:
             "step": state.step, "rng": jax.random.key_data(state.rng)}
 
 
+# What a run directory holds about the training that made it (checkpoints, best masks, the
+# logs of its steps), as opposed to what describes the run (run.json, split.json, plots).
+RUN_RECORDS = ("checkpoints", "best", "best_score.json", "metrics.jsonl", "metrics.json",
+               "masks.npz", "events.out.tfevents.*")
+
+
+class UnreadableCheckpointsError(RuntimeError):
+    """A run directory holds checkpoints and none of them can be read."""
+
+    def __init__(self, directory: Any, failures: list[tuple[int, str]]):
+        self.directory, self.failures = directory, failures
+        lines = "\n".join(f"  step {step}: {reason}" for step, reason in failures)
+        super().__init__(
+            f"cannot resume: none of the {len(failures)} checkpoint(s) under {directory} can "
+            f"be read, and nothing was changed:\n{lines}\nIf they may become readable again "
+            "(e.g. a bucket that failed for a while), rerun the same command later. To start "
+            "this run over, losing them, rerun with "
+            "--config.on_unreadable_checkpoints=start_over (deletes this run's checkpoints, "
+            "best masks and logs first), or use a fresh --workdir.")
+
+
 class RunCheckpoints:
     """Latest state (for resuming) and best masks (for reporting) of one run."""
 
@@ -58,6 +79,7 @@ class RunCheckpoints:
         """``background``: saves of the latest state return at once and write while training
         goes on (after a copy of the state to the host); else they write before returning."""
         self.workdir = run_dir(workdir)  # a local path or a URL (lamp_jax.paths)
+        self.keep, self.background = keep, background
         self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
         # Each manager names its cross-process barriers with its own prefix: the latest state
         # saves in the background while the best masks save, and two barriers of one name in
@@ -88,25 +110,49 @@ class RunCheckpoints:
 
     def restore_latest(self, template: TrainState, log=print) -> TrainState | None:
         """The newest readable state, laid out (shapes, dtypes, shardings) like ``template``,
-        whatever devices and relation slots the run that saved it had.
+        whatever devices and relation slots the run that saved it had; None when the run has
+        no checkpoint yet.
 
         A checkpoint that cannot be read (truncated or corrupted files) is reported and the next
         older one is tried: resuming from an older step replays deterministically to the same
-        result. Half-written checkpoints never appear here (Orbax commits by atomic rename).
+        result. When checkpoints exist and none can be read, this raises
+        :class:`UnreadableCheckpointsError` and changes nothing: silently starting over would
+        let the new run's saves push the old checkpoints out. Half-written checkpoints never
+        appear here (Orbax commits by atomic rename).
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+        failures: list[tuple[int, str]] = []
         for step in sorted(self.latest.all_steps(), reverse=True):
             try:
                 # strict=False: the relation axis is truncated or padded to this run's slots.
                 raw = self.latest.restore(step, args=ocp.args.StandardRestore(abstract,
                                                                               strict=False))
             except Exception as err:  # tensorstore/orbax raise many types for damaged files
+                reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                failures.append((step, reason))
                 log(f"warning: checkpoint step {step} under {self.workdir / 'checkpoints'} "
-                    f"cannot be read ({type(err).__name__}: {str(err)[:200]}); trying an older "
-                    "one")
+                    f"cannot be read ({reason}); trying an older one")
                 continue
             return self._state_from(template, raw)
+        if failures:
+            raise UnreadableCheckpointsError(self.workdir / "checkpoints", failures)
         return None
+
+    def start_over(self, log=print) -> None:
+        """Deletes this run's checkpoints, best masks and the logs that describe them, so that
+        a new run starts from step 0 in the same directory (the explicit choice
+        ``config.on_unreadable_checkpoints="start_over"``). Every process calls it."""
+        self.close()
+        if is_main():
+            for name in RUN_RECORDS:
+                for path in sorted(self.workdir.glob(name)):
+                    if path.is_dir():
+                        path.rmtree()
+                    else:
+                        path.unlink()
+                    log(f"deleted {path}")
+        sync("start over: old checkpoints deleted")
+        self.__init__(self.workdir, self.keep, self.background)
 
     @staticmethod
     def _state_from(template: TrainState, raw: dict[str, Any]) -> TrainState:
@@ -196,6 +242,21 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
         raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
     if num_relations is None:
         num_relations = len(json.loads((workdir / "run.json").read_text())["relations"])
+    return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
+
+
+def restore_latest_masks(workdir: str | Path) -> Any:
+    """The mask logits of a run's newest training state (the last checkpoint, not the best
+    masks), as numpy arrays ``[num_relations, ...]`` on the host, inert slots dropped."""
+    workdir = run_dir(workdir)
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_latest"))
+    with ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                               item_handlers=_handler()) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint saved under {workdir / 'checkpoints'}")
+        raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
+    num_relations = len(json.loads((workdir / "run.json").read_text())["relations"])
     return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
 
 

@@ -22,6 +22,7 @@ _CHOICES = {
     "optim.schedule": ("linear", "constant"),
     "batching": ("per_relation", "balanced"),
     "on_nonfinite": ("stop", "skip"),
+    "on_unreadable_checkpoints": ("stop", "start_over"),
     "cache_frozen_prefix": (True, False),
 }
 # field -> (lowest, highest, whether the bounds themselves are allowed)

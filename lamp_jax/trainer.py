@@ -22,7 +22,11 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from lamp_jax import evaluation, plots
-from lamp_jax.checkpoint import RunCheckpoints, export_binary_masks
+from lamp_jax.checkpoint import (
+    RunCheckpoints,
+    UnreadableCheckpointsError,
+    export_binary_masks,
+)
 from lamp_jax.config_checks import validate_config
 from lamp_jax.data import (
     LAMA_CONCEPTNET_RELATIONS,
@@ -267,20 +271,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     put = lambda b: shard_batch(b, mesh, slots)  # noqa: E731
     eval_sets = evaluation_batches(config, data, features)
 
-    _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
-                    mlm.config)
-    # Which facts were held out: anyone can recompute the metrics from this, the masks and
-    # the model, without our code.
-    write_text(workdir / "split.json", json.dumps(facts_by_split, indent=1))
+    run_record = _run_json(config, model_source, jsonl, relations, spec, mode, eval_mode,
+                           mlm.config)
+    _check_resumable(workdir, run_record)
     # A background save must first copy the whole state off the devices (the next step
     # overwrites the donated buffers): bert-base x 16 relations on a GPU took 18 GB of host
     # memory to save. Large states are saved in place, 1 GB at a time, while training waits.
     checkpoints = RunCheckpoints(workdir, background=state_bytes < BACKGROUND_SAVE_BYTES)
-    restored = checkpoints.restore_latest(state, log)
+    try:
+        restored = checkpoints.restore_latest(state, log)
+    except UnreadableCheckpointsError as err:
+        if config.on_unreadable_checkpoints != "start_over":
+            raise
+        log(f"warning: {str(err).splitlines()[0]}; starting over, as "
+            "config.on_unreadable_checkpoints='start_over' asks")
+        checkpoints.start_over(log)
+        restored = None
+    # Written once the run is known to go ahead: a refused resume changes nothing.
+    sync("run.json checked")  # before process 0 replaces it
+    write_text(workdir / "run.json", json.dumps(run_record, indent=2, default=str))
+    # Which facts were held out: anyone can recompute the metrics from this, the masks and
+    # the model, without our code.
+    write_text(workdir / "split.json", json.dumps(facts_by_split, indent=1))
+    # The evaluations logged up to the resumed step, kept; those after it will be redone.
+    earlier = _truncate_metrics_log(workdir / "metrics.jsonl",
+                                    int(restored.step) if restored is not None else 0)
     if restored is not None:
         state = restored
         log(f"resumed from step {int(state.step)}")
-    _truncate_metrics_log(workdir / "metrics.jsonl", int(state.step))
+        # The run's own record of every resume, read back into metrics.json.
+        append_text(workdir / "metrics.jsonl",
+                    json.dumps({"step": int(state.step), "event": "resumed"}) + "\n")
     clock.lap("setup")
 
     def dev_score(logits) -> evaluation.RankingResult:
@@ -289,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     eval_every = config.eval_every or max(1, train.num_steps // config.epochs)
     scalars = ScalarWriter(workdir, int(state.step))
-    history = []
+    history = [r for r in earlier if "event" not in r]
     start, first_step, pending, metrics = time.perf_counter(), int(state.step), None, None
     bar = tqdm(range(first_step, train.num_steps), desc="training masks", unit="step",
                initial=first_step, total=train.num_steps, disable=not is_main())
@@ -338,7 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             checkpoints.close()
             bar.close()
             scalars.close()
-            return {"stopped_at": done, "history": history}
+            return {"stopped_at": done, "history": history,
+                    "resumed_from": _resumes(workdir / "metrics.jsonl")}
     bar.close()
     scalars.close()
     checkpoints.wait()
@@ -355,7 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                             spec, mode, mesh, log, start_layer)
     clock.lap("report")
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
-                   best_dev_macro_P1=checkpoints.best_score(), resources=clock.resources())
+                   best_dev_macro_P1=checkpoints.best_score(),
+                   resumed_from=_resumes(workdir / "metrics.jsonl"),
+                   resources=clock.resources())
     log(clock.summary())
     write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
     checkpoints.close()
@@ -436,13 +460,15 @@ def _writable_workdir(workdir: str | Path) -> epath.Path:
     return workdir
 
 
-def _truncate_metrics_log(path: Path, step: int) -> None:
-    """Drops records of steps after the resumed one: they will be recomputed, not duplicated."""
+def _truncate_metrics_log(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drops records of steps after the resumed one: they will be recomputed, not duplicated.
+    Returns the records kept (process 0; elsewhere nothing)."""
     if not path.exists() or not is_main():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [record for record in kept if record["step"] <= step]
+    write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+    return kept
 
 
 def _check_finite(metrics, step: int, relations, policy: str, log) -> None:
@@ -592,11 +618,10 @@ def _table(relations, full, pruned, sparsity_total) -> str:
     return "\n".join(lines)
 
 
-def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode, eval_mode,
-                    model_config):
-    """Writes run.json; refuses a workdir whose earlier run used another model or mask layout
-    (its checkpoints could not be resumed into this configuration)."""
-    run = {
+def _run_json(config, model_source, jsonl, relations, spec, mode, eval_mode, model_config
+              ) -> dict[str, Any]:
+    """What run.json records: everything needed to rebuild the model and masks."""
+    return {
         "model": model_source,
         "model_config": model_config.to_hf_dict(),
         "data": str(jsonl),
@@ -607,21 +632,33 @@ def _write_run_json(workdir, config, model_source, jsonl, relations, spec, mode,
                  "ste_grad": mode.ste_grad, "eval_kind": eval_mode.kind},
         "config": config.to_dict(),
     }
+
+
+def _check_resumable(workdir, run: dict[str, Any]) -> None:
+    """Refuses a workdir whose earlier run used another model, relation set or mask layout
+    (its checkpoints could not be resumed into this configuration)."""
     path = workdir / "run.json"
-    if path.exists():  # every process checks, so that every process stops on a mismatch
-        previous = json.loads(path.read_text())
-        for key in ("model_config", "relations"):
-            if previous.get(key) != run[key]:
-                raise ValueError(
-                    f"{workdir} holds a run with a different {key} ({previous.get(key)} vs now "
-                    f"{run[key]}); its checkpoints do not fit this configuration. Use another "
-                    "--workdir or delete that one."
-                )
-        for key in ("layers", "matrices", "mode"):
-            if previous["mask"][key] != run["mask"][key]:
-                raise ValueError(
-                    f"{workdir} holds masks with {key} {previous['mask'][key]}, this config "
-                    f"asks for {run['mask'][key]}; use another --workdir or delete that one."
-                )
-    sync("run.json checked")  # before process 0 replaces it
-    write_text(path, json.dumps(run, indent=2, default=str))
+    if not path.exists():  # every process checks, so that every process stops on a mismatch
+        return
+    previous = json.loads(path.read_text())
+    for key in ("model_config", "relations"):
+        if previous.get(key) != run[key]:
+            raise ValueError(
+                f"{workdir} holds a run with a different {key} ({previous.get(key)} vs now "
+                f"{run[key]}); its checkpoints do not fit this configuration. Use another "
+                "--workdir or delete that one."
+            )
+    for key in ("layers", "matrices", "mode"):
+        if previous["mask"][key] != run["mask"][key]:
+            raise ValueError(
+                f"{workdir} holds masks with {key} {previous['mask'][key]}, this config "
+                f"asks for {run['mask'][key]}; use another --workdir or delete that one."
+            )
+
+
+def _resumes(path) -> list[int]:
+    """The steps this run was resumed from, in order (``metrics.jsonl``'s resume records)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in records if r.get("event") == "resumed"]

@@ -5,7 +5,12 @@ What tests need from outside the repository (torch, scikit-learn, CKBC data) the
 ``tests/needs.py``: a skip on a developer's machine, a failure in CI.
 """
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,19 +18,80 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(directory)`` run once per test session, whatever the number of xdist workers:
+    the first worker to ask builds it under a file lock, the others wait for it and reuse it.
+    Callers treat the directory as read-only (copy it to write into a run)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <session temp>/popen-gw<N>: share the parent
+        base = base.parent
+    directory = base / f"shared_{name}"
+    with FileLock(str(directory) + ".lock"):
+        if not (directory / ".built").exists():
+            if directory.exists():  # a build that failed half way
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+            build(directory)
+            (directory / ".built").touch()
+    return directory
+
+
+def compile_cache_env(directory: Path) -> dict[str, str]:
+    """The environment of a subprocess that keeps JAX's compiled programs in ``directory``."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(directory),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+EMBEDDED_RUN_ARGS = ("--config.plots=False", "--config.epochs=20")
+
 
 @pytest.fixture(scope="session")
-def embedded_run_dir(tmp_path_factory):
-    """The embedded default run shortened to 20 epochs (its masks are specialized well before
-    40), trained once per session. Tests that write into a run copy it first."""
-    from lamp_jax.configs import default
-    from lamp_jax.trainer import train_and_evaluate
+def embedded_run_dir(tmp_path_factory) -> Path:
+    """``python train.py`` on the embedded default shortened to 20 epochs (its masks are
+    specialized well before 40), in a fresh process as a user runs it (2 CPU devices here),
+    trained once per session. It is also the uninterrupted reference of the kill -9 soak test,
+    which reuses its compilation cache. Tests that write into a run copy it first."""
 
-    workdir = tmp_path_factory.mktemp("embedded_run")
-    config = default.get_config()
-    config.epochs, config.plots = 20, False
-    train_and_evaluate(config, workdir, log=lambda *_: None)
-    return workdir
+    def build(directory: Path) -> None:
+        done = subprocess.run(
+            [sys.executable, "train.py", f"--workdir={directory / 'run'}", *EMBEDDED_RUN_ARGS],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+            env=compile_cache_env(directory / "jax_cache"))
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return build_once(tmp_path_factory, "embedded_run", build) / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer BERT covering the LAMA fixture's words (tests/test_end_to_end.py)."""
+    from tests.test_end_to_end import make_tiny_model
+
+    return build_once(tmp_path_factory, "tiny_model", lambda d: make_tiny_model(d / "model")
+                      ) / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """train_and_evaluate of the tiny model on the LAMA fixture (``_config``: every relation's
+    mask prunes), trained once per session; ``(workdir, summary)``."""
+    from tests.test_end_to_end import _config
+
+    def build(directory: Path) -> None:
+        from lamp_jax.trainer import train_and_evaluate
+
+        summary = train_and_evaluate(_config(tiny_model_dir), directory / "run",
+                                     log=lambda *_: None)
+        (directory / "summary.json").write_text(json.dumps(summary))
+
+    directory = build_once(tmp_path_factory, "tiny_run", build)
+    return directory / "run", json.loads((directory / "summary.json").read_text())
 
 
 # Interpreter teardown with torch (the test-only reference, also imported by transformers) and

@@ -15,7 +15,8 @@ import pytest
 from lamp_jax.checkpoint import restore_best_masks
 from lamp_jax.models.params import load_mlm, save_mlm
 from lamp_jax.trainer import CPU_MALLOC_TUNABLES, allocator_hint, train_and_evaluate
-from tests.test_end_to_end import FIXTURE, _config, make_tiny_model
+from tests.conftest import EMBEDDED_RUN_ARGS, compile_cache_env
+from tests.test_end_to_end import FIXTURE, _config
 
 ROOT = Path(__file__).parents[1]
 QUIET = {"log": lambda *_: None}
@@ -24,8 +25,8 @@ GOOD_LINE = {"sub": "book", "obj": "library", "pred": "AtLocation", "obj_label":
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
+def model_dir(tiny_model_dir):
+    return tiny_model_dir  # tests/conftest.py: built once per session
 
 
 def _write(path: Path, lines: list) -> Path:
@@ -146,46 +147,95 @@ def test_nan_stops_with_step_and_relation_or_is_skipped(model_dir, tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(masks))
 
 
-def test_damaged_latest_checkpoint_falls_back_to_an_older_one(model_dir, tmp_path):
+def _damage(checkpoint: Path) -> int:
+    """Truncates every data file of one checkpoint to a third; returns how many."""
+    damaged = 0
+    for f in checkpoint.rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+            damaged += 1
+    return damaged
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _snapshot(workdir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``workdir``: its bytes and modification time."""
+    return {str(f.relative_to(workdir)): (f.read_bytes(), f.stat().st_mtime_ns)
+            for f in sorted(workdir.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_run) -> dict:
+    """The uninterrupted run the damaged-checkpoint drills must end with (tests/conftest.py)."""
+    return tiny_run[1]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_an_older_one(model_dir, reference_run,
+                                                              tmp_path):
     quick = {"specialization": False, "plots": False}
-    reference = train_and_evaluate(_config(model_dir, **quick), tmp_path / "ref", **QUIET)
     work = tmp_path / "run"
     train_and_evaluate(_config(model_dir, stop_after=5, **quick), work, **QUIET)
-    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    steps = _checkpoint_steps(work)
     assert len(steps) == 2
-    damaged = 0
-    for f in (work / "checkpoints" / str(steps[-1])).rglob("*"):
-        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncate
-            damaged += 1
-    assert damaged
+    assert _damage(work / "checkpoints" / str(steps[-1]))
     said = []
     resumed = train_and_evaluate(_config(model_dir, **quick), work, log=said.append)
     assert any(f"checkpoint step {steps[-1]}" in line and "cannot be read" in line
                for line in said)
-    assert any(f"resumed from step {steps[0]}" in line for line in said)
-    assert resumed["test"] == reference["test"]
+    assert f"resumed from step {steps[0]}" in said
+    assert resumed["resumed_from"] == [steps[0]]
+    assert resumed["test"] == reference_run["test"]
+
+
+def test_when_no_checkpoint_can_be_read_the_run_stops_and_changes_nothing(
+        model_dir, reference_run, tmp_path):
+    """No silent restart: a fresh start would push the old checkpoints out. Starting over is
+    the explicit config.on_unreadable_checkpoints="start_over"."""
+    quick = {"specialization": False, "plots": False}
+    work = tmp_path / "run"
+    train_and_evaluate(_config(model_dir, stop_after=5, **quick), work, **QUIET)
+    steps = _checkpoint_steps(work)
+    assert len(steps) == 2
+    for step in steps:
+        assert _damage(work / "checkpoints" / str(step))
+    before = _snapshot(work)
+    with pytest.raises(RuntimeError) as err:
+        train_and_evaluate(_config(model_dir, **quick), work, **QUIET)
+    message = str(err.value)
+    assert message.startswith(f"cannot resume: none of the 2 checkpoint(s) under "
+                              f"{work / 'checkpoints'} can be read, and nothing was changed")
+    for step in steps:  # each checkpoint named, with the reason it failed
+        assert any(line.startswith(f"  step {step}: ") and len(line) > 20
+                   for line in message.splitlines()), message
+    assert "--config.on_unreadable_checkpoints=start_over" in message
+    assert "fresh --workdir" in message
+    assert _snapshot(work) == before  # not a byte, not a timestamp
+    said = []
+    again = train_and_evaluate(_config(model_dir, on_unreadable_checkpoints="start_over",
+                                       **quick), work, log=said.append)
+    assert any("starting over" in line for line in said)
+    assert again["resumed_from"] == [] and again["test"] == reference_run["test"]
+    history = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [h["step"] for h in reference_run["history"]]
 
 
 def _train_cmd(workdir: Path) -> list[str]:
-    # The embedded default with a checkpoint every 4 steps, so kills often land near a save,
-    # and 20 of its 40 epochs (the masks are specialized by then): two whole runs and the
-    # killed ones took 85 s with 40.
-    return [sys.executable, "train.py", f"--workdir={workdir}", "--config.eval_every=4",
-            "--config.plots=False", "--config.epochs=20"]
+    # The embedded default shortened to 20 of its 40 epochs (the masks are specialized by
+    # then), exactly as the session's embedded run was trained (tests/conftest.py), which is
+    # the uninterrupted reference.
+    return [sys.executable, "train.py", f"--workdir={workdir}", *EMBEDDED_RUN_ARGS]
 
 
 @pytest.mark.slow
-def test_kill_9_several_times_then_resume_gives_identical_masks(tmp_path):
+def test_kill_9_several_times_then_resume_gives_identical_masks(embedded_run_dir, tmp_path):
     """Soak test on the embedded default: kill -9 at random moments, restart the same command."""
-    reference = tmp_path / "reference"
-    # Every restart compiles the same programs: JAX's persistent cache keeps them.
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    done = subprocess.run(_train_cmd(reference), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    reference = embedded_run_dir
+    # Every restart compiles the same programs: JAX's persistent cache, filled when the
+    # reference was trained, keeps them.
+    env = compile_cache_env(reference.parent / "jax_cache")
     _assert_the_default_run_shows_the_effect(json.loads((reference / "metrics.json").read_text()))
     work, kills, rng = tmp_path / "killed", 0, np.random.default_rng(0)
     for _ in range(12):
@@ -212,10 +262,18 @@ def test_kill_9_several_times_then_resume_gives_identical_masks(tmp_path):
     for a, b in zip(jax.tree.leaves(restore_best_masks(work)),
                     jax.tree.leaves(restore_best_masks(reference)), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert (work / "masks.npz").read_bytes() == (reference / "masks.npz").read_bytes()
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (work, reference)]
     assert metrics[0]["test"] == metrics[1]["test"]
+    # Each relaunch resumed, from a later checkpoint than the one before, before the end.
+    resumes = metrics[0]["resumed_from"]
+    assert len(resumes) == kills and resumes == sorted(set(resumes)), resumes
+    assert 0 < resumes[0] and resumes[-1] < metrics[0]["steps"]
+    assert metrics[1]["resumed_from"] == []
     history = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == sorted({h["step"] for h in history})  # no repeats
+    evaluations = [h["step"] for h in history if "event" not in h]
+    assert evaluations == [h["step"] for h in metrics[1]["history"]]  # none lost or repeated
+    assert [h["step"] for h in history if h.get("event") == "resumed"] == resumes
     # Never a half-written checkpoint among the ones Orbax would resume from.
     assert all(p.name.isdigit() for p in (work / "checkpoints").iterdir()
                if not p.name.startswith("."))

@@ -4,18 +4,25 @@ processes train what one process trains; kill -9 and a dead peer are survived.
 Topologies, each a fresh process tree as a user would start it: 1 CPU device, 2 CPU devices,
 8 fake CPU devices (one process), and 2 processes of 1 device each joined by
 ``jax.distributed`` over a loopback coordinator (``python -m lamp_jax.launch``, gloo).
-The measured basis of the exact comparisons: on this embedded run with deterministic masks at
-learning rate 0.1, the masks after 10 epochs were bit-identical on all four topologies (README,
-"Pods and topologies"). The default's stochastic masks at learning rate 2.0 are not: a device
-count changes how many relations one kernel call holds, XLA rounds their last bits
-differently, and large steps through continuous noise carry that into the masks (measured:
-0.1% of the bytes of layer 2's packed query masks after 24 steps).
+
+The runs train 6 of the embedded world's 8 relations, so the relation axis has 6 slots on 1
+and 2 devices and 8 on 8 devices (4 on the relation axis, 2 inert slots): a checkpoint opened
+on another topology is truncated or zero-padded along its relation axis. Mask logits start at
+0.5, near the threshold, so every relation's mask prunes by the interruption (measured: 23-40%
+of the weights, best dev epoch at step 9 of 12): the cells compare subnetworks, not the full
+model. The measured basis of the exact comparisons: with deterministic masks at learning rate
+0.1 the masks are bit-identical on all four topologies (README, "Pods and topologies"). The
+default's stochastic masks at learning rate 2.0 are not: a device count changes how many
+relations one kernel call holds, XLA rounds their last bits differently, and large steps
+through continuous noise carry that into the masks (measured: 0.1% of the bytes of layer 2's
+packed query masks after 24 steps).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,10 +38,13 @@ from lamp_jax.launch import process_environments
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, STOP_AFTER = 8, 12  # 24 steps in all; interrupted runs stop after 12 (4 epochs)
+RELATIONS = ("AtLocation", "CapableOf", "IsA", "MadeOf", "PartOf", "UsedFor")
 TRAIN_ARGS = [f"--config.epochs={EPOCHS}", "--config.plots=False",
               "--config.specialization=False", "--config.mask.mode=deterministic",
-              "--config.optim.learning_rate=0.1"]
+              "--config.optim.learning_rate=0.1", "--config.mask.init_value=0.5",
+              f"--config.data.relations={','.join(RELATIONS)}"]
 TOPOLOGIES = ("1 device", "2 devices", "8 devices", "2 processes")
+SLOTS = {"1 device": 6, "2 devices": 6, "8 devices": 8, "2 processes": 6}
 
 pytestmark = pytest.mark.slow
 _COMPILE_CACHE: list[Path] = []  # set once per module: JAX's persistent compilation cache
@@ -63,10 +73,11 @@ def _command(topology: str, args: list[str]) -> tuple[list[str], dict[str, str]]
     return [sys.executable, *args], env
 
 
-def _start(topology: str, args: list[str]) -> subprocess.Popen:
+def _start(topology: str, args: list[str], env_extra: dict[str, str] | None = None
+           ) -> subprocess.Popen:
     command, env = _command(topology, args)
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, env={**env, **(env_extra or {})}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -75,10 +86,11 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     return output
 
 
-def _train(topology: str, workdir: Path, *extra: str) -> subprocess.Popen:
+def _train(topology: str, workdir: Path, *extra: str, env_extra=None) -> subprocess.Popen:
     """Starts train.py on ``topology``; :func:`_finish` waits for it. Runs overlap: most of
     a short run is single-threaded compilation, so two at a time use both cores."""
-    return _start(topology, ["train.py", f"--workdir={workdir}", *TRAIN_ARGS, *extra])
+    return _start(topology, ["train.py", f"--workdir={workdir}", *TRAIN_ARGS, *extra],
+                  env_extra)
 
 
 def _masks(workdir: Path) -> dict[str, np.ndarray]:
@@ -97,11 +109,17 @@ def _test_metrics(workdir: Path) -> dict:
     return json.loads((workdir / "metrics.json").read_text())["test"]
 
 
+def _slots(output: str) -> int:
+    return int(re.search(r"relation slots (\d+)", output).group(1))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """``reference``: an uninterrupted run, one process with 2 devices (what `python train.py`
     does here); one per topology: the same run stopped after STOP_AFTER steps (the preemption
     drill)."""
+    from lamp_jax import load_run
+
     base = tmp_path_factory.mktemp("runs")
     workdirs = {name: base / name.replace(" ", "_") for name in ("reference", *TOPOLOGIES)}
     started = {"reference": _train("2 devices", workdirs["reference"])}
@@ -110,16 +128,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                    f"--config.stop_after={STOP_AFTER}")
     for name, proc in started.items():
         output = _finish(proc)
-        if name != "reference":  # one line and exit status 0, not a traceback
-            assert (f"stopped after {STOP_AFTER} steps; run the same command again to resume"
-                    in output.splitlines()), output[-2000:]
-            assert not (workdirs[name] / "metrics.json").exists()
-            assert (workdirs[name] / "best").is_dir()
-    masks = _masks(workdirs["reference"])
-    kept = sum(int(np.unpackbits(v).sum()) for k, v in masks.items()
-               if not k.endswith(".shape") and k != "__meta__")
-    total = sum(int(np.prod(v)) for k, v in masks.items() if k.endswith(".shape"))
-    assert 0 < total - kept < total, "the reference run must have pruned something"
+        if name == "reference":
+            continue
+        # One line and exit status 0, not a traceback; the topology's own slot count.
+        assert (f"stopped after {STOP_AFTER} steps; run the same command again to resume"
+                in output.splitlines()), output[-2000:]
+        assert _slots(output) == SLOTS[name]
+        assert not (workdirs[name] / "metrics.json").exists()
+        # Every relation's best mask prunes at the interruption.
+        sparsity = load_run(workdirs[name]).sparsity()["total"]
+        assert len(sparsity) == len(RELATIONS) and sparsity.min() > 0.1, (name, sparsity)
+    assert json.loads((workdirs["reference"] / "metrics.json").read_text())["relations"] == list(
+        RELATIONS)
     return workdirs
 
 
@@ -131,16 +151,18 @@ def reference(runs) -> Path:
 @pytest.fixture(scope="module")
 def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
     """Every interrupted run opened on every topology (tests/topology_probe.py), each opener
-    on its own copies. Two openers at a time: one alone leaves a core idle while it compiles,
-    and all four at once compile everything four times before the cache has any of it."""
+    on its own copies; each opener writes the report of one run, trained on the next
+    topology. Two openers at a time: one alone leaves a core idle while it compiles, and all
+    four at once compile everything four times before the cache has any of it."""
     results, running = {}, []
-    for opener in TOPOLOGIES:
+    for i, opener in enumerate(TOPOLOGIES):
         base = tmp_path_factory.mktemp("opened_on_" + opener.replace(" ", "_"))
         copies = {trained: base / trained.replace(" ", "_") for trained in TOPOLOGIES}
         for trained, copy in copies.items():
             shutil.copytree(runs[trained], copy)
         out = base / "probe.json"
-        proc = _start(opener, ["tests/topology_probe.py", str(out),
+        reported = TOPOLOGIES[(i + 1) % len(TOPOLOGIES)]
+        proc = _start(opener, ["tests/topology_probe.py", str(out), reported,
                                *(f"{name}={path}" for name, path in copies.items())])
         running.append((opener, proc, out, copies))
         if len(running) == 2 or opener == TOPOLOGIES[-1]:
@@ -152,36 +174,82 @@ def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
 
 
 def test_two_processes_train_what_one_process_trains(reference, tmp_path):
-    workdir = tmp_path / "two"
-    _finish(_train("2 processes", workdir))
+    """... and only process 0 prints and writes files (every process writes checkpoints,
+    through Orbax): process 1 runs with a hook that records every file it opens for writing
+    from Python (tests/write_probe/sitecustomize.py)."""
+    workdir, writes = tmp_path / "two", tmp_path / "writes"
+    probe = str(Path(__file__).parent / "write_probe")
+    output = _finish(_train("2 processes", workdir, env_extra={
+        "PYTHONPATH": os.pathsep.join([probe, str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "LAMP_JAX_WRITE_PROBE": str(writes)}))
     _assert_same_masks(reference, workdir)
     assert _test_metrics(workdir) == _test_metrics(reference)
+    assert "done: test macro P@1" in output
+    assert [line for line in output.splitlines() if line.startswith("[1] ")] == []
+    opened = {json.loads(line)["path"] for line in
+              (writes / "process_1.jsonl").read_text().splitlines()}
+    in_workdir = sorted(p for p in opened if p.startswith(str(workdir)))
+    assert [p for p in in_workdir if "/checkpoints/" not in p and "/best/" not in p] == []
+    # The probe does see writes: process 0's list holds every file of the run directory.
+    opened_by_0 = {json.loads(line)["path"] for line in
+                   (writes / "process_0.jsonl").read_text().splitlines()}
+    assert {str(workdir / name) for name in ("masks.npz", "split.json")} <= opened_by_0
 
 
 @pytest.mark.parametrize("opener", TOPOLOGIES)
 def test_a_run_opens_and_resumes_on_any_topology(opener, opened, reference):
-    """One cell per (trained on, opened on): load_run + predict, evaluate, report, resume."""
+    """One cell per (trained on, opened on): load_run + predict, evaluate, resume; one
+    report per opener."""
     probe, copies = opened[opener]
     want_devices = {"1 device": 1, "2 devices": 2, "8 devices": 8, "2 processes": 2}[opener]
     assert (probe["devices"], probe["processes"]) == (want_devices,
                                                        2 if opener == "2 processes" else 1)
-    predictions = []
     for trained, cell in probe["runs"].items():
-        for step in ("load_run", "evaluate", "report", "resume"):
-            assert cell[step]["ok"], (f"trained on {trained}, opened on {opener}: {step} "
-                                      f"failed: {cell[step].get('traceback')}")
-        predictions.append(cell["load_run"]["value"])
-        # Resumed on another topology, the run ends as the uninterrupted one did, bit for bit.
-        assert cell["resume"]["value"]["steps"] == EPOCHS * 3
+        for step, result in cell.items():
+            assert result["ok"], (f"trained on {trained}, opened on {opener}: {step} "
+                                  f"failed: {result.get('traceback')}")
+        # Resumed from the interruption on this topology's slot count (the checkpoint had
+        # the trained topology's), the run ends as the uninterrupted one did, bit for bit.
+        resume = cell["resume"]["value"]
+        assert resume["resumed_from"] == [STOP_AFTER], (trained, opener, resume)
+        assert resume["said_resumed"] == [f"resumed from step {STOP_AFTER}"]
+        assert resume["slots"] == [SLOTS[opener]] and resume["steps"] == EPOCHS * 3
         _assert_same_masks(reference, copies[trained])
         assert _test_metrics(copies[trained]) == _test_metrics(reference)
-        assert (copies[trained] / "report" / "index.md").exists()
-        assert (copies[trained] / "eval_test.json").exists()
-    # The best masks after 4 epochs are the same whatever trained them.
-    for got in predictions[1:]:
-        np.testing.assert_allclose([p for _, p in got], [p for _, p in predictions[0]],
-                                   atol=1e-5)
-        assert [t for t, _ in got] == [t for t, _ in predictions[0]]
+        assert resume["test"] == _test_metrics(reference)
+    assert sum("report" in cell for cell in probe["runs"].values()) == 1
+
+
+def test_every_cell_sees_the_same_subnetworks(opened, runs):
+    """What load_run, evaluate and the report give for the interrupted runs' best masks is
+    the same whatever topology trained them and whatever opens them, and it is a subnetwork:
+    IsA's predictions differ from the full model's."""
+    cells = [(opener, trained, cell) for opener, (probe, _) in opened.items()
+             for trained, cell in probe["runs"].items()]
+    assert len(cells) == 16
+    first = cells[0][2]
+    predictions, evaluation = first["load_run"]["value"], first["evaluate"]["value"]
+    assert [t for t, _ in predictions["IsA"]] != [t for t, _ in predictions["full"]]
+    assert min(predictions["sparsity"]) > 0.1
+    assert evaluation["pruned"]["macro_P@1"] != evaluation["full"]["macro_P@1"]
+    for opener, trained, cell in cells[1:]:
+        got = cell["load_run"]["value"]
+        where = f"trained on {trained}, opened on {opener}"
+        for key in ("IsA", "full"):
+            assert [t for t, _ in got[key]] == [t for t, _ in predictions[key]], where
+            np.testing.assert_allclose([p for _, p in got[key]],
+                                       [p for _, p in predictions[key]], atol=1e-5,
+                                       err_msg=where)
+        np.testing.assert_allclose(got["sparsity"], predictions["sparsity"], err_msg=where)
+        assert cell["evaluate"]["value"] == evaluation, where
+    reports = [cell["report"]["value"] for _, _, cell in cells if "report" in cell]
+    assert len(reports) == 4
+    for report in reports[1:]:
+        np.testing.assert_allclose(report["specialization"]["matrix"],
+                                   reports[0]["specialization"]["matrix"])
+        assert report["combination"]["best"] == reports[0]["combination"]["best"]
+    matrix = np.asarray(reports[0]["specialization"]["matrix"])
+    assert np.nanmean(np.diag(matrix)) != np.nanmean(matrix[~np.eye(len(matrix), dtype=bool)])
 
 
 def _launch_in_background(workdir: Path, grace: float = 60) -> subprocess.Popen:
@@ -213,10 +281,17 @@ def test_kill_9_of_both_processes_then_relaunch_ends_with_the_same_masks(referen
     _wait_for_checkpoint(workdir, proc, min_step=6)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes at once
     proc.wait()
-    _finish(_train("2 processes", workdir))
+    killed_at = max(int(p.name) for p in (workdir / "checkpoints").glob("*")
+                    if p.name.isdigit())
+    assert 6 <= killed_at < EPOCHS * 3  # killed before the end
+    output = _finish(_train("2 processes", workdir))
+    assert f"resumed from step {killed_at}" in output.splitlines()
+    summary = json.loads((workdir / "metrics.json").read_text())
+    assert summary["resumed_from"] == [killed_at]
     _assert_same_masks(reference, workdir)
     history = [json.loads(line)["step"] for line in
-               (workdir / "metrics.jsonl").read_text().splitlines()]
+               (workdir / "metrics.jsonl").read_text().splitlines()
+               if "event" not in json.loads(line)]
     assert history == sorted(set(history)), "resumed steps were logged twice"
 
 

@@ -83,5 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
     c.plots = True
     c.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" (name step, relation) or "skip"
+    # A workdir whose checkpoints all fail to read: "stop" (say which and why, change nothing)
+    # or "start_over" (delete them, the best masks and the logs, and train from step 0).
+    c.on_unreadable_checkpoints = "stop"
     c.stop_after = 0  # > 0: stop this invocation after N steps (preemption drill; rerun resumes)
     return c
