@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS
 from lamp_jax.masks import MATRICES
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "data.split": ("by_fact", "reference"),
     "data.on_error": ("stop", "skip"),
+    "data.lama_set": LAMA_SETS,
+    "data.prompts": PROMPTS,
     "mask.mode": ("stochastic", "deterministic"),
     "mask.ste_grad": ("identity", "sigmoid"),
     "mask.eval_kind": ("threshold", "expectation"),
@@ -88,6 +91,12 @@ def validate_config(config: Any) -> None:
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
         problems.append(f"config.data.fractions = {fractions}; need three positive train/dev/"
                         "test shares summing to 1")
+    lama_set, source = config.data.lama_set, str(config.data.source)
+    if lama_set in ("trex", "google_re") and (source == "embedded" or source.endswith(".jsonl")):
+        problems.append(f"config.data.lama_set = {lama_set!r} is read from LAMA's data folder, "
+                        f"but config.data.source = {source!r} is "
+                        f"{'the toy world' if source == 'embedded' else 'a jsonl file'}; set "
+                        "config.data.source to 'lama' (download) or the path of LAMA's data/")
     target = config.loss.target_sparsity
     if target is not None and not 0.0 < target < 1.0:
         problems.append(f"config.loss.target_sparsity = {target}; must be in (0, 1) or None")

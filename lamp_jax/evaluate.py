@@ -60,7 +60,8 @@ def reevaluate(workdir: str | os.PathLike, split: str = "test", model: str | Non
     best = shard_relations(pad_relations(best, relation_slots(len(relations), mesh)), mesh)
     eval_sets = {"test": list(RelationBatcher(data[split], config.batch_size).eval_batches())}
     summary = final_report(config, workdir, mlm.config, best, replicate(mlm.params, mesh),
-                           eval_sets, relations, spec, mode, mesh, log)
+                           eval_sets, relations, spec, mode, mesh, log,
+                           labels=data[split].relation_labels)
     write_text(workdir / f"eval_{split}.json", json.dumps(summary, indent=2))
     return summary
 

@@ -29,12 +29,13 @@ from lamp_jax.checkpoint import (
 )
 from lamp_jax.config_checks import validate_config
 from lamp_jax.data import (
-    LAMA_CONCEPTNET_RELATIONS,
     RelationBatcher,
-    download_lama_conceptnet,
     encode_facts,
-    read_lama_jsonl,
+    fetch_lama,
+    labels_entry,
+    read_for_config,
     reference_protocol_split,
+    relation_display,
     split_by_fact,
 )
 from lamp_jax.hosts import (
@@ -106,7 +107,7 @@ def resolve_model_and_data(config: ml_collections.ConfigDict) -> tuple[str, Path
         if source == "embedded":
             return model, embedded / "lama_probe.jsonl"
     if source == "lama":
-        return model, download_lama_conceptnet(Path(config.data.cache_dir).expanduser())
+        return model, fetch_lama(config.data.get("lama_set", "conceptnet"), config.data.cache_dir)
     return model, Path(source).expanduser()
 
 
@@ -158,14 +159,12 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
     Returns the relations, the encoded prompts per split, and per split its facts (uuid,
     relation, subject, object, its sentences as read): what ``split.json`` records."""
     wanted = tuple(config.data.relations) or None
-    facts, read_report = read_lama_jsonl(jsonl, relations=wanted,
-                                         strict=config.data.get("on_error", "stop") == "stop")
-    log(read_report.summary())
-    present = sorted({f.relation for f in facts},
-                     key=lambda r: (LAMA_CONCEPTNET_RELATIONS + (r,)).index(r))
+    read = read_for_config(config.data, jsonl)  # the LAMA set config.data.lama_set names
+    facts, present = read.facts, read.relations
+    log(read.report.summary())
     relations = wanted or tuple(present)
     encoded, encode_report = encode_facts(facts, tokenizer, relations,
-                                          max_length=config.data.max_length)
+                                          max_length=config.data.max_length, labels=read.labels)
     log(encode_report.summary())
     if len(encoded) == 0:
         raise ValueError(f"no usable prompts in {jsonl} (see the report above)")
@@ -177,7 +176,8 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
         log(f"relations skipped: {len(empty)} ({', '.join(empty)}): every prompt was dropped "
             "at encoding (see the report above)")
         relations = tuple(r for r in relations if r not in empty)
-        encoded, _ = encode_facts(facts, tokenizer, relations, max_length=config.data.max_length)
+        encoded, _ = encode_facts(facts, tokenizer, relations, max_length=config.data.max_length,
+                                  labels=read.labels)
     if config.data.split == "reference":
         log("split: reference protocol (train = dev = test = all prompts; NOT held-out numbers)")
         splits = reference_protocol_split(len(encoded))
@@ -272,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     eval_sets = evaluation_batches(config, data, features)
 
     run_record = _run_json(config, model_source, jsonl, relations, spec, mode, eval_mode,
-                           mlm.config)
+                           mlm.config, data["train"].relation_labels)
     _check_resumable(workdir, run_record)
     # A background save must first copy the whole state off the devices (the next step
     # overwrites the donated buffers): bert-base x 16 relations on a GPU took 18 GB of host
@@ -374,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     del state, metrics, pending
     best = checkpoints.restore_best(layout)
     summary = final_report(config, workdir, mlm.config, best, frozen, eval_sets, relations,
-                            spec, mode, mesh, log, start_layer)
+                            spec, mode, mesh, log, start_layer, data["test"].relation_labels)
     clock.lap("report")
     summary.update(history=history, train_seconds=train_seconds, steps=train.num_steps,
                    best_dev_macro_P1=checkpoints.best_score(),
@@ -524,7 +524,8 @@ def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def final_report(config, workdir, model_config, best, frozen, eval_sets, relations, spec, mode,
-                  mesh: jax.sharding.Mesh, log, start_layer: int = 0) -> dict[str, Any]:
+                  mesh: jax.sharding.Mesh, log, start_layer: int = 0,
+                  labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     test = eval_sets["test"]
     put = lambda b: shard_batch(b, mesh, relation_slots(len(relations), mesh))  # noqa: E731
     dtype = DTYPES[config.dtype]
@@ -550,8 +551,9 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
                         f"pruned_{other_kind}": other.summary()},
                "split": config.data.split,
                "sparsity": {k: v.tolist() for k, v in sparsity.items()},
-               "relations": list(relations)}
-    log(_table(relations, full, pruned, sparsity["total"]))
+               "relations": list(relations), **labels_entry(relations, labels or {})}
+    shown = relation_display(relations, labels or {})  # "P19 (place of birth)"
+    log(_table(shown, full, pruned, sparsity["total"]))
     log(f"test macro P@1: full {full.macro(1):.3f} -> pruned {pruned.macro(1):.3f}; "
         f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f} (one run, seed "
         f"{config.seed}; mean +- std over seeds: python -m lamp_jax.sweep --seeds 3)")
@@ -566,7 +568,7 @@ def final_report(config, workdir, model_config, best, frozen, eval_sets, relatio
             f"{np.nanmean(off):.3f}, full model {full.macro(1):.3f}")
     export_binary_masks(workdir / "masks.npz", best, spec, tuple(relations), mode.threshold)
     if config.plots and is_main():
-        written = plots.write_run_plots(workdir / "plots", relations, full, pruned, sparsity,
+        written = plots.write_run_plots(workdir / "plots", shown, full, pruned, sparsity,
                                         spec, spec_matrix)
         log("plots: " + ", ".join(str(p) for p in written))
     return summary
@@ -611,15 +613,17 @@ def relation_chunk_for(config, model_config: ModelConfig, num_relations: int,
 
 
 def _table(relations, full, pruned, sparsity_total) -> str:
-    lines = [f"{'relation':<18}{'prompts':>8}{'full P@1':>10}{'pruned P@1':>12}{'sparsity':>10}"]
+    width = max([18, *(len(r) + 2 for r in relations)])
+    lines = [f"{'relation':<{width}}{'prompts':>8}{'full P@1':>10}{'pruned P@1':>12}"
+             f"{'sparsity':>10}"]
     for i, r in enumerate(relations):
-        lines.append(f"{r:<18}{int(pruned.count[i]):>8}{full.precision_at(1)[i]:>10.3f}"
+        lines.append(f"{r:<{width}}{int(pruned.count[i]):>8}{full.precision_at(1)[i]:>10.3f}"
                      f"{pruned.precision_at(1)[i]:>12.3f}{sparsity_total[i]:>10.3f}")
     return "\n".join(lines)
 
 
-def _run_json(config, model_source, jsonl, relations, spec, mode, eval_mode, model_config
-              ) -> dict[str, Any]:
+def _run_json(config, model_source, jsonl, relations, spec, mode, eval_mode, model_config,
+              labels=None) -> dict[str, Any]:
     """What run.json records: everything needed to rebuild the model and masks."""
     return {
         "model": model_source,
@@ -627,6 +631,7 @@ def _run_json(config, model_source, jsonl, relations, spec, mode, eval_mode, mod
         "data": str(jsonl),
         "dtype": config.dtype,
         "relations": list(relations),
+        **labels_entry(relations, labels or {}),
         "mask": {"layers": list(spec.layers), "matrices": list(spec.matrices),
                  "mode": mode.kind, "tau": mode.tau, "threshold": mode.threshold,
                  "ste_grad": mode.ste_grad, "eval_kind": eval_mode.kind},

@@ -8,16 +8,32 @@ from pathlib import Path
 
 import pytest
 
+from lamp_jax.config_checks import validate_config
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 @pytest.mark.parametrize("name", ["default", "runlocal", "bert_base_conceptnet",
-                                  "roberta_base_conceptnet", "distilbert_conceptnet"])
+                                  "roberta_base_conceptnet", "distilbert_conceptnet", "trex",
+                                  "google_re"])
 def test_configs_load(name):
     config = importlib.import_module(f"lamp_jax.configs.{name}").get_config()
     assert config.mask.mode in ("stochastic", "deterministic")
     assert config.batching in ("per_relation", "balanced")
+    validate_config(config)
+
+
+def test_lama_set_configs_are_lamas_setting_with_the_papers_recipe():
+    paper = importlib.import_module("lamp_jax.configs.bert_base_conceptnet").get_config()
+    for name, lama_set in (("trex", "trex"), ("google_re", "google_re")):
+        c = importlib.import_module(f"lamp_jax.configs.{name}").get_config()
+        # LAMA probes T-REx and Google-RE with bert-base-cased and its templates.
+        assert (c.model, c.data.source, c.data.lama_set, c.data.prompts) == (
+            "bert-base-cased", "lama", lama_set, "templates")
+        same = ("mask", "optim", "loss", "batch_size", "epochs")
+        assert {k: c.to_dict()[k] for k in same} == {k: paper.to_dict()[k] for k in same}
+        assert c.data.relations == () and c.data.fractions == paper.data.fractions
 
 
 def test_bert_base_config_is_the_papers_setting():

@@ -14,7 +14,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # mask init, training noise and batch order
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "embedded"  # "embedded", "lama" (download LAMA ConceptNet) or a jsonl path
+    # "embedded" (the toy world), "lama" (LAMA's data, downloaded on first use), the path of
+    # LAMA's unzipped data/ folder, or a jsonl file in LAMA's ConceptNet format.
+    c.data.source = "embedded"
+    # Which LAMA set "lama" or a data folder gives: "conceptnet" (16 relations), "trex" (41
+    # Wikidata relations, named "P19 (place of birth)") or "google_re" (3 relations).
+    c.data.lama_set = "conceptnet"
+    # T-REx / Google-RE prompts: "templates" (LAMA's per-relation template, one prompt per
+    # fact, as LAMA probes) or "evidences" (LAMA's evidence sentences, several per fact).
+    # ConceptNet has no templates: its prompts are its own sentences either way.
+    c.data.prompts = "templates"
     c.data.cache_dir = "~/.cache/lamp_jax"  # where "lama" downloads to
     c.data.relations = ()  # relation names to train; empty = every relation in the data
     c.data.max_length = 64  # prompts longer than this (in tokens) are skipped and counted

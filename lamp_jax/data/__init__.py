@@ -1,5 +1,7 @@
 """Data pipeline: LAMA facts -> tokenised fixed-shape arrays -> relation-stacked batches.
 
+LAMA's sets: ConceptNet (``lama``), T-REx and Google-RE (``lama_sets``).
+
 ``tfds_lama`` is not imported here because importing tensorflow_datasets costs time that most
 callers (tests, the embedded toy world) do not need; import it explicitly.
 """
@@ -12,6 +14,17 @@ from lamp_jax.data.lama import (
     ReadReport,
     download_lama_conceptnet,
     read_lama_jsonl,
+)
+from lamp_jax.data.lama_sets import (
+    LAMA_SETS,
+    PROMPTS,
+    LamaData,
+    download_lama_data,
+    fetch_lama,
+    labels_entry,
+    read_for_config,
+    read_lama_set,
+    relation_display,
 )
 from lamp_jax.data.splits import (
     reference_protocol_split,
@@ -30,18 +43,27 @@ from lamp_jax.data.triples import (
 __all__ = [
     "CKBC_TO_LAMA",
     "LAMA_CONCEPTNET_RELATIONS",
+    "LAMA_SETS",
+    "PROMPTS",
     "TEMPLATES",
     "EncodeReport",
     "EncodedPrompts",
     "Fact",
+    "LamaData",
     "ReadReport",
     "RelationBatcher",
     "Triple",
     "download_lama_conceptnet",
+    "download_lama_data",
     "encode_facts",
+    "fetch_lama",
+    "labels_entry",
     "read_ckbc",
+    "read_for_config",
     "read_lama_jsonl",
+    "read_lama_set",
     "reference_protocol_split",
+    "relation_display",
     "split_by_fact",
     "split_fact_ids",
     "split_facts",

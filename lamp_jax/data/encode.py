@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,8 @@ class EncodedPrompts:
       fact_index: [N] int32, index into the facts passed to :func:`encode_facts`, so splits can
         keep all prompts of a fact together.
       relations: relation names; defines the relation axis of batches and of the mask pytree.
+      relation_labels: relation -> human-readable label ("P19" -> "place of birth") for those
+        of ``relations`` that have one; what tables and plots show beside the name.
     """
 
     input_ids: np.ndarray
@@ -58,6 +60,7 @@ class EncodedPrompts:
     relation: np.ndarray
     fact_index: np.ndarray
     relations: tuple[str, ...]
+    relation_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -164,6 +167,7 @@ def encode_facts(
     tokenizer: Any,
     relations: Sequence[str],
     max_length: int = 64,
+    labels: Mapping[str, str] | None = None,
 ) -> tuple[EncodedPrompts, EncodeReport]:
     """Tokenise every masked sentence of ``facts`` whose relation is in ``relations``.
 
@@ -173,6 +177,8 @@ def encode_facts(
       tokenizer: a Hugging Face (fast) tokenizer with ``mask_token`` and ``pad_token_id``.
       relations: the relation axis; prompts of other relations are skipped and counted.
       max_length: prompts longer than this (special tokens included) are skipped and counted.
+      labels: relation -> label (:func:`lamp_jax.data.lama_sets.read_lama_set`); those of
+        ``relations`` travel with the prompts as ``relation_labels``.
 
     Returns:
       ``(EncodedPrompts, EncodeReport)``. ``L`` is the longest kept prompt rounded up to a
@@ -248,6 +254,7 @@ def encode_facts(
         relation=columns[:, 1].copy(),
         fact_index=columns[:, 0].copy(),
         relations=relations,
+        relation_labels={r: labels[r] for r in relations if r in (labels or {})},
     )
     report.kept = n
     report.seq_len = seq_len

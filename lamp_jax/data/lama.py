@@ -5,7 +5,9 @@ variants (``obj_label`` vs ``obj``, ``sub_label`` vs ``sub``, extra keys such as
 ``masked_negations``), and the reference implementation silently drops whatever it cannot use.
 Here every line either becomes a :class:`Fact` or is *counted* in a :class:`ReadReport`, and a
 malformed line names ``file:line`` so a corrupt download is found at once instead of shrinking
-the data set without notice.
+the data set without notice. The line reading (:func:`parsed_lines`) and the fact table that
+filters and merges records (:class:`FactTable`) serve LAMA's T-REx and Google-RE readers too
+(:mod:`lamp_jax.data.lama_sets`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,9 @@ LAMA_CONCEPTNET_MEMBER = "data/ConceptNet/test.jsonl"
 #: Number of lines of the official ConceptNet file (used only to warn about odd downloads).
 LAMA_CONCEPTNET_LINES = 29_774
 CACHED_NAME = "lama_conceptnet_test.jsonl"
+ARCHIVE_NAME = "lama_data.zip"
 
-_MAX_EXAMPLES = 5
+MAX_EXAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,7 @@ class Fact:
 
 @dataclasses.dataclass
 class ReadReport:
-    """What :func:`read_lama_jsonl` kept, skipped and why (nothing is dropped silently)."""
+    """What a LAMA reader kept, skipped and why (nothing is dropped silently)."""
 
     path: str
     lines: int = 0
@@ -89,6 +92,16 @@ class ReadReport:
     # sentences all land in one split (new sentences are added to the first record's fact).
     duplicate_facts_merged: int = 0
     facts_per_relation: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Only LAMA's factual sets (lamp_jax.data.lama_sets) fill these; ConceptNet's summary
+    # stays as it was.
+    prompts: str | None = None  # "templates" or "evidences"
+    files: int = 0
+    # Google-RE facts whose raters said "no" more often than "yes" (LAMA skips them too).
+    negative_judgments: int = 0
+    # Records of relations without a template in relations.jsonl (templates need one).
+    relations_without_template: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Relations a set lists (relations.jsonl, Google-RE's three) with no file in the folder.
+    relations_without_file: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """One human-readable paragraph, for logs and notebooks."""
@@ -103,7 +116,17 @@ class ReadReport:
             f"records of an already-read (subject, relation, object) merged into that fact "
             f"{self.duplicate_facts_merged}",
         ]
+        if self.prompts is not None:
+            parts.insert(0, f"{self.files} files, prompts from {self.prompts}")
+            parts.append(f"facts with more 'no' than 'yes' judgments skipped "
+                         f"{self.negative_judgments}")
         text = "; ".join(parts)
+        if self.relations_without_template:
+            dropped = ", ".join(f"{k}={v}"
+                                for k, v in sorted(self.relations_without_template.items()))
+            text += f"; records of relations without a template skipped: {dropped}"
+        if self.relations_without_file:
+            text += "; relations without a file: " + ", ".join(self.relations_without_file)
         if self.skipped_relations:
             skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped_relations.items()))
             text += f"; facts of unrequested relations skipped: {skipped}"
@@ -122,20 +145,40 @@ def _first_present(record: Mapping[str, Any], keys: Iterable[str]) -> Any:
     return None
 
 
-def _parse_line(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
-    """Validate one jsonl line; returns the cleaned fields or raises ValueError naming ``where``."""
+def json_object(text: str, where: str) -> dict[str, Any]:
+    """One jsonl line as a dict, or ValueError naming ``where`` (``file:line``)."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    relation = record.get("pred")
-    if not isinstance(relation, str) or not relation.strip():
-        raise ValueError(f"{where}: missing or empty required key 'pred'")
-    obj = _first_present(record, ("obj_label", "obj"))
-    if not isinstance(obj, str) or not obj.strip():
-        raise ValueError(f"{where}: missing or empty required key 'obj_label' (or 'obj')")
+    return record
+
+
+def required_text(record: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:
+    """The first of ``keys`` present, stripped; ValueError naming ``where`` when it is missing,
+    empty or not a string."""
+    value = _first_present(record, keys)
+    if not isinstance(value, str) or not value.strip():
+        alternatives = f" (or {', '.join(repr(k) for k in keys[1:])})" if keys[1:] else ""
+        raise ValueError(f"{where}: missing or empty required key {keys[0]!r}{alternatives}")
+    return value.strip()
+
+
+def _parse_line(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
+    """Validate one jsonl line; returns the cleaned fields or raises ValueError naming ``where``."""
+    record = json_object(text, where)
+    relation = required_text(record, ("pred",), where)
+    obj = required_text(record, ("obj_label", "obj"), where)
+    sentences = masked_sentences(record, where)
+    subject, uuid, notes = optional_fields(record)
+    return {"relation": relation, "obj": obj, "sentences": sentences, "subject": subject,
+            "uuid": uuid}, notes
+
+
+def masked_sentences(record: Mapping[str, Any], where: str) -> list[str]:
+    """The record's ``masked_sentences``: a non-empty list of strings, else ValueError."""
     sentences = record.get("masked_sentences")
     if sentences is None:
         raise ValueError(f"{where}: missing required key 'masked_sentences'")
@@ -143,21 +186,22 @@ def _parse_line(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
         raise ValueError(f"{where}: 'masked_sentences' must be a list of strings")
     if not sentences:
         raise ValueError(f"{where}: no masked sentence")
+    return sentences
+
+
+def optional_fields(record: Mapping[str, Any]) -> tuple[str, str, list[str]]:
+    """The subject (``sub_label`` or ``sub``) and uuid, ``""`` when absent, and notes of what
+    is missing (``missing_subject``, ``missing_uuid``): neither is needed for a cloze
+    sentence."""
     subject = _first_present(record, ("sub_label", "sub"))
-    uuid = record.get("uuid")
     notes = []
     if not isinstance(subject, str) or not subject.strip():
-        subject, notes = "", notes + ["missing_subject"]
-    if uuid is None or str(uuid) == "":
-        uuid, notes = "", notes + ["missing_uuid"]
-    fields = {
-        "relation": relation.strip(),
-        "subject": subject.strip(),
-        "obj": obj.strip(),
-        "sentences": sentences,
-        "uuid": str(uuid),
-    }
-    return fields, notes
+        subject, notes = "", ["missing_subject"]
+    uuid = record.get("uuid")
+    uuid = "" if uuid is None else str(uuid)
+    if not uuid:
+        notes.append("missing_uuid")
+    return subject.strip(), uuid, notes
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -165,6 +209,90 @@ def _decode(raw: bytes, where: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+Parser = Callable[[str, str], tuple[dict[str, Any], list[str]]]
+
+
+def parsed_lines(path: Path, parse: Parser, report: ReadReport, strict: bool
+                 ) -> Iterator[tuple[int, dict[str, Any], list[str]]]:
+    """``(line number, fields, notes)`` of every well-formed line of ``path``.
+
+    ``parse(text, "file:line")`` turns a line into fields or raises ValueError naming its
+    place. Blank lines are counted; a malformed line raises (``strict``) or is counted with
+    an example. The file is read as bytes and decoded line by line: a bad byte is then one
+    malformed line named by number, not a UnicodeDecodeError for the whole file. A UTF-8 byte
+    order mark before the first line (Windows editors) is accepted.
+    """
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            report.lines += 1
+            where = f"{path}:{lineno}"
+            try:
+                line = _decode(raw, where)
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")
+                if not line.strip():
+                    report.blank_lines += 1
+                    continue
+                fields, notes = parse(line, where)
+            except ValueError as err:
+                if strict:
+                    raise
+                report.malformed += 1
+                if len(report.malformed_examples) < MAX_EXAMPLES:
+                    report.malformed_examples.append(str(err))
+                continue
+            yield lineno, fields, notes
+
+
+class FactTable:
+    """Facts as records are added: sentences filtered, records of one triple merged, counted.
+
+    A record with the same (subject, relation, object) as an earlier one (LAMA repeats some
+    under new uuids) is merged into it, its new sentences added; records without a subject
+    are never merged.
+    """
+
+    def __init__(self, report: ReadReport) -> None:
+        self.report = report
+        self.facts: list[Fact] = []
+        self._index: dict[tuple[str, str, str], int] = {}  # (subject, relation, object) -> index
+        self._per_relation: collections.Counter[str] = collections.Counter()
+
+    def add(self, fields: dict[str, Any], notes: list[str], fallback_uuid: str) -> None:
+        """Adds one record (``relation``, ``subject``, ``obj``, ``sentences``, ``uuid``)."""
+        report = self.report
+        if "missing_subject" in notes:
+            report.missing_subject += 1
+        if "missing_uuid" in notes:
+            report.missing_uuid += 1
+            fields = {**fields, "uuid": fallback_uuid}
+        good = tuple(s for s in fields["sentences"] if s.count(MASK) == 1)
+        report.sentences_bad_mask_count += len(fields["sentences"]) - len(good)
+        if not good:
+            report.facts_without_usable_sentence += 1
+            return
+        key = (fields["subject"], fields["relation"], fields["obj"])
+        if fields["subject"] and key in self._index:
+            first = self.facts[self._index[key]]
+            new = tuple(s for s in dict.fromkeys(good) if s not in first.sentences)
+            self.facts[self._index[key]] = dataclasses.replace(
+                first, sentences=first.sentences + new)
+            report.duplicate_facts_merged += 1
+            report.sentences += len(new)
+            return
+        self._index[key] = len(self.facts)
+        self.facts.append(Fact(fields["relation"], fields["subject"], fields["obj"], good,
+                               fields["uuid"]))
+        self._per_relation[fields["relation"]] += 1
+        report.sentences += len(good)
+
+    def finish(self) -> list[Fact]:
+        """The facts, with the report's fact counts filled in."""
+        self.report.facts = len(self.facts)
+        self.report.facts_per_relation = dict(self._per_relation)
+        return self.facts
 
 
 def read_lama_jsonl(
@@ -194,62 +322,15 @@ def read_lama_jsonl(
     path = Path(path)
     wanted = None if relations is None else frozenset(relations)
     report = ReadReport(path=str(path))
-    facts: list[Fact] = []
-    index_of: dict[tuple[str, str, str], int] = {}  # (subject, relation, object) -> facts index
+    table = FactTable(report)
     skipped: collections.Counter[str] = collections.Counter()
-    per_relation: collections.Counter[str] = collections.Counter()
-    # Binary read, decoded line by line: a bad byte is then one malformed line named by number,
-    # not a UnicodeDecodeError for the whole file.
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            report.lines += 1
-            where = f"{path}:{lineno}"
-            try:
-                line = _decode(raw, where)
-                if lineno == 1:
-                    line = line.removeprefix("\ufeff")  # a byte order mark (Windows editors)
-                if not line.strip():
-                    report.blank_lines += 1
-                    continue
-                fields, notes = _parse_line(line, where)
-            except ValueError as err:
-                if strict:
-                    raise
-                report.malformed += 1
-                if len(report.malformed_examples) < _MAX_EXAMPLES:
-                    report.malformed_examples.append(str(err))
-                continue
-            if wanted is not None and fields["relation"] not in wanted:
-                skipped[fields["relation"]] += 1
-                continue
-            if "missing_subject" in notes:
-                report.missing_subject += 1
-            if "missing_uuid" in notes:
-                report.missing_uuid += 1
-                fields["uuid"] = f"{path.name}:{lineno}"
-            good = tuple(s for s in fields["sentences"] if s.count(MASK) == 1)
-            report.sentences_bad_mask_count += len(fields["sentences"]) - len(good)
-            if not good:
-                report.facts_without_usable_sentence += 1
-                continue
-            key = (fields["subject"], fields["relation"], fields["obj"])
-            if fields["subject"] and key in index_of:
-                first = facts[index_of[key]]
-                new = tuple(s for s in dict.fromkeys(good) if s not in first.sentences)
-                facts[index_of[key]] = dataclasses.replace(first,
-                                                           sentences=first.sentences + new)
-                report.duplicate_facts_merged += 1
-                report.sentences += len(new)
-                continue
-            fields["sentences"] = good
-            index_of[key] = len(facts)
-            facts.append(Fact(**fields))
-            per_relation[fields["relation"]] += 1
-            report.sentences += len(good)
-    report.facts = len(facts)
+    for lineno, fields, notes in parsed_lines(path, _parse_line, report, strict):
+        if wanted is not None and fields["relation"] not in wanted:
+            skipped[fields["relation"]] += 1
+            continue
+        table.add(fields, notes, f"{path.name}:{lineno}")
     report.skipped_relations = dict(skipped)
-    report.facts_per_relation = dict(per_relation)
-    return facts, report
+    return table.finish(), report
 
 
 def download_lama_conceptnet(
@@ -275,25 +356,9 @@ def download_lama_conceptnet(
     target = cache_dir / CACHED_NAME
     if target.is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
     url = LAMA_DATA_URL if url is None else url
-    zip_path = cache_dir / "lama_data.zip"
-    if not zip_path.is_file():
-        partial = zip_path.with_name(zip_path.name + ".part")
-        try:
-            with (
-                urllib.request.urlopen(url, timeout=timeout_s) as response,
-                partial.open("wb") as out,
-            ):
-                shutil.copyfileobj(response, out, length=1 << 20)
-        except (urllib.error.URLError, OSError) as err:
-            partial.unlink(missing_ok=True)
-            raise ConnectionError(
-                f"could not download the LAMA data archive from {url}: {err}. If this machine is "
-                f"offline, download it elsewhere and copy its member {LAMA_CONCEPTNET_MEMBER} to "
-                f"{target} (or the zip to {zip_path})."
-            ) from err
-        partial.replace(zip_path)
+    zip_path = fetch_archive(cache_dir, url, timeout_s,
+                             f"its member {LAMA_CONCEPTNET_MEMBER} to {target}")
     try:
         with zipfile.ZipFile(zip_path) as archive:
             try:
@@ -312,3 +377,31 @@ def download_lama_conceptnet(
     if not keep_zip:
         zip_path.unlink(missing_ok=True)
     return target
+
+
+def fetch_archive(cache_dir: Path, url: str, timeout_s: float, offline_place: str) -> Path:
+    """``cache_dir/lama_data.zip``, downloaded from ``url`` unless it is there already.
+
+    Written to a ``.part`` file first, so an interrupted download is never taken for the
+    archive. ``offline_place`` completes the error message's "copy ... (or the zip to ...)".
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    zip_path = cache_dir / ARCHIVE_NAME
+    if zip_path.is_file():
+        return zip_path
+    partial = zip_path.with_name(zip_path.name + ".part")
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=timeout_s) as response,
+            partial.open("wb") as out,
+        ):
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except (urllib.error.URLError, OSError) as err:
+        partial.unlink(missing_ok=True)
+        raise ConnectionError(
+            f"could not download the LAMA data archive from {url}: {err}. If this machine is "
+            f"offline, download it elsewhere and copy {offline_place} (or the zip to "
+            f"{zip_path})."
+        ) from err
+    partial.replace(zip_path)
+    return zip_path
