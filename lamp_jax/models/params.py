@@ -2,9 +2,9 @@
 
 One table per family (``KEY_TABLES``: BERT, RoBERTa, DistilBERT, ModernBERT) says, for every
 parameter of ours, which tensor of the Hugging Face ``*ForMaskedLM`` state dict it comes from
-and how it is laid out. Reading is
-torch-free for both ``model.safetensors`` and the legacy zip ``pytorch_model.bin`` (a small
-restricted unpickler, ``read_torch_bin``), so torch is never a runtime dependency.
+and how it is laid out. Reading is torch-free for both ``model.safetensors`` and the legacy zip
+``pytorch_model.bin`` (a small restricted unpickler, ``read_torch_bin``), so torch is never a
+runtime dependency.
 
     from lamp_jax.models.params import load_mlm
     mlm = load_mlm("bert-base-uncased")            # hub id or local directory
