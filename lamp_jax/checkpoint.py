@@ -27,8 +27,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+<<<<<<< HEAD
 from lamp_jax.hosts import is_main, sync, to_host, write_text
 from lamp_jax.masks import MATRICES, MaskSpec, hard_mask, insert_path, iter_masks
+=======
+from lamp_jax.hosts import is_main, to_host, write_text
+from lamp_jax.masks import MATRIX_PATHS, MaskSpec, hard_mask, insert_path, iter_masks
+>>>>>>> modernbert
 from lamp_jax.paths import as_path, load_npz, run_dir, save_npz
 from lamp_jax.training import TrainState
 
@@ -301,5 +306,5 @@ def load_binary_masks(path: str | Path) -> tuple[dict[str, Any], MaskSpec, tuple
                 shape = tuple(int(s) for s in data[f"layer_{i}/{m}.shape"])
                 bits = np.unpackbits(data[f"layer_{i}/{m}"], count=int(np.prod(shape)))
                 mask = bits.reshape(shape).astype(np.float32)
-                insert_path(tree, (f"layer_{i}", *MATRICES[m]), mask)
+                insert_path(tree, (f"layer_{i}", *MATRIX_PATHS[m]), mask)
     return tree, spec, tuple(meta["relations"])

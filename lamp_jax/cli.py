@@ -7,7 +7,8 @@
     lamp-jax-train --workdir=gs://my-bucket/runs/default   # any run directory may be a URL
 
 ``--config`` takes a config file's path or the name of a packaged one (``lamp_jax/configs``:
-default, runlocal, bert_base_conceptnet, roberta_base_conceptnet, distilbert_conceptnet).
+default, runlocal, bert_base_conceptnet, roberta_base_conceptnet, distilbert_conceptnet,
+modernbert_conceptnet).
 
 Several processes (a pod, or one machine): run the same command in every process with
 ``--distributed``. The coordinator is auto-detected where JAX can (TPU, SLURM, Open MPI, ...);

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+<<<<<<< HEAD
 from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS
 from lamp_jax.masks import MATRICES
+=======
+from lamp_jax.masks import MATRIX_PATHS
+>>>>>>> modernbert
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
@@ -76,10 +80,11 @@ def validate_config(config: Any) -> None:
             brackets = "[]" if inclusive else "()"
             span = f"{brackets[0]}{low}, {'inf' if high is None else high}{brackets[1]}"
             problems.append(f"config.{field} = {value!r}; must be in {span}")
-    unknown = [m for m in config.mask.matrices if m not in MATRICES]
+    # Which of them the model has is checked once it is loaded (MaskSpec.create).
+    unknown = [m for m in config.mask.matrices if m not in MATRIX_PATHS]
     if unknown or not config.mask.matrices:
         problems.append(f"config.mask.matrices = {tuple(config.mask.matrices)!r}; choose a "
-                        f"non-empty subset of {tuple(MATRICES)}")
+                        f"non-empty subset of {tuple(MATRIX_PATHS)}")
     for field in ("mask.first_layer", "mask.last_layer"):
         value = _get(config, field)
         if value is not None and value < 0:

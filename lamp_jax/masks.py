@@ -28,8 +28,10 @@ import numpy as np
 from lamp_jax import threefry
 from lamp_jax.hosts import to_host
 from lamp_jax.models.bert import ModelConfig
+from lamp_jax.models.modernbert import ModernBertConfig
 
-# Short names of the maskable matrices -> their path inside a layer's params.
+# Short names of the maskable matrices of the BERT family (BERT, RoBERTa, DistilBERT) -> their
+# path inside a layer's params. Also the default matrices of a MaskSpec.
 MATRICES: dict[str, tuple[str, ...]] = {
     "query": ("attention", "query", "kernel"),
     "key": ("attention", "key", "kernel"),
@@ -37,6 +39,17 @@ MATRICES: dict[str, tuple[str, ...]] = {
     "attn_out": ("attention", "output", "kernel"),
     "ffn_in": ("ffn_in", "kernel"),
     "ffn_out": ("ffn_out", "kernel"),
+}
+# Every family's matrix names -> paths. ModernBERT keeps its attention output and MLP kernels at
+# BERT's paths, so attn_out (Wo), ffn_in (the fused GeGLU Wi, [H, 2F]) and ffn_out (mlp.Wo) name
+# the same role in every family; its fused Wqkv [H, 3H] is "qkv".
+MATRIX_PATHS: dict[str, tuple[str, ...]] = {**MATRICES, "qkv": ("attention", "qkv", "kernel")}
+# The matrices each family has, in the order masks are listed (all of them by default).
+FAMILY_MATRICES: dict[str, tuple[str, ...]] = {
+    "bert": tuple(MATRICES),
+    "roberta": tuple(MATRICES),
+    "distilbert": tuple(MATRICES),
+    "modernbert": ("qkv", "attn_out", "ffn_in", "ffn_out"),
 }
 MASK_KINDS = ("stochastic", "deterministic", "expectation", "threshold")
 
@@ -49,32 +62,39 @@ class MaskSpec:
     matrices: tuple[str, ...] = tuple(MATRICES)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.matrices if m not in MATRICES]
+        unknown = [m for m in self.matrices if m not in MATRIX_PATHS]
         if unknown:
-            raise ValueError(f"unknown matrices {unknown}; choose from {list(MATRICES)}")
+            raise ValueError(f"unknown matrices {unknown}; choose from {list(MATRIX_PATHS)}")
         if not self.layers or not self.matrices:
             raise ValueError("a mask spec needs at least one layer and one matrix")
 
     @classmethod
     def create(
         cls,
-        config: ModelConfig,
+        config: ModelConfig | ModernBertConfig,
         first_layer: int | None = None,
         last_layer: int | None = None,
-        matrices: Sequence[str] = tuple(MATRICES),
+        matrices: Sequence[str] | None = None,
     ) -> MaskSpec:
-        """Layers ``first_layer..last_layer`` (default: the top half, as in the paper's 6..11)."""
+        """Layers ``first_layer..last_layer`` (default: the top half, as in the paper's 6..11)
+        and ``matrices`` (default: every matrix of the config's family, ``FAMILY_MATRICES``)."""
         first = config.num_layers // 2 if first_layer is None else first_layer
         last = config.num_layers - 1 if last_layer is None else last_layer
         if not 0 <= first <= last < config.num_layers:
             raise ValueError(
                 f"mask layers {first}..{last} are not within the model's 0..{config.num_layers - 1}"
             )
-        return cls(tuple(range(first, last + 1)), tuple(matrices))
+        own = FAMILY_MATRICES[config.family]
+        matrices = own if matrices is None else tuple(matrices)
+        foreign = [m for m in matrices if m not in own]
+        if foreign:
+            raise ValueError(f"a {config.family} model has no matrices {foreign}; choose from "
+                             f"{own} (config.mask.matrices)")
+        return cls(tuple(range(first, last + 1)), matrices)
 
     def paths(self) -> list[tuple[str, ...]]:
         """Param paths of the masked kernels, e.g. ``("layer_6", "ffn_in", "kernel")``."""
-        return [(f"layer_{i}", *MATRICES[m]) for i in self.layers for m in self.matrices]
+        return [(f"layer_{i}", *MATRIX_PATHS[m]) for i in self.layers for m in self.matrices]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +148,7 @@ def iter_masks(mask_tree: Mapping[str, Any], spec: MaskSpec):
     """Yields ``(layer, matrix, leaf)`` in the spec's order."""
     for i in spec.layers:
         for m in spec.matrices:
-            yield i, m, _get(mask_tree, (f"layer_{i}", *MATRICES[m]))
+            yield i, m, _get(mask_tree, (f"layer_{i}", *MATRIX_PATHS[m]))
 
 
 # --- initialisation ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.mark.parametrize("name", ["default", "runlocal", "bert_base_conceptnet",
                                   "roberta_base_conceptnet", "distilbert_conceptnet", "trex",
-                                  "google_re"])
+                                  "google_re", "modernbert_conceptnet"])
 def test_configs_load(name):
     config = importlib.import_module(f"lamp_jax.configs.{name}").get_config()
     assert config.mask.mode in ("stochastic", "deterministic")

@@ -10,6 +10,10 @@ after a space is a different token, ``" think"`` -> ``Ġthink``).
   alphabet whose only merges build ``Ġ<word>`` for the listed words, so each word is a single token
   after a space and splits into bytes elsewhere (e.g. at sentence start), like real RoBERTa for
   rare words. Its ``<mask>`` strips the space to its left, as in ``roberta-base``.
+* :func:`make_modernbert_tokenizer`: the same byte-level BPE in ModernBERT's layout (GPT-NeoX
+  style, a ``PreTrainedTokenizerFast`` from ``tokenizer.json``): ``[CLS] ... [SEP]`` around a
+  text, no token types, and a ``[MASK]`` that strips the space to its left, as in
+  ``answerdotai/ModernBERT-base``.
 
 Both save their files to ``tmp_dir`` so ``AutoTokenizer.from_pretrained(tmp_dir)`` also works, and
 the vocabulary order is deterministic for a given word list.
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+# ModernBERT keeps its specials after the BPE vocabulary, in this order (ids 50280..50284).
+MODERNBERT_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 PUNCTUATION = tuple(".,;:!?'\"-()")
 
 
@@ -68,12 +74,61 @@ def make_roberta_tokenizer(
     ``mask_lstrip=False`` gives a ``<mask>`` that does not absorb the preceding space (as when a
     RoBERTa tokenizer is loaded from bare vocab/merges files).
     """
-    from tokenizers import AddedToken, pre_tokenizers
+    from tokenizers import AddedToken
     from transformers import RobertaTokenizerFast
 
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {s: i for i, s in enumerate(ROBERTA_SPECIALS)}
+    vocab, merges = _byte_level_bpe(words, ROBERTA_SPECIALS)
+    vocab["<mask>"] = len(vocab)
+    (tmp_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
+    )
+    mask = AddedToken("<mask>", lstrip=mask_lstrip, rstrip=False, normalized=False, special=True)
+    tokenizer = RobertaTokenizerFast.from_pretrained(str(tmp_dir), mask_token=mask)
+    tokenizer.save_pretrained(str(tmp_dir))
+    return tokenizer
+
+
+def make_modernbert_tokenizer(
+    tmp_dir: str | os.PathLike[str], words: Iterable[str]
+) -> PreTrainedTokenizerBase:
+    """Byte-level BPE tokenizer in ModernBERT's layout; ``" <word>"`` is one token for each word.
+
+    Saved as ``tokenizer.json`` + ``tokenizer_config.json`` (as the hub's ModernBERT), so
+    ``AutoTokenizer.from_pretrained(tmp_dir)`` gives a ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _byte_level_bpe(words, ())
+    for special in MODERNBERT_SPECIALS:
+        vocab[special] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    bpe.add_special_tokens([
+        AddedToken(t, lstrip=t == "[MASK]", rstrip=False, normalized=False, special=True)
+        for t in MODERNBERT_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        pad_token="[PAD]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
+    tokenizer.save_pretrained(str(tmp_dir))
+    return tokenizer
+
+
+def _byte_level_bpe(words: Iterable[str], specials: Iterable[str]
+                    ) -> tuple[dict[str, int], list[str]]:
+    """``specials``, the 256 byte symbols, then ``Ġ<word>`` for every word, built by merges."""
+    from tokenizers import pre_tokenizers
+
+    vocab: dict[str, int] = {s: i for i, s in enumerate(specials)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(symbol, len(vocab))
     merges: list[str] = []
@@ -89,15 +144,7 @@ def make_roberta_tokenizer(
                     vocab[merged] = len(vocab)
                     merges.append(f"{current} {char}")
                 current = merged
-    vocab["<mask>"] = len(vocab)
-    (tmp_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (tmp_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
-    mask = AddedToken("<mask>", lstrip=mask_lstrip, rstrip=False, normalized=False, special=True)
-    tokenizer = RobertaTokenizerFast.from_pretrained(str(tmp_dir), mask_token=mask)
-    tokenizer.save_pretrained(str(tmp_dir))
-    return tokenizer
+    return vocab, merges
 
 
 def _byte_symbol(latin1_char: str) -> str:

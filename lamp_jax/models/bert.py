@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from lamp_jax.models.modernbert import ModernBertConfig
 
 FAMILIES = ("bert", "roberta", "distilbert")
 
@@ -368,7 +371,7 @@ def mlm_forward(
     input_ids: jax.Array | None,
     attention_mask: jax.Array,
     *,
-    config: ModelConfig,
+    config: ModelConfig | ModernBertConfig,
     token_type_ids: jax.Array | None = None,
     output_positions: jax.Array | None = None,
     output_hidden_states: bool = False,
@@ -396,7 +399,17 @@ def mlm_forward(
 
     Returns:
       dict with ``logits`` and, when asked, ``hidden_states`` / ``attentions`` tuples.
+
+    A :class:`~lamp_jax.models.modernbert.ModernBertConfig` routes to ModernBERT's forward
+    (same arguments; it has no token types, ``token_type_ids`` is ignored).
     """
+    if config.family == "modernbert":
+        from lamp_jax.models import modernbert  # it builds on this module's layers
+
+        return modernbert.mlm_forward(
+            params, input_ids, attention_mask, config=config, output_positions=output_positions,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            dtype=dtype, hidden=hidden, start_layer=start_layer)
     return MaskedLM(config, dtype).apply(
         {"params": params},
         input_ids,
@@ -415,7 +428,7 @@ def encode_prefix(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     *,
-    config: ModelConfig,
+    config: ModelConfig | ModernBertConfig,
     stop_layer: int,
     token_type_ids: jax.Array | None = None,
     dtype: Any = jnp.float32,
@@ -426,6 +439,11 @@ def encode_prefix(
     be computed once per prompt and fed to :func:`mlm_forward` (``hidden=``, ``start_layer=``)
     for every step, every subnetwork and the full model.
     """
+    if config.family == "modernbert":
+        from lamp_jax.models import modernbert
+
+        return modernbert.encode_prefix(params, input_ids, attention_mask, config=config,
+                                        stop_layer=stop_layer, dtype=dtype)
     if not 0 <= stop_layer <= config.num_layers:
         raise ValueError(f"stop_layer {stop_layer} is outside 0..{config.num_layers}")
     return MaskedLM(config, dtype).apply(
@@ -434,7 +452,11 @@ def encode_prefix(
     )["hidden"]
 
 
-def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+def init_params(config: ModelConfig | ModernBertConfig, rng: jax.Array, seq_len: int = 8) -> Any:
     """Randomly initialised params (Flax default initialisers) for ``config``."""
+    if config.family == "modernbert":
+        from lamp_jax.models import modernbert
+
+        return modernbert.init_params(config, rng, seq_len)
     ids = jnp.zeros((1, seq_len), jnp.int32)
     return MaskedLM(config).init(rng, ids, jnp.ones_like(ids))["params"]

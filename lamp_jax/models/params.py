@@ -1,9 +1,10 @@
 """Hugging Face checkpoints <-> our parameter pytree.
 
-One table per family (``KEY_TABLES``) says, for every parameter of ours, which tensor of the
-Hugging Face ``*ForMaskedLM`` state dict it comes from and how it is laid out. Reading is
-torch-free for both ``model.safetensors`` and the legacy zip ``pytorch_model.bin`` (a small
-restricted unpickler, ``read_torch_bin``), so torch is never a runtime dependency.
+One table per family (``KEY_TABLES``: BERT, RoBERTa, DistilBERT, ModernBERT) says, for every
+parameter of ours, which tensor of the Hugging Face ``*ForMaskedLM`` state dict it comes from
+and how it is laid out. Reading is torch-free for both ``model.safetensors`` and the legacy zip
+``pytorch_model.bin`` (a small restricted unpickler, ``read_torch_bin``), so torch is never a
+runtime dependency.
 
     from lamp_jax.models.params import load_mlm
     mlm = load_mlm("bert-base-uncased")            # hub id or local directory
@@ -13,6 +14,7 @@ restricted unpickler, ``read_torch_bin``), so torch is never a runtime dependenc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pickle
 import re
@@ -27,7 +29,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lamp_jax.models.bert import ModelConfig, mlm_forward
+from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
+from lamp_jax.models.modernbert import ModernBertConfig
+
+AnyConfig = ModelConfig | ModernBertConfig
 
 # Layout of a tensor: "linear" weights are stored [out, in] by PyTorch and [in, out] by Flax.
 LINEAR, COPY = "linear", "copy"
@@ -78,6 +83,29 @@ _DISTILBERT_TABLE = (
     ("layer_{i}/ffn_out/bias", "transformer.layer.{i}.ffn.lin2.bias", COPY),
     ("layer_{i}/ffn_norm/scale", "transformer.layer.{i}.output_layer_norm.weight", COPY),
     ("layer_{i}/ffn_norm/bias", "transformer.layer.{i}.output_layer_norm.bias", COPY),
+)
+
+# ModernBERT (``ModernBertForMaskedLM``). A row applies only where the model has that parameter:
+# the biases follow norm_bias / attention_bias / mlp_bias / classifier_bias / decoder_bias and
+# layer 0 has no attn_norm, all of which the Flax model decides (see ``key_table``).
+_MODERNBERT_TABLE = (
+    ("embeddings/tok_embeddings/embedding", "embeddings.tok_embeddings.weight", COPY),
+    ("embeddings/norm/scale", "embeddings.norm.weight", COPY),
+    ("embeddings/norm/bias", "embeddings.norm.bias", COPY),
+    ("layer_{i}/attn_norm/scale", "layers.{i}.attn_norm.weight", COPY),
+    ("layer_{i}/attn_norm/bias", "layers.{i}.attn_norm.bias", COPY),
+    ("layer_{i}/attention/qkv/kernel", "layers.{i}.attn.Wqkv.weight", LINEAR),
+    ("layer_{i}/attention/qkv/bias", "layers.{i}.attn.Wqkv.bias", COPY),
+    ("layer_{i}/attention/output/kernel", "layers.{i}.attn.Wo.weight", LINEAR),
+    ("layer_{i}/attention/output/bias", "layers.{i}.attn.Wo.bias", COPY),
+    ("layer_{i}/mlp_norm/scale", "layers.{i}.mlp_norm.weight", COPY),
+    ("layer_{i}/mlp_norm/bias", "layers.{i}.mlp_norm.bias", COPY),
+    ("layer_{i}/ffn_in/kernel", "layers.{i}.mlp.Wi.weight", LINEAR),
+    ("layer_{i}/ffn_in/bias", "layers.{i}.mlp.Wi.bias", COPY),
+    ("layer_{i}/ffn_out/kernel", "layers.{i}.mlp.Wo.weight", LINEAR),
+    ("layer_{i}/ffn_out/bias", "layers.{i}.mlp.Wo.bias", COPY),
+    ("final_norm/scale", "final_norm.weight", COPY),
+    ("final_norm/bias", "final_norm.bias", COPY),
 )
 
 
@@ -139,6 +167,20 @@ KEY_TABLES: dict[str, FamilyLayout] = {
         decoder_bias=None,
         ignorable=(r".*position_ids$",),
     ),
+    "modernbert": FamilyLayout(
+        prefix="model",
+        encoder_table=_MODERNBERT_TABLE,
+        head_table=(
+            ("mlm_head/transform/kernel", "head.dense.weight", LINEAR),
+            ("mlm_head/transform/bias", "head.dense.bias", COPY),
+            ("mlm_head/layer_norm/scale", "head.norm.weight", COPY),
+            ("mlm_head/layer_norm/bias", "head.norm.bias", COPY),
+            ("mlm_head/bias", "decoder.bias", COPY),  # the decoder's own bias is the head bias
+        ),
+        decoder_weight="decoder.weight",
+        decoder_bias=None,
+        ignorable=(),
+    ),
 }
 
 # TF-converted BERT checkpoints name LayerNorm parameters gamma/beta.
@@ -146,9 +188,20 @@ _LEGACY_RENAMES = ((re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
                    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"))
 
 
-def key_table(config: ModelConfig) -> list[tuple[str, str, str]]:
+def key_table(config: AnyConfig) -> list[tuple[str, str, str]]:
     """The full (our path, Hugging Face key, layout) list for a concrete model config."""
     layout = KEY_TABLES[config.family]
+    if config.family == "modernbert":
+        # The Flax model is the one source of which optional tensors exist (biases, layer 0's
+        # attn_norm); the table only names them.
+        shapes = model_param_shapes(config)
+        rows = [(ours.format(i=i), f"{layout.prefix}.{theirs.format(i=i)}", kind)
+                for ours, theirs, kind in layout.encoder_table
+                for i in (range(config.num_layers) if "{i}" in ours else [None])]
+        rows += list(layout.head_table)
+        if not config.tie_word_embeddings:
+            rows.append(("mlm_head/decoder/kernel", layout.decoder_weight, LINEAR))
+        return [row for row in rows if row[0] in shapes]
     rows = []
     for ours, theirs, kind in layout.encoder_table:
         if "token_type" in ours and not config.type_vocab_size:
@@ -164,8 +217,18 @@ def key_table(config: ModelConfig) -> list[tuple[str, str, str]]:
     return rows
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+@functools.lru_cache(maxsize=8)
+def model_param_shapes(config: AnyConfig) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of every parameter the Flax model for ``config`` has (traced with
+    ``jax.eval_shape``: no weights are allocated)."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return {path: tuple(leaf.shape) for path, leaf in flatten_params(abstract).items()}
+
+
+def expected_shapes(config: AnyConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter of ours, derived from the config alone (no initialisation)."""
+    if config.family == "modernbert":
+        return dict(model_param_shapes(config))
     c = config
     h, ff = c.hidden_size, c.intermediate_size
     shapes = {
@@ -217,7 +280,7 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
-    config: ModelConfig,
+    config: AnyConfig,
     *,
     strict: bool = True,
     source: str = "checkpoint",
@@ -281,7 +344,7 @@ def _is_head_key(key: str, layout: FamilyLayout) -> bool:
     return key.split(".")[0] in head_prefixes
 
 
-def to_state_dict(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
+def to_state_dict(params: Mapping[str, Any], config: AnyConfig) -> dict[str, np.ndarray]:
     """The inverse of :func:`convert_state_dict`: our params -> Hugging Face names and layouts."""
     flat = flatten_params(params)
     out = {}
@@ -413,12 +476,19 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
     return local
 
 
+def config_from_hf_dict(hf: dict[str, Any]) -> AnyConfig:
+    """Our config for a ``config.json`` dict: ModernBERT's own class, else the BERT family's."""
+    if hf.get("model_type") == "modernbert":
+        return ModernBertConfig.from_hf_dict(hf)
+    return ModelConfig.from_hf_dict(hf)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedMLM:
     """A loaded masked LM: params pytree, architecture, tokenizer and where it came from."""
 
     params: Any
-    config: ModelConfig
+    config: AnyConfig
     tokenizer: Any
     source: str
     dtype: Any = jnp.float32
@@ -437,11 +507,13 @@ def load_mlm(
     strict: bool = True,
     load_tokenizer: bool = True,
 ) -> LoadedMLM:
-    """Loads a BERT / RoBERTa / DistilBERT masked LM from the hub or a local directory.
+    """Loads a BERT / RoBERTa / DistilBERT / ModernBERT masked LM from the hub or a local
+    directory.
 
     Args:
-      name_or_path: hub id (``"bert-base-uncased"``) or a directory with ``config.json`` and
-        ``model.safetensors`` or ``pytorch_model.bin`` (torch is not needed for either).
+      name_or_path: hub id (``"bert-base-uncased"``, ``"answerdotai/ModernBERT-base"``) or a
+        directory with ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin`` (torch
+        is not needed for either).
       dtype: dtype of params and compute (``jnp.bfloat16`` halves memory; logits stay float32).
       strict: refuse checkpoints carrying tensors the model does not use (known extras such
         as BERT's pooler and next-sentence head are always accepted).
@@ -451,7 +523,7 @@ def load_mlm(
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} has no config.json")
-    config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+    config = config_from_hf_dict(json.loads(config_path.read_text()))
     state_dict, source = read_state_dict(directory)
     params = convert_state_dict(state_dict, config, strict=strict, source=source)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
@@ -464,7 +536,7 @@ def load_mlm(
 
 
 def save_mlm(
-    directory: str | Path, params: Any, config: ModelConfig, tokenizer: Any = None
+    directory: str | Path, params: Any, config: AnyConfig, tokenizer: Any = None
 ) -> Path:
     """Saves our params as a Hugging Face checkpoint (config.json + model.safetensors).
 
