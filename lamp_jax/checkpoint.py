@@ -27,13 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-<<<<<<< HEAD
 from lamp_jax.hosts import is_main, sync, to_host, write_text
-from lamp_jax.masks import MATRICES, MaskSpec, hard_mask, insert_path, iter_masks
-=======
-from lamp_jax.hosts import is_main, to_host, write_text
 from lamp_jax.masks import MATRIX_PATHS, MaskSpec, hard_mask, insert_path, iter_masks
->>>>>>> modernbert
 from lamp_jax.paths import as_path, load_npz, run_dir, save_npz
 from lamp_jax.training import TrainState
 

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-<<<<<<< HEAD
 from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS
-from lamp_jax.masks import MATRICES
-=======
 from lamp_jax.masks import MATRIX_PATHS
->>>>>>> modernbert
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
