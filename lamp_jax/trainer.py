@@ -158,7 +158,7 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
 
     Returns the relations, the encoded prompts per split, and per split its facts (uuid,
     relation, subject, object, its sentences as read): what ``split.json`` records."""
-    wanted = tuple(config.data.relations) or None
+    wanted = requested_relations(config.data.relations) or None
     read = read_for_config(config.data, jsonl)  # the LAMA set config.data.lama_set names
     facts, present = read.facts, read.relations
     log(read.report.summary())
@@ -186,6 +186,15 @@ def prepare_data(config, tokenizer, jsonl: Path, log=print):
     data = {name: encoded.subset(idx) for name, idx in splits.items()}
     log("prompts per split: " + ", ".join(f"{k}={len(v)}" for k, v in data.items()))
     return relations, data, _facts_by_split(facts, data)
+
+
+def requested_relations(relations: Any) -> tuple[str, ...]:
+    """``config.data.relations`` as a tuple of names. On the command line,
+    ``--config.data.relations=AtLocation,IsA`` reaches the config as the 1-tuple
+    ``("AtLocation,IsA",)`` (ml_collections parses no commas), so names are split on commas."""
+    if isinstance(relations, str):
+        relations = (relations,)
+    return tuple(name.strip() for item in relations for name in item.split(",") if name.strip())
 
 
 def _facts_by_split(facts, data) -> dict[str, list[dict[str, Any]]]:

