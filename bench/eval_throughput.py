@@ -45,7 +45,6 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     import jax
     import jax.numpy as jnp
 
-    from lamp_jax.evaluation import evaluate, make_rank_fn
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
     from lamp_jax.parallel import (
@@ -60,6 +59,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
         use_cpu_devices,
     )
     from lamp_jax.prefix import batch_prefix_hidden_states
+    from lamp_jax.ranking import evaluate, make_rank_fn
 
     use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))

@@ -20,7 +20,7 @@ import numpy as np
 from bench.common import machine, random_batch, time_steps, train_flops_per_example
 from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
 from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.training import (
+from lamp_jax.step import (
     LossConfig,
     OptimConfig,
     init_train_state,

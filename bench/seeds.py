@@ -3,7 +3,7 @@
     python -m bench.seeds --seeds 3                      # the embedded default, seeds 0, 1, 2
     python -m bench.seeds --seeds 3 --ckbc ../shared/data/conceptnet_ckbc/test.txt
 
-Each seed is a whole ``train.py`` run (:func:`lamp_jax.trainer.train_and_evaluate`) followed by
+Each seed is a whole ``train.py`` run (:func:`lamp_jax.loop.train_and_evaluate`) followed by
 ``python -m lamp_jax.report`` on it; ``--config.seed`` sets the mask init, the noise and the
 batch order, while the held-out facts stay those of ``data.seed``. Prints one line per figure:
 mean +- sample std, then the per-seed values. Seed 0's plots are the README's images.
@@ -78,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lamp_jax.cli import resolve_config_argument
+    from lamp_jax.loop import train_and_evaluate
     from lamp_jax.report import write_report
-    from lamp_jax.trainer import train_and_evaluate
 
     path = resolve_config_argument([f"--config={args.config}"])[0].split("=", 1)[1]
     spec = importlib.util.spec_from_file_location("seeds_config", path)

@@ -56,7 +56,7 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
 
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.training import (
+    from lamp_jax.step import (
         LossConfig,
         OptimConfig,
         init_train_state,
@@ -109,7 +109,7 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
         shard_batch,
     )
     from lamp_jax.prefix import batch_prefix_hidden_states
-    from lamp_jax.training import place_state
+    from lamp_jax.step import place_state
 
     mesh = run_mesh(relations, batch, relation_parallelism)
     slots = relation_slots(relations, mesh)

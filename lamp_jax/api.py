@@ -17,17 +17,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 
-from lamp_jax.checkpoint import restore_best_masks
-from lamp_jax.evaluation import RankingResult, evaluate, make_rank_fn
 from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks, sparsity_stats
 from lamp_jax.models.bert import mlm_forward
 from lamp_jax.models.params import LoadedMLM, load_mlm, save_mlm
 from lamp_jax.paths import as_path
-from lamp_jax.trainer import DTYPES
+from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
+from lamp_jax.run_dir import RunDirectory
+from lamp_jax.run_setup import DTYPES
 
 
 @dataclasses.dataclass
@@ -48,14 +47,13 @@ class Run:
         rebuilt from ``run.json`` exactly as training split the data (cached)."""
         if split not in self._batches:
             from lamp_jax.data import RelationBatcher
-            from lamp_jax.trainer import prepare_data
+            from lamp_jax.data.prepare import prepare_data
 
-            info = json.loads((self.workdir / "run.json").read_text())
-            config = ml_collections.ConfigDict(info["config"])
-            _, data, _ = prepare_data(config, self.mlm.tokenizer, Path(info["data"]),
-                                   log=lambda *_: None)
-            for name, encoded in data.items():
-                self._batches[name] = list(RelationBatcher(encoded, config.batch_size)
+            info = RunDirectory(self.workdir).info()
+            data = prepare_data(info.config, self.mlm.tokenizer, Path(info.data),
+                                log=lambda *_: None)
+            for name, encoded in data.splits.items():
+                self._batches[name] = list(RelationBatcher(encoded, info.config.batch_size)
                                            .eval_batches())
         return self._batches[split]
 
@@ -139,20 +137,12 @@ class Run:
 
 
 def load_run(workdir: str | Path, model: str | None = None) -> Run:
-    """Opens a run directory written by ``train.py``: a local path or a URL such as
-    ``gs://bucket/runs/x`` (:mod:`lamp_jax.paths`). ``model`` overrides where the frozen
-    model is loaded from (e.g. a local copy of the hub checkpoint on an offline machine)."""
-    workdir = as_path(workdir)
-    path = workdir / "run.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{workdir} is not a lamp-jax run directory (no run.json)")
-    info = json.loads(path.read_text())
-    mlm = load_mlm(model or info["model"], dtype=DTYPES[info.get("dtype", "float32")])
-    mask = info["mask"]
-    spec = MaskSpec(tuple(mask["layers"]), tuple(mask["matrices"]))
-    mode = MaskMode(mask["eval_kind"], tau=mask["tau"], threshold=mask["threshold"],
-                    ste_grad=mask["ste_grad"])
-    metrics_path = workdir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-    return Run(workdir, mlm, tuple(info["relations"]), spec, mode,
-               restore_best_masks(workdir), metrics)
+    """Opens a run directory written by ``train.py`` or by a sweep (each of its runs): a local
+    path or a URL such as ``gs://bucket/runs/x`` (:mod:`lamp_jax.paths`). ``model`` overrides
+    where the frozen model is loaded from (e.g. a local copy of the hub checkpoint on an
+    offline machine)."""
+    directory = RunDirectory(workdir)
+    info = directory.info()
+    mlm = load_mlm(model or info.model, dtype=DTYPES[info.dtype])
+    return Run(as_path(workdir), mlm, info.relations,
+               info.spec, info.eval_mode, directory.best_masks(), directory.metrics())

@@ -1,10 +1,9 @@
-"""Orbax checkpoints of the training state, the best masks, and bit-packed binary mask export.
+"""Orbax checkpoints of the training state and the best masks, and bit-packed mask export.
 
-Layout of a run directory (``workdir``)::
+What they are in a run directory (``workdir``; :mod:`lamp_jax.run_dir` owns its layout)::
 
-    checkpoints/<step>/   latest TrainState + run metadata (resume from here)
+    checkpoints/<step>/   latest TrainState (resume from here)
     best/<step>/          mask logits with the best dev score so far (+ the score)
-    run.json              everything needed to rebuild the model and masks (see lamp_jax.api)
     masks.npz             bit-packed hard masks of the best logits, one bit per weight
 
 Checkpoints open on any topology. Per-relation arrays are saved with the relation axis the
@@ -27,10 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lamp_jax.hosts import is_main, sync, to_host, write_text
+from lamp_jax.hosts import is_main, to_host, write_text
 from lamp_jax.masks import MATRIX_PATHS, MaskSpec, hard_mask, insert_path, iter_masks
 from lamp_jax.paths import as_path, load_npz, run_dir, save_npz
-from lamp_jax.training import TrainState
+from lamp_jax.step import TrainState
 
 # Gigabytes Orbax serialises at once. Each array in flight costs a host copy (compression
 # buffers) until written: 8 random float32 arrays of 0.4 GB took +2.15 GB of RSS to save with
@@ -51,12 +50,6 @@ def _to_saveable(state: TrainState) -> dict[str, Any]:
             "step": state.step, "rng": jax.random.key_data(state.rng)}
 
 
-# What a run directory holds about the training that made it (checkpoints, best masks, the
-# logs of its steps), as opposed to what describes the run (run.json, split.json, plots).
-RUN_RECORDS = ("checkpoints", "best", "best_score.json", "metrics.jsonl", "metrics.json",
-               "masks.npz", "events.out.tfevents.*")
-
-
 class UnreadableCheckpointsError(RuntimeError):
     """A run directory holds checkpoints and none of them can be read."""
 
@@ -72,15 +65,14 @@ class UnreadableCheckpointsError(RuntimeError):
             "best masks and logs first), or use a fresh --workdir.")
 
 
-class RunCheckpoints:
-    """Latest state (for resuming) and best masks (for reporting) of one run."""
+class StateCheckpoints:
+    """The latest training states of a run, or of the runs of a sweep group: what a run
+    resumes from. ``directory`` is ``<workdir>/checkpoints``."""
 
-    def __init__(self, workdir: str | Path, keep: int = 2, background: bool = True):
-        """``background``: saves of the latest state return at once and write while training
-        goes on (after a copy of the state to the host); else they write before returning."""
-        self.workdir = run_dir(workdir)  # a local path or a URL (lamp_jax.paths)
-        self.keep, self.background = keep, background
-        self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
+    def __init__(self, directory: str | Path, keep: int = 2, background: bool = True):
+        """``background``: saves return at once and write while training goes on (after a
+        copy of the state to the host); else they write before returning."""
+        self.directory = run_dir(directory)  # a local path or a URL (lamp_jax.paths)
         # Each manager names its cross-process barriers with its own prefix: the latest state
         # saves in the background while the best masks save, and two barriers of one name in
         # flight at once fail ("Barrier ...set_value_start is already ongoing"; seen with 2
@@ -88,23 +80,18 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=background,
                                                multiprocessing_options=_barriers("latest"))
-        self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
-                                            item_handlers=_handler())
-        best_options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max",
-            enable_async_checkpointing=background, multiprocessing_options=_barriers("best"))
-        self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
-                                          item_handlers=_handler())
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=_handler())
 
     def save(self, state: TrainState) -> dict[str, float] | None:
         """Saves the state of this step (once); returns its bytes and the seconds the call
         took (in the background, the copy to the host; else the whole write)."""
         step = int(state.step)
-        if step in self.latest.all_steps():
+        if step in self.manager.all_steps():
             return None
         tree = _to_saveable(state)
         start = time.perf_counter()
-        self.latest.save(step, args=ocp.args.StandardSave(tree))
+        self.manager.save(step, args=ocp.args.StandardSave(tree))
         return {"bytes": sum(x.nbytes for x in jax.tree.leaves(tree)),
                 "seconds": time.perf_counter() - start}
 
@@ -122,62 +109,62 @@ class RunCheckpoints:
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
         failures: list[tuple[int, str]] = []
-        for step in sorted(self.latest.all_steps(), reverse=True):
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 # strict=False: the relation axis is truncated or padded to this run's slots.
-                raw = self.latest.restore(step, args=ocp.args.StandardRestore(abstract,
-                                                                              strict=False))
+                raw = self.manager.restore(step, args=ocp.args.StandardRestore(abstract,
+                                                                               strict=False))
             except Exception as err:  # tensorstore/orbax raise many types for damaged files
                 reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                 failures.append((step, reason))
-                log(f"warning: checkpoint step {step} under {self.workdir / 'checkpoints'} "
-                    f"cannot be read ({reason}); trying an older one")
+                log(f"warning: checkpoint step {step} under {self.directory} cannot be read "
+                    f"({reason}); trying an older one")
                 continue
-            return self._state_from(template, raw)
+            return template.replace(
+                mask_logits=raw["mask_logits"], opt_state=raw["opt_state"],
+                relation_steps=raw["relation_steps"], total_steps=raw["total_steps"],
+                step=raw["step"], rng=jax.random.wrap_key_data(raw["rng"]))
         if failures:
-            raise UnreadableCheckpointsError(self.workdir / "checkpoints", failures)
+            raise UnreadableCheckpointsError(self.directory, failures)
         return None
 
-    def start_over(self, log=print) -> None:
-        """Deletes this run's checkpoints, best masks and the logs that describe them, so that
-        a new run starts from step 0 in the same directory (the explicit choice
-        ``config.on_unreadable_checkpoints="start_over"``). Every process calls it."""
-        self.close()
-        if is_main():
-            for name in RUN_RECORDS:
-                for path in sorted(self.workdir.glob(name)):
-                    if path.is_dir():
-                        path.rmtree()
-                    else:
-                        path.unlink()
-                    log(f"deleted {path}")
-        sync("start over: old checkpoints deleted")
-        self.__init__(self.workdir, self.keep, self.background)
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
 
-    @staticmethod
-    def _state_from(template: TrainState, raw: dict[str, Any]) -> TrainState:
-        return template.replace(
-            mask_logits=raw["mask_logits"], opt_state=raw["opt_state"],
-            relation_steps=raw["relation_steps"], total_steps=raw["total_steps"],
-            step=raw["step"], rng=jax.random.wrap_key_data(raw["rng"]))
+    def close(self) -> None:
+        self.manager.close()
 
-    def save_best(self, step: int, mask_logits: Any, score: float) -> bool:
+
+class BestMasks:
+    """The mask logits of one run with the best dev score so far, and that score
+    (``<workdir>/best/<step>/``; ``best_score.json`` caches the score)."""
+
+    def __init__(self, workdir: str | Path, background: bool = True):
+        self.workdir = run_dir(workdir)
+        self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max",
+            enable_async_checkpointing=background, multiprocessing_options=_barriers("best"))
+        self.manager = ocp.CheckpointManager(self.workdir / "best", options=options,
+                                             item_handlers=_handler())
+
+    def save(self, step: int, mask_logits: Any, score: float) -> bool:
         """Saves when ``score`` beats every earlier one; returns whether it did."""
-        best = self.best_score()
+        best = self.score()
         if best is not None and score <= best:
             return False
         tree = {"mask_logits": mask_logits, "score": np.float64(score)}
-        self.best.save(step, args=ocp.args.StandardSave(tree), metrics={"score": float(score)},
-                       force=True)
-        self.best.wait_until_finished()
+        self.manager.save(step, args=ocp.args.StandardSave(tree),
+                          metrics={"score": float(score)}, force=True)
+        self.manager.wait_until_finished()
         self._best = (step, float(score))
         write_text(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))
         return True
 
-    def best_score(self) -> float | None:
+    def score(self) -> float | None:
         """Score of the saved best masks. ``best_score.json`` is a cache: if a kill fell between
         saving the masks and writing it, the score is read back from the checkpoint itself."""
-        step = self.best.latest_step()
+        step = self.manager.latest_step()
         if step is None:
             return None
         if self._best is not None and self._best[0] == step:
@@ -187,23 +174,18 @@ class RunCheckpoints:
         if cached.get("step") == step:
             score = float(cached["score"])
         else:
-            raw = self.best.restore(step, args=ocp.args.StandardRestore(
-                _numpy_target(self.best, step)))
+            raw = self.manager.restore(step, args=ocp.args.StandardRestore(
+                _numpy_target(self.manager, step)))
             score = float(raw["score"])
             write_text(path, json.dumps({"step": step, "score": score}))
         self._best = (step, score)
         return score
 
-    def restore_best(self, template_logits: Any) -> Any:
-        return restore_best_masks(self.workdir, template_logits=template_logits)
-
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        self.manager.close()
 
 
 def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
@@ -222,11 +204,9 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
 
     With ``template_logits`` (arrays or ``jax.ShapeDtypeStruct`` with shardings): laid out like
     them, the relation axis truncated or zero-padded to theirs. Without: numpy arrays on the
-    host of every process, ``[num_relations, ...]`` (inert slots dropped; the run's relation
-    count from ``run.json`` when not given).
+    host of every process, ``[num_relations, ...]`` (inert slots dropped).
     """
-    workdir = run_dir(workdir)
-    directory = workdir / "best"
+    directory = run_dir(workdir) / "best"
     options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_best"))
     with ocp.CheckpointManager(directory, options=options,
                                item_handlers=_handler()) as manager:
@@ -240,23 +220,20 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
                 abstract, strict=False))["mask_logits"]
         # As numpy: no device layout is asked for, so the saving topology does not matter.
         raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
-    if num_relations is None:
-        num_relations = len(json.loads((workdir / "run.json").read_text())["relations"])
     return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
 
 
-def restore_latest_masks(workdir: str | Path) -> Any:
+def restore_latest_masks(workdir: str | Path, num_relations: int | None = None) -> Any:
     """The mask logits of a run's newest training state (the last checkpoint, not the best
     masks), as numpy arrays ``[num_relations, ...]`` on the host, inert slots dropped."""
-    workdir = run_dir(workdir)
+    directory = run_dir(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_latest"))
-    with ocp.CheckpointManager(workdir / "checkpoints", options=options,
+    with ocp.CheckpointManager(directory, options=options,
                                item_handlers=_handler()) as manager:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint saved under {workdir / 'checkpoints'}")
+            raise FileNotFoundError(f"no checkpoint saved under {directory}")
         raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
-    num_relations = len(json.loads((workdir / "run.json").read_text())["relations"])
     return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
 
 

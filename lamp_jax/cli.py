@@ -66,7 +66,7 @@ def _train_main(argv):
     f = flags.FLAGS
     hosts.initialize_if_requested(f.distributed, f.coordinator_address, f.num_processes,
                                   f.process_id)
-    from lamp_jax.trainer import train_and_evaluate
+    from lamp_jax.loop import train_and_evaluate
 
     with hosts.stop_with_peers():
         summary = train_and_evaluate(f.config, f.workdir)

@@ -190,15 +190,15 @@ ACCELERATOR_SHARE = 0.8
 MEMORY_BOUND_STATE_BYTES = 2**30
 
 
-def transient_budget(mesh: Mesh, state_bytes: int) -> int | None:
+def transient_budget(mesh: Mesh, state_bytes: int, reserve_bytes: int = 0) -> int | None:
     """Bytes each device of ``mesh`` may give one step's transients (masked weights,
     gradients, activations of the relations it runs at a time), beside a state of
-    ``state_bytes`` in all, from the memory the devices have free now
-    (:func:`budget_for`)."""
+    ``state_bytes`` in all, from the memory the devices have free now less ``reserve_bytes``
+    each (a state about to be placed; :func:`budget_for`)."""
     free = available_bytes(mesh)
     if free is None:
         return None
-    return budget_for(free, state_bytes, mesh.shape[RELATION])
+    return budget_for(free - reserve_bytes, state_bytes, mesh.shape[RELATION])
 
 
 def budget_for(free_bytes: int, state_bytes: int, relation_shards: int = 1) -> int:

@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from lamp_jax.evaluation import RankingResult  # noqa: E402
 from lamp_jax.masks import MaskSpec  # noqa: E402
 from lamp_jax.paths import as_path, save_figure  # noqa: E402
+from lamp_jax.ranking import RankingResult  # noqa: E402
 
 
 def p_at_1_per_relation(relations: Sequence[str], full: RankingResult, pruned: RankingResult):

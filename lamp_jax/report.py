@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import matplotlib.pyplot as plt
-import ml_collections
 import numpy as np
 from etils import epath
 
@@ -31,6 +30,8 @@ from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
 from lamp_jax.masks import multiply_masks
 from lamp_jax.paths import as_path, save_figure
+from lamp_jax.ranking import make_rank_fn, specialization_matrix
+from lamp_jax.run_dir import RunDirectory
 
 
 def _save(fig, path: epath.Path) -> str:
@@ -41,8 +42,8 @@ def _save(fig, path: epath.Path) -> str:
 
 
 def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str, Any]:
-    matrix = specialization.specialization_matrix_batched(
-        run.mask_logits, run.mlm.params, test_batches, run.mlm.config, run.mode)
+    matrix = specialization_matrix(make_rank_fn(run.mlm.config, run.mode, dtype=run.mlm.dtype),
+                                   run.mask_logits, run.mlm.params, test_batches, run.relations)
     full = run.evaluate("test", masks=None).precision_at(1)
     result = {"matrix": matrix.tolist(), "relations": list(run.relations),
               **specialization.summarize(matrix, full)}
@@ -144,7 +145,7 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "run.json").read_text())["config"])
+    config = RunDirectory(workdir).info().config
     test_batches = run.eval_batches("test")
     sections = {
         "specialization": specialization_section(run, test_batches, out),

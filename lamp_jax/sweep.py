@@ -7,21 +7,25 @@ and trains on the relation axis beside the others, in one jitted step.
         --grid optim.learning_rate=0.03,0.1 --seeds 2 --compare_sequential
 
 The step already vmaps over relations, each with its own Adam state and schedule
-(:mod:`lamp_jax.training`). A sweep widens that axis to (configuration, seed, relation) slots:
+(:mod:`lamp_jax.step`). A sweep widens that axis to (configuration, seed, relation) slots:
 each run gets its own learning rate, mask init and seed (mask init, concrete noise and batch
-order), and draws exactly the noise and batches it would draw alone. A run of the sweep
-therefore computes what ``train.py`` with the same settings computes, up to rounding: XLA's
-kernels over a wider relation axis may round the last bits differently, which a large learning
-rate with hard thresholds can turn into different masks (the README's 24-run comparison: 18
-identical, 6 at learning rate 1.0 within 0.033 P@1). Settings that change the program (the
-mask mode, temperature, epochs, the model, ...) run as separate groups, one after another.
+order), and draws exactly the noise and batches it would draw alone. Settings that change the
+program (the mask mode, temperature, epochs, the model, ...) run as separate groups, one after
+another. A group is trained by train.py's own loop (:func:`lamp_jax.loop.fit`) and reported by
+its own :func:`~lamp_jax.loop.final_report`: what differs is the keeper, which writes one run
+directory per run (``<workdir>/runs/<run>/``, openable with ``load_run``, ``lamp_jax.report``,
+``lamp_jax.evaluate`` and ``export_subnetwork``) and keeps the group's latest states under
+``<workdir>/groups/<group>/checkpoints`` (kill -9 and rerun the same command: it resumes).
 
-Each run keeps its own best-dev masks (selected as ``train.py`` selects: dev macro P@1 of
-``mask.eval_kind``), then its test metrics are taken with binary and soft masks. Written to
-``--workdir``: ``sweep.json`` (every run), ``sweep.md`` (mean +- std over seeds per
-configuration), ``sweep.png``. ``--compare_sequential`` also runs every (configuration, seed)
-with train.py's own function, one after another, and reports the wall-time ratio and the
-largest difference between the two sets of results.
+A run of the sweep computes what ``train.py`` with the same settings computes, up to rounding:
+XLA's kernels over a wider relation axis may round the last bits differently, which a large
+learning rate with hard thresholds can turn into different masks (README). Runs are selected
+as train.py selects (dev macro P@1 of ``mask.eval_kind``), then reported on test with binary
+and soft masks; they write no plots (``sweep.png`` shows them all). Written to ``--workdir``:
+``sweep.json`` (every run), ``sweep.md`` (mean +- std over seeds per configuration, with links
+to the runs), ``sweep.png``. ``--compare_sequential`` also runs every (configuration, seed) with
+train.py's own function, one after another, and compares the two: wall time, metrics and the
+bytes of ``masks.npz``.
 """
 
 from __future__ import annotations
@@ -29,43 +33,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from lamp_jax import evaluation
-from lamp_jax.config_checks import validate_config
-from lamp_jax.data import RelationBatcher
-from lamp_jax.masks import init_mask_logits, sparsity_stats
-from lamp_jax.parallel import (
-    RELATION,
-    pad_relations,
-    put_global,
-    relation_sharding,
-    relation_slots,
-    replicate,
-    run_mesh,
-    shard_batch,
-    use_cpu_devices,
-)
-from lamp_jax.training import (
-    init_placed_state,
-    jit_train_step,
-    make_optimizer,
-    state_nbytes,
-    state_shardings,
-)
-
-# Settings that only change values, not the program: they vary per run inside one group.
-SLOT_KEYS = ("seed", "optim.learning_rate", "mask.init", "mask.init_value", "mask.init_std",
-             "mask.init_low", "mask.init_high", "mask.init_sparsity")
+from lamp_jax.hosts import is_main, main_log, write_text
+from lamp_jax.loop import PhaseClock, final_report, fit
+from lamp_jax.parallel import use_cpu_devices
+from lamp_jax.paths import run_dir
+from lamp_jax.run_dir import Keeper, RunDirectory
+from lamp_jax.run_setup import SLOT_KEYS, setup_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +61,15 @@ class Run:
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.overrides) or "base config"
 
+    @property
+    def name(self) -> str:
+        """Its run directory's name under ``<workdir>/runs``."""
+        return _slug(",".join([*(f"{k}={v}" for k, v in self.overrides), f"seed={self.seed}"]))
+
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        return with_overrides(base, dict(self.overrides, seed=self.seed))
+        """Its configuration: the base with the grid's values and its seed (no plots: the
+        sweep's own figure shows every run)."""
+        return with_overrides(base, dict(self.overrides, seed=self.seed, plots=False))
 
 
 def with_overrides(base: ml_collections.ConfigDict, overrides: dict[str, Any]
@@ -149,134 +138,55 @@ def plan_groups(base: ml_collections.ConfigDict, grid: dict[str, list[Any]], see
     return groups
 
 
-def train_group(base: ml_collections.ConfigDict, runs: Sequence[Run], log=print
-                ) -> list[dict[str, Any]]:
-    """Trains every run of one group side by side; returns one record per run."""
-    from lamp_jax import trainer  # the run's pieces, shared with train.py
-
-    configs = [run.config(base) for run in runs]
-    for config in configs:
-        validate_config(config)
-    config = configs[0]
-    use_cpu_devices(config.cpu_devices)
-    _, _, mlm, relations, data, _ = trainer.load_model_and_data(config, log)
-    num_runs, num_relations = len(runs), len(relations)
-    spec, mode, _ = trainer.mask_settings(config, mlm)
-
-    mesh = run_mesh(num_runs * num_relations, config.batch_size,
-                    config.relation_parallelism or None)
-    slots = relation_slots(num_runs * num_relations, mesh)
-    frozen = replicate(mlm.params, mesh)
-    start_layer = min(spec.layers) if config.cache_frozen_prefix else 0
-    features = {name: trainer.frozen_prefix(mlm.config, frozen, d, start_layer,
-                                            trainer.DTYPES[config.dtype], mesh)
-                for name, d in data.items()}
-    batchers = {c.seed: RelationBatcher(data["train"], c.batch_size, c.seed, c.batching,
-                                        c.epochs, row_features=features["train"])
-                for c in configs}
-    train = batchers[config.seed]
-
-    # Each run's masks and noise come from its own seed, exactly as train.py draws them.
-    keys = [jax.random.key(c.seed) for c in configs]
-    logits = [init_mask_logits(spec, mlm.params, num_relations,
-                               trainer.mask_settings(c, mlm)[2], mode, k)
-              for c, k in zip(configs, keys, strict=True)]
-    optim = trainer.optim_settings(config)
-    warned = set()
-    for run, c, run_logits in zip(runs, configs, logits, strict=True):
-        warning = trainer.threshold_warning(
-            run_logits, num_relations, max(train.steps_per_relation),
-            dataclasses.replace(optim, learning_rate=c.optim.learning_rate), mode.threshold)
-        if warning and run.label not in warned:  # once per configuration, not per seed
-            warned.add(run.label)
-            log(f"warning ({run.label}): {warning}")
-    logits = pad_relations(jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
-                                        *logits), slots)
-    per_slot = lambda values: pad_relations(np.repeat(np.asarray(values), num_relations),  # noqa: E731
-                                            slots)
-    state = init_placed_state(
-        logits, make_optimizer(optim),
-        pad_relations(np.tile(np.asarray(train.steps_per_relation), num_runs), slots),
-        jnp.stack([jax.random.fold_in(k, 1) for k in keys]), mesh,
-        learning_rate=per_slot([c.optim.learning_rate for c in configs]).astype(np.float32))
-    del logits
-    state_bytes = state_nbytes(state)
-    chunk = trainer.relation_chunk_for(
-        config, mlm.config, num_runs * num_relations, mesh, data["train"].input_ids.shape[1],
-        trainer.mask_params_per_relation(state.mask_logits), state_bytes, log)
-    loss = trainer.loss_settings(config, mode, start_layer)
-    step_fn = jit_train_step(
-        model_config=mlm.config, loss_config=loss, optim_config=optim, relation_chunk=chunk,
-        state_sharding=state_shardings(state, mesh), relations_per_run=num_relations,
-        donate=trainer.donates_state(state_bytes))
-    shards = mesh.shape[RELATION]
-    rank_fns = {kind: evaluation.make_rank_fn(mlm.config, mode.for_inference(kind),
-                                              relation_chunk=chunk, dtype=loss.compute_dtype,
-                                              start_layer=start_layer, relation_shards=shards)
-                for kind in ("threshold", "expectation")}
-    put = lambda b: shard_batch(b, mesh, slots)  # noqa: E731
-    # Every run meets the same evaluation prompts: the batches repeat along the relation axis.
-    eval_sets = {name: [{k: np.concatenate([v] * num_runs) for k, v in b.items()}
-                        for b in batches]
-                 for name, batches in trainer.evaluation_batches(config, data, features).items()}
-
-    def scores(mask_logits, split: str, kind: str) -> list[evaluation.RankingResult]:
-        result = evaluation.evaluate(rank_fns[kind], mask_logits, frozen, eval_sets[split],
-                                     relations * num_runs, put_batch=put)
-        return [_rows(result, v * num_relations, relations) for v in range(num_runs)]
-
-    take = jax.jit(lambda best, now, better: jax.tree.map(
-        lambda b, n: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, b), best, now),
-        donate_argnums=0)
-    eval_every = config.eval_every or max(1, train.num_steps // config.epochs)
-    best, best_score = None, np.full(num_runs, -np.inf)
-    best_step = np.zeros(num_runs, int)
-    start = time.perf_counter()
-    for step in tqdm(range(train.num_steps), desc=f"sweep: {num_runs} runs", unit="step"):
-        by_seed = {seed: b.batch_at(step) for seed, b in batchers.items()}  # once per seed
-        batch = {k: np.concatenate([by_seed[c.seed][k] for c in configs])
-                 for k in by_seed[config.seed] if k != "index"}
-        state, _ = step_fn(state, frozen, put(batch))
-        done = step + 1
-        if done % eval_every == 0 or done == train.num_steps:
-            dev = np.array([r.macro(1) for r in scores(state.mask_logits, "dev",
-                                                       config.mask.eval_kind)])
-            better = dev > best_score  # strictly, as train.py's best checkpoint
-            best_score = np.where(better, dev, best_score)
-            best_step = np.where(better, done, best_step)
-            better_slots = put_global(per_slot(better).astype(bool), relation_sharding(mesh))
-            best = (jax.tree.map(jnp.copy, state.mask_logits) if best is None
-                    else take(best, state.mask_logits, better_slots))
-    del state
-    train_seconds = time.perf_counter() - start
-
-    result_sets = {(split, kind): scores(best, split, kind)
-                   for split in ("dev", "test") for kind in ("threshold", "expectation")}
-    full = scores(None, "test", "threshold")[0]
-    total = sparsity_stats(best, spec, mode.threshold)["total"]
-    records = []
-    for v, (run, c) in enumerate(zip(runs, configs, strict=True)):
-        get = lambda split, kind: result_sets[(split, kind)][v].macro(1)  # noqa: B023, E731
-        records.append({
-            "label": run.label, "overrides": dict(run.overrides), "seed": c.seed,
-            "mode": c.mask.mode, "learning_rate": c.optim.learning_rate,
-            "selected_by": f"dev macro P@1, {c.mask.eval_kind}", "best_step": int(best_step[v]),
-            "dev_binary": get("dev", "threshold"), "dev_soft": get("dev", "expectation"),
-            "test_binary": get("test", "threshold"), "test_soft": get("test", "expectation"),
-            "test_full": full.macro(1),
-            "test_binary_summary": result_sets[("test", "threshold")][v].summary(),
-            "sparsity": float(np.mean(total[v * num_relations:(v + 1) * num_relations])),
-            "steps": train.num_steps,
-        })
-    log(f"group of {num_runs} runs: {train.num_steps} steps in {train_seconds:.1f} s")
-    return records
+def train_group(base: ml_collections.ConfigDict, workdir: str | Path, fixed: dict[str, Any],
+                runs: Sequence[Run], log=print) -> dict[str, Any] | None:
+    """Trains (or resumes) the runs of one group side by side, each into its own run
+    directory; None when ``config.stop_after`` stopped it first."""
+    directories = [RunDirectory(run_dir(workdir) / "runs" / run.name) for run in runs]
+    if all(d.metrics() is not None for d in directories):
+        log(f"group {fixed or '(one)'}: its {len(runs)} runs finished earlier")
+        return {"steps": None}
+    log(f"group {fixed or '(one)'}: {len(runs)} runs side by side")
+    name = _slug(",".join(f"{k}={v}" for k, v in fixed.items()) or "base")
+    keeper = Keeper(run_dir(workdir) / "groups" / name, directories,
+                    group={"overrides": fixed, "runs": [run.name for run in runs]})
+    keeper.prepare()
+    clock = PhaseClock()
+    setup = setup_run([run.config(base) for run in runs], log,
+                      run_names=[run.label for run in runs], lap=clock.lap)
+    best = fit(setup, keeper, log, clock)
+    if best is None:
+        return None
+    reports = final_report(setup, best, log)
+    clock.lap("report")
+    keeper.write_reports(setup, best, reports, {"steps": setup.num_steps,
+                                                "resources": clock.resources()})
+    keeper.close()
+    return {"steps": setup.num_steps, "phase_seconds": dict(clock.seconds)}
 
 
-def _rows(result: evaluation.RankingResult, first: int, relations: Sequence[str]
-          ) -> evaluation.RankingResult:
-    rows = slice(first, first + len(relations))
-    return evaluation.RankingResult(tuple(relations), result.ks, result.hits[rows],
-                                    result.reciprocal_rank_sum[rows], result.count[rows])
+def run_record(run: Run, config: ml_collections.ConfigDict, directory: RunDirectory
+               ) -> dict[str, Any]:
+    """One run's line of ``sweep.json``, read from its run directory's ``metrics.json``."""
+    metrics = directory.metrics()
+    kind = config.mask.eval_kind
+    binary = "pruned" if kind == "threshold" else "pruned_threshold"
+    soft = "pruned" if kind == "expectation" else "pruned_expectation"
+    steps = [h["step"] for h in metrics["history"] if h.get("best")]
+    return {
+        "label": run.label, "overrides": dict(run.overrides), "seed": config.seed,
+        "mode": config.mask.mode, "learning_rate": config.optim.learning_rate,
+        "run_dir": str(Path("runs") / run.name),
+        "selected_by": f"dev macro P@1, {kind}", "best_step": steps[-1] if steps else None,
+        "dev_binary": metrics["dev"][binary]["macro_P@1"],
+        "dev_soft": metrics["dev"][soft]["macro_P@1"],
+        "test_binary": metrics["test"][binary]["macro_P@1"],
+        "test_soft": metrics["test"][soft]["macro_P@1"],
+        "test_full": metrics["test"]["full"]["macro_P@1"],
+        "test_binary_summary": metrics["test"][binary],
+        "sparsity": float(np.mean(metrics["sparsity"]["total"])),
+        "steps": metrics["steps"],
+    }
 
 
 COLUMNS = (("dev_binary", "dev P@1 binary"), ("dev_soft", "dev P@1 soft"),
@@ -291,7 +201,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for label in labels:
         runs = [r for r in records if r["label"] == label]
-        row = {"label": label, "seeds": [r["seed"] for r in runs]}
+        row = {"label": label, "seeds": [r["seed"] for r in runs],
+               "run_dirs": [r["run_dir"] for r in runs if "run_dir" in r]}
         for key, _ in COLUMNS:
             values = np.array([r[key] for r in runs])
             row[key] = (float(values.mean()),
@@ -311,6 +222,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], full: float) -> str:
         lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines.append(f"\nFull model (no masks), test macro P@1: {full:.3f}. Bold: the best dev "
                  "macro P@1 (binary), averaged over seeds.")
+    runs = [(row["label"], seed, link) for row in rows
+            for seed, link in zip(row["seeds"], row.get("run_dirs", ()), strict=False)]
+    if runs:
+        lines.append("\nRun directories (`lamp_jax.load_run`, `python -m lamp_jax.report "
+                     "--workdir`, `python -m lamp_jax.evaluate --workdir`):\n")
+        lines += [f"- [{label}, seed {seed}]({link}/)" for label, seed, link in runs]
     return "\n".join(lines)
 
 
@@ -339,68 +256,100 @@ def plot(rows: Sequence[dict[str, Any]], full: float, path) -> None:
 def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
               workdir: str | Path, compare_sequential: bool = False, log=print
               ) -> dict[str, Any]:
-    """Every grid configuration x seed, vectorized per group; writes the table and plot."""
+    """Every grid configuration x seed, side by side per group; writes every run's directory,
+    the table and the plot. Rerun after an interruption, it resumes where it stopped."""
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: at least 1")
     groups = plan_groups(base, parse_grid(base, grid), seeds)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    records, group_seconds = [], []
+    use_cpu_devices(base.cpu_devices)  # before JAX starts its backends
+    log = main_log(log)
+    workdir = run_dir(workdir)
+    RunDirectory(workdir).ensure_writable()
+    records, group_seconds, group_info = [], [], []
     for fixed, runs in groups:
-        log(f"group {fixed or '(one)'}: {len(runs)} runs side by side")
         start = time.perf_counter()
-        records += train_group(with_overrides(base, fixed), runs, log)
+        group_base = with_overrides(base, fixed)
+        trained = train_group(group_base, workdir, fixed, runs, log)
+        if trained is None:
+            log("stopped after config.stop_after steps; run the same command again to resume")
+            return {"stopped": True}
         group_seconds.append(time.perf_counter() - start)
+        group_info.append(trained)
+        records += [run_record(run, run.config(group_base),
+                               RunDirectory(workdir / "runs" / run.name)) for run in runs]
     out: dict[str, Any] = {"grid": list(grid), "seeds": seeds, "runs": records,
-                           "sweep_seconds": sum(group_seconds), "group_seconds": group_seconds}
+                           "sweep_seconds": sum(group_seconds), "group_seconds": group_seconds,
+                           "groups": group_info}
     if compare_sequential:
-        out["sequential"] = sequential(base, [r for _, rs in groups for r in rs], records,
-                                       workdir / "sequential", log)
+        out["sequential"] = sequential(base, groups, records, workdir, log)
         out["speedup"] = out["sequential"]["seconds"] / out["sweep_seconds"]
     rows = summarize(records)
     out["table"] = rows
     table = markdown_table(rows, records[0]["test_full"])
-    (workdir / "sweep.json").write_text(json.dumps(out, indent=1))
-    (workdir / "sweep.md").write_text(table + "\n")
-    plot(rows, records[0]["test_full"], workdir / "sweep.png")
+    write_text(workdir / "sweep.json", json.dumps(out, indent=1))
+    write_text(workdir / "sweep.md", table + "\n")
+    if is_main():
+        plot(rows, records[0]["test_full"], workdir / "sweep.png")
     log(table)
     log(f"sweep: {len(records)} runs in {out['sweep_seconds']:.1f} s")
     if compare_sequential:
         seq = out["sequential"]
         log(f"one after another (train.py's function): {seq['seconds']:.1f} s; the sweep is "
             f"{out['speedup']:.2f}x faster; {seq['identical_runs']} of {len(records)} runs gave "
-            f"identical dev/test P@1 and sparsity, the largest difference was "
+            f"identical masks.npz and metrics, the largest metric difference was "
             f"{seq['max_difference']:.2g}")
-    log(f"written: {workdir / 'sweep.md'}, {workdir / 'sweep.json'}, {workdir / 'sweep.png'}")
+    log(f"written: {workdir / 'sweep.md'}, {workdir / 'sweep.json'}, {workdir / 'sweep.png'}, "
+        f"and a run directory per run under {workdir / 'runs'}")
     return out
 
 
-def sequential(base: ml_collections.ConfigDict, runs: Sequence[Run], records, workdir: Path,
+def sequential(base: ml_collections.ConfigDict, groups, records, workdir: Path,
                log=print) -> dict[str, Any]:
-    """The same runs, one after another, each as train.py runs it (without plots and the
-    specialization matrix, which the sweep does not compute either)."""
-    from lamp_jax.trainer import train_and_evaluate
+    """The same runs, one after another, each as train.py runs it (same configuration), into
+    ``workdir/sequential/<run>``; compared with the sweep's run directories byte for byte
+    (``masks.npz``) and metric by metric."""
+    from lamp_jax.loop import train_and_evaluate
 
-    start, differences = time.perf_counter(), []
-    for i, (run, record) in enumerate(zip(runs, records, strict=True)):
-        config = with_overrides(run.config(base), {"plots": False, "specialization": False})
-        summary = train_and_evaluate(config, workdir / f"run_{i}", log=lambda *_: None)
-        # train.py reports its eval_kind as "pruned" and the other kind as "pruned_<kind>".
-        test = dict(summary["test"])
-        test[f"pruned_{config.mask.eval_kind}"] = test["pruned"]
-        binary = test["pruned_threshold"]["macro_P@1"]
-        soft = test["pruned_expectation"]["macro_P@1"]
-        selected = "dev_binary" if config.mask.eval_kind == "threshold" else "dev_soft"
-        sparsity = float(np.mean(summary["sparsity"]["total"]))
-        differences.append(max(abs(binary - record["test_binary"]),
-                               abs(soft - record["test_soft"]),
-                               abs(summary["best_dev_macro_P1"] - record[selected]),
-                               abs(sparsity - record["sparsity"])))
-        log(f"one by one {i + 1}/{len(runs)}: {run.label}, seed {run.seed}: test binary "
-            f"{binary:.3f} (sweep {record['test_binary']:.3f})")
+    start, differences, identical = time.perf_counter(), [], 0
+    pairs = [(with_overrides(base, fixed), run) for fixed, runs in groups for run in runs]
+    for i, ((group_base, run), record) in enumerate(zip(pairs, records, strict=True)):
+        alone = workdir / "sequential" / run.name
+        summary = train_and_evaluate(run.config(group_base), alone, log=lambda *_: None)
+        swept = RunDirectory(workdir / "runs" / run.name).metrics()
+        difference = max(_max_difference(swept[key], summary[key])
+                         for key in ("test", "dev", "sparsity"))
+        difference = max(difference, abs(swept["best_dev_macro_P1"]
+                                         - summary["best_dev_macro_P1"]))
+        same_masks = ((workdir / "runs" / run.name / "masks.npz").read_bytes()
+                      == (alone / "masks.npz").read_bytes())
+        identical += same_masks and difference == 0
+        differences.append(difference)
+        log(f"one by one {i + 1}/{len(pairs)}: {run.label}, seed {run.seed}: test binary "
+            f"{record['test_binary']:.3f}; masks.npz {'identical' if same_masks else 'differ'}")
     return {"seconds": time.perf_counter() - start, "max_difference": max(differences),
-            "differences": differences,
-            "identical_runs": sum(d == 0 for d in differences)}
+            "differences": differences, "identical_runs": identical}
+
+
+def _max_difference(a: Any, b: Any) -> float:
+    """The largest absolute difference between the numbers of two equal-shaped trees."""
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return float("inf")
+        return max((_max_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return float("inf")
+        return max((_max_difference(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        both_nan = a != a and b != b
+        return 0.0 if both_nan or a == b else abs(float(a) - float(b))
+    return 0.0 if a == b else float("inf")
+
+
+def _slug(text: str) -> str:
+    """A directory name for a label: characters other than letters, digits and ``.,=+-``
+    become ``_``."""
+    return re.sub(r"[^A-Za-z0-9.,=+-]+", "_", text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -421,9 +370,13 @@ def main(argv: list[str] | None = None) -> None:
                       "another as train.py does, and report the wall-time ratio")
 
     def run(_):
+        from lamp_jax import hosts
+
         logging.set_verbosity(logging.WARNING)
+        hosts.initialize_if_requested()  # started by lamp_jax.launch: every process takes part
         f = flags.FLAGS
-        run_sweep(f.config, f.grid, f.seeds, f.workdir, f.compare_sequential)
+        with hosts.stop_with_peers():
+            run_sweep(f.config, f.grid, f.seeds, f.workdir, f.compare_sequential)
 
     argv = sys.argv if argv is None else argv
     app.run(run, argv=resolve_config_argument(list(argv)))

@@ -84,7 +84,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
     from tests.test_end_to_end import _config
 
     def build(directory: Path) -> None:
-        from lamp_jax.trainer import train_and_evaluate
+        from lamp_jax.loop import train_and_evaluate
 
         summary = train_and_evaluate(_config(tiny_model_dir), directory / "run",
                                      log=lambda *_: None)

@@ -12,11 +12,11 @@ require("transformers")
 
 from bench.baseline_torch import HF_LINEARS, ReferenceLAMP, reference_bert  # noqa: E402
 from bench.common import torch_batches, torch_prompts  # noqa: E402
-from lamp_jax.evaluation import evaluate, make_rank_fn  # noqa: E402
 from lamp_jax.masks import MATRICES, MaskMode, apply_masks, insert_path  # noqa: E402
 from lamp_jax.models.bert import mlm_forward  # noqa: E402
 from lamp_jax.models.params import load_mlm  # noqa: E402
-from lamp_jax.training import (  # noqa: E402
+from lamp_jax.ranking import evaluate, make_rank_fn  # noqa: E402
+from lamp_jax.step import (  # noqa: E402
     LossConfig,
     OptimConfig,
     init_train_state,

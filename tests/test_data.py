@@ -506,3 +506,15 @@ def test_tfds_round_trip_without_tensorflow(tmp_path, monkeypatch, facts):
         zf.write(FIXTURE, lama.LAMA_CONCEPTNET_MEMBER)
     monkeypatch.setattr(lama, "LAMA_DATA_URL", archive.as_uri())
     assert load_tfds_lama(tmp_path / "tfds_official") == facts
+
+
+def test_relations_given_on_the_command_line_are_split_on_commas():
+    """``--config.data.relations=AtLocation,IsA`` reaches the config as the 1-tuple
+    ``("AtLocation,IsA",)`` (ml_collections parses no commas inside a tuple field): it names
+    two relations, as the tuple does. tests/test_topology.py trains 6 relations given so."""
+    from lamp_jax.data.lama_sets import requested_relations
+
+    assert requested_relations(("AtLocation, IsA",)) == ("AtLocation", "IsA")
+    assert requested_relations("AtLocation,IsA") == ("AtLocation", "IsA")
+    assert requested_relations(("AtLocation", "IsA")) == ("AtLocation", "IsA")
+    assert requested_relations(()) == ()

@@ -1,6 +1,7 @@
 """train.py's run on a tiny local model: outputs, metrics, resume, notebook API, mask export."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,18 +11,15 @@ import numpy as np
 import pytest
 
 from lamp_jax.api import load_run
-from lamp_jax.checkpoint import (
-    load_binary_masks,
-    restore_best_masks,
-    restore_latest_masks,
-)
+from lamp_jax.checkpoint import load_binary_masks
 from lamp_jax.configs import default
 from lamp_jax.data import read_lama_jsonl
+from lamp_jax.loop import train_and_evaluate
 from lamp_jax.masks import hard_mask, multiply_masks
 from lamp_jax.models.bert import ModelConfig, init_params
 from lamp_jax.models.params import save_mlm
+from lamp_jax.run_dir import RunDirectory
 from lamp_jax.sweep import with_overrides
-from lamp_jax.trainer import train_and_evaluate
 from tests import by_hand
 from tests.needs import require
 from tests.tokenizer_fixtures import make_bert_tokenizer, words_of
@@ -172,13 +170,13 @@ def test_config_fields_reach_the_step_and_the_evaluation(model_dir, tmp_path, mo
     """loss.sparsity_weight, loss.target_sparsity, optim.weight_decay, dtype and mask.eval_kind
     reach the step and the ranking whose arithmetic tests/test_training.py checks against numpy.
     The run is stopped where its evaluation function is made, before any training."""
-    import lamp_jax.trainer as trainer
+    import lamp_jax.run_setup as run_setup
 
     class Stop(Exception):
         pass
 
     seen = {}
-    real_load, real_step = trainer.load_mlm, trainer.jit_train_step
+    real_load, real_step = run_setup.load_mlm, run_setup.jit_train_step
 
     def load_mlm(*args, **kwargs):
         seen["mlm"] = real_load(*args, **kwargs)
@@ -192,9 +190,9 @@ def test_config_fields_reach_the_step_and_the_evaluation(model_dir, tmp_path, mo
         seen["rank"] = mode, kwargs
         raise Stop
 
-    monkeypatch.setattr(trainer, "load_mlm", load_mlm)
-    monkeypatch.setattr(trainer, "jit_train_step", jit_train_step)
-    monkeypatch.setattr(trainer.evaluation, "make_rank_fn", make_rank_fn)
+    monkeypatch.setattr(run_setup, "load_mlm", load_mlm)
+    monkeypatch.setattr(run_setup, "jit_train_step", jit_train_step)
+    monkeypatch.setattr(run_setup, "make_rank_fn", make_rank_fn)
     config = _config(model_dir, **{"loss.sparsity_weight": 0.3, "loss.target_sparsity": 0.4,
                                    "optim.weight_decay": 0.01, "dtype": "bfloat16",
                                    "mask.eval_kind": "expectation"})
@@ -262,35 +260,41 @@ def test_interrupted_run_resumes_to_the_same_result(finished_run, model_dir, tmp
     assert [h["step"] for h in resumed["history"]] == [h["step"] for h in summary["history"]]
     assert resumed["test"] == summary["test"]
     # The final state's masks (step 6) and the best masks equal the uninterrupted run's.
-    for a, b in zip(jax.tree.leaves(restore_latest_masks(tmp_path)),
-                    jax.tree.leaves(restore_latest_masks(workdir)), strict=True):
+    for a, b in zip(jax.tree.leaves(RunDirectory(tmp_path).latest_masks()),
+                    jax.tree.leaves(RunDirectory(workdir).latest_masks()), strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(restore_best_masks(tmp_path)),
-                    jax.tree.leaves(restore_best_masks(workdir)), strict=True):
+    for a, b in zip(jax.tree.leaves(RunDirectory(tmp_path).best_masks()),
+                    jax.tree.leaves(RunDirectory(workdir).best_masks()), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "masks.npz").read_bytes() == (workdir / "masks.npz").read_bytes()
 
 
 def test_workdir_of_another_model_relation_set_or_mask_layout_is_refused(
         finished_run, model_dir, tmp_path):
+    """Refused before anything is written, with every mismatch named."""
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
-    before = (workdir / "run.json").read_bytes()
-    with pytest.raises(ValueError, match="holds a run with a different relations"):
-        train_and_evaluate(_config(model_dir, **{"data.relations": ("AtLocation", "IsA")}),
-                           workdir, log=lambda *_: None)
-    other_model = make_tiny_model(tmp_path / "other", hidden_size=16)
-    with pytest.raises(ValueError, match="holds a run with a different model_config"):
-        train_and_evaluate(_config(other_model), workdir, log=lambda *_: None)
-    assert (workdir / "run.json").read_bytes() == before
-    with pytest.raises(ValueError, match="masks with layers"):
-        train_and_evaluate(_config(model_dir, **{"mask.first_layer": 0}), workdir,
-                           log=lambda *_: None)
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
     trained = default.get_config().mask.mode
     other = "deterministic" if trained == "stochastic" else "stochastic"
-    with pytest.raises(ValueError, match=f"masks with mode {trained}"):
-        train_and_evaluate(_config(model_dir, **{"mask.mode": other}), workdir,
-                           log=lambda *_: None)
+    other_model = make_tiny_model(tmp_path / "other", hidden_size=16)
+    cases = [
+        (_config(model_dir, **{"data.relations": ("AtLocation", "IsA")}),
+         [r"relations: \[.*'Desires'.*\] here, \['AtLocation', 'IsA'\] now"]),
+        (_config(other_model), ["model_config: {.*'hidden_size': 32.*} here, {.*'hidden_size': "
+                                "16.*} now"]),
+        (_config(model_dir, **{"mask.first_layer": 0}), [r"mask layers: \[1\] here, \[0, 1\] now"]),
+        (_config(model_dir, **{"mask.mode": other, "data.relations": ("AtLocation", "IsA")}),
+         [f"mask mode: {trained} here, {other} now", "relations: "]),
+    ]
+    for config, patterns in cases:
+        with pytest.raises(ValueError, match="holds another run") as err:
+            train_and_evaluate(config, workdir, log=lambda *_: None)
+        for pattern in patterns:  # each mismatch on a line of its own
+            assert any(re.search(pattern, line) for line in str(err.value).splitlines()), (
+                pattern, str(err.value))
+    after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    assert after == before
 
 
 def test_reevaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):

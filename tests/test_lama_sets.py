@@ -428,7 +428,8 @@ def _tiny_model(directory: Path, data_dir: Path) -> Path:
 
 
 def test_a_trex_run_names_relations_by_id_and_label(data_dir, tmp_path, monkeypatch):
-    from lamp_jax.trainer import prepare_data, train_and_evaluate
+    from lamp_jax.data.prepare import prepare_data
+    from lamp_jax.loop import train_and_evaluate
 
     config = default.get_config()
     config.model = str(_tiny_model(tmp_path / "model", data_dir))
@@ -462,7 +463,7 @@ def test_a_trex_run_names_relations_by_id_and_label(data_dir, tmp_path, monkeypa
     assert ("P36", "France", "The capital of France is [MASK] .") in prompts
     # lamp_jax.evaluate and the notebook API rebuild the data from run.json alone.
     tokenizer = load_mlm(run["model"]).tokenizer
-    relations, data, _ = prepare_data(ml_collections.ConfigDict(run["config"]), tokenizer,
-                                      Path(run["data"]), log=lambda *_: None)
-    assert relations == ids and data["test"].relation_labels == LABELS
-    assert len(data["test"]) == metrics["test"]["full"]["count"]
+    data = prepare_data(ml_collections.ConfigDict(run["config"]), tokenizer, Path(run["data"]),
+                        log=lambda *_: None)
+    assert data.relations == ids and data.splits["test"].relation_labels == LABELS
+    assert len(data.splits["test"]) == metrics["test"]["full"]["count"]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax.evaluation import RankingResult, object_rank
+from lamp_jax.ranking import RankingResult, object_rank
 
 
 def test_rank_counts_only_strictly_higher_scores():

@@ -442,8 +442,8 @@ def test_train_and_evaluate_then_load_run_on_a_tiny_modernbert(lama_model, tmp_p
     from lamp_jax.api import load_run
     from lamp_jax.checkpoint import load_binary_masks
     from lamp_jax.configs import default
+    from lamp_jax.loop import train_and_evaluate
     from lamp_jax.masks import hard_mask
-    from lamp_jax.trainer import train_and_evaluate
     from tests.test_export import assert_export_matches_predict
 
     directory, facts = lama_model

@@ -42,7 +42,7 @@ def test_the_notebook_trains_a_run_when_there_is_none_then_executes_without_erro
     # The training cell ran: train.py's own closing lines are in its output.
     assert "test macro P@1: full" in outputs and "wall seconds per phase" in outputs
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["steps"] == 80 and metrics["resumed_from"] == []
+    assert metrics["steps"] == 120 and metrics["resumed_from"] == []
     assert "IsA subnetwork:" in outputs and "transformers:" in outputs
     images = [o for c in notebook.cells for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]

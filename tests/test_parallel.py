@@ -150,7 +150,7 @@ def test_prefix_split_over_devices_equals_one_device():
 
 def test_a_run_with_a_large_state_says_which_faster_chunk_would_fit():
     from lamp_jax.configs import default
-    from lamp_jax.trainer import relation_chunk_for
+    from lamp_jax.run_setup import relation_chunk_for
 
     config = default.get_config()
     mesh = run_mesh(2 * len(jax.devices()), 16)  # two relations per device

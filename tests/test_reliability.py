@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from lamp_jax.checkpoint import restore_best_masks
+from lamp_jax.loop import train_and_evaluate
 from lamp_jax.models.params import load_mlm, save_mlm
-from lamp_jax.trainer import CPU_MALLOC_TUNABLES, allocator_hint, train_and_evaluate
+from lamp_jax.run_dir import RunDirectory
+from lamp_jax.run_setup import CPU_MALLOC_TUNABLES, allocator_hint
 from tests.conftest import EMBEDDED_RUN_ARGS, compile_cache_env
 from tests.test_end_to_end import FIXTURE, _config
 
@@ -143,7 +144,7 @@ def test_nan_stops_with_step_and_relation_or_is_skipped(model_dir, tmp_path):
                                specialization=False, plots=False), tmp_path / "b",
                        log=said.append)
     assert any("non-finite loss" in line for line in said)
-    masks = restore_best_masks(tmp_path / "b")
+    masks = RunDirectory(tmp_path / "b").best_masks()
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(masks))
 
 
@@ -259,8 +260,8 @@ def test_kill_9_several_times_then_resume_gives_identical_masks(embedded_run_dir
     done = subprocess.run(_train_cmd(work), cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    for a, b in zip(jax.tree.leaves(restore_best_masks(work)),
-                    jax.tree.leaves(restore_best_masks(reference)), strict=True):
+    for a, b in zip(jax.tree.leaves(RunDirectory(work).best_masks()),
+                    jax.tree.leaves(RunDirectory(reference).best_masks()), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (work / "masks.npz").read_bytes() == (reference / "masks.npz").read_bytes()
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (work, reference)]

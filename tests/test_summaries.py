@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from lamp_jax.api import load_run
-from lamp_jax.checkpoint import restore_latest_masks
 from lamp_jax.masks import MaskSpec, pruned_fraction, sparsity_stats
+from lamp_jax.run_dir import RunDirectory
 
 
 def crc32c(data: bytes) -> int:
@@ -90,7 +90,8 @@ def test_training_writes_tensorboard_scalars_that_match_metrics_jsonl(run):
     best = max(h["step"] for h in history if h.get("best"))
     logged = [scalars[f"sparsity/{r}"][best] for r in relations]
     np.testing.assert_allclose(logged, summary["sparsity"]["total"], atol=1e-6)
-    final = sparsity_stats(restore_latest_masks(workdir), load_run(workdir).spec, 0.5)["total"]
+    final = sparsity_stats(RunDirectory(workdir).latest_masks(), load_run(workdir).spec,
+                           0.5)["total"]
     np.testing.assert_allclose([scalars[f"sparsity/{r}"][steps[-1]] for r in relations], final,
                                atol=1e-6)
     assert len({round(v, 6) for v in logged}) == len(relations) and min(logged) > 0

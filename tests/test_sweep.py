@@ -1,6 +1,7 @@
 """lamp_jax.sweep: runs side by side on the relation axis equal the same runs made one by one."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 from lamp_jax.configs import default
+from lamp_jax.step import slot_rngs
 from lamp_jax.sweep import Run, parse_grid, plan_groups, run_sweep, summarize
-from lamp_jax.training import slot_rngs
 
 
 def test_grid_values_take_the_config_field_types_and_bad_fields_are_named():
@@ -70,15 +71,32 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert row["sparsity"] == (0.5, 0.0)
 
 
-@pytest.mark.slow
-def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(tmp_path):
+def _sweep_base():
     base = default.get_config()
     base.epochs = 3
     base.mask.mode = "stochastic"
     base.mask.init_value = 0.3  # near the threshold: masks prune within 3 epochs
     base.data.relations = ("AtLocation", "IsA")
-    out = run_sweep(base, ["optim.learning_rate=0.2,0.5"], seeds=2, workdir=tmp_path,
-                    compare_sequential=True, log=lambda *_: None)
+    return base
+
+
+GRID = ["optim.learning_rate=0.2,0.5"]
+RUNS = ["optim.learning_rate=0.2,seed=0", "optim.learning_rate=0.2,seed=1",
+        "optim.learning_rate=0.5,seed=0", "optim.learning_rate=0.5,seed=1"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sweep")
+    said: list[str] = []
+    out = run_sweep(_sweep_base(), GRID, seeds=2, workdir=workdir, compare_sequential=True,
+                    log=said.append)
+    return workdir, out, said
+
+
+@pytest.mark.slow
+def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(swept):
+    workdir, out, _ = swept
     runs = out["runs"]
     assert [(r["learning_rate"], r["seed"]) for r in runs] == [(0.2, 0), (0.2, 1), (0.5, 0),
                                                                (0.5, 1)]
@@ -86,15 +104,79 @@ def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(tmp_path):
     assert all(r["sparsity"] > 0.01 for r in runs)
     assert all(r["test_soft"] != r["test_full"] for r in runs)
     assert len({(r["test_binary"], r["test_soft"], r["sparsity"]) for r in runs}) == 4
-    # train.py's own function, run after run, gives the very same dev and test metrics (at
-    # these moderate steps; large ones can turn last-bit rounding into other masks, README).
-    assert out["sequential"]["max_difference"] == 0.0
+    masks = [(workdir / "runs" / name / "masks.npz").read_bytes() for name in RUNS]
+    assert len(set(masks)) == 4
+    # train.py's own function, run after run, gives byte-identical masks.npz and the very
+    # same dev and test metrics (at these moderate steps; large ones can turn last-bit
+    # rounding into other masks, README). Compared here, not by the sweep's own verdict.
+    for name, swept_masks in zip(RUNS, masks, strict=True):
+        alone = workdir / "sequential" / name
+        assert (alone / "masks.npz").read_bytes() == swept_masks, name
+        a, b = (json.loads((d / "metrics.json").read_text())
+                for d in (workdir / "runs" / name, alone))
+        for key in ("test", "dev", "sparsity", "best_dev_macro_P1", "relations"):
+            assert a[key] == b[key], (name, key)
+        assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
     assert out["sequential"]["identical_runs"] == 4
-    saved = json.loads((tmp_path / "sweep.json").read_text())
+    saved = json.loads((workdir / "sweep.json").read_text())
     assert len(saved["table"]) == 2 and saved["table"][0]["seeds"] == [0, 1]
-    table = (tmp_path / "sweep.md").read_text()
+    table = (workdir / "sweep.md").read_text()
     assert "optim.learning_rate=0.2" in table and "+-" in table
-    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert all(f"(runs/{name}/)" in table for name in RUNS)  # sweep.md links every run
+    assert (workdir / "sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_every_run_of_a_sweep_is_a_run_directory(swept, tmp_path):
+    """load_run, evaluate and report open a sweep's run as they open train.py's."""
+    from lamp_jax import load_run
+    from lamp_jax.evaluate import reevaluate
+    from lamp_jax.report import write_report
+
+    workdir, out, _ = swept
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir / "runs" / RUNS[2], run_dir)
+    run = load_run(run_dir)
+    assert run.relations == ("AtLocation", "IsA") and run.metrics["steps"] == out["runs"][2][
+        "steps"]
+    assert run.metrics["test"]["pruned"]["macro_P@1"] == out["runs"][2]["test_binary"]
+    top = run.predict("the boat is a kind of [MASK] .", relation="IsA", k=3)
+    assert [t for t, _ in top] != [t for t, _ in run.predict("the boat is a kind of [MASK] .",
+                                                             k=3)]
+    again = reevaluate(run_dir, log=lambda *_: None)
+    assert again["test"] == run.metrics["test"]
+    dev = reevaluate(run_dir, split="dev", log=lambda *_: None)
+    assert set(dev) >= {"dev"} and "test" not in dev  # --split dev reports dev as dev
+    assert dev["dev"]["pruned"] == run.metrics["dev"]["pruned"]
+    index = (write_report(run_dir, max_size=1, log=lambda *_: None) / "index.md").read_text()
+    assert "# lamp-jax report" in index
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, tmp_path):
+    workdir, out, _ = swept
+    base = _sweep_base()
+    base.stop_after = 3
+    said: list[str] = []
+    stopped = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
+    assert stopped == {"stopped": True} and not (tmp_path / "sweep.json").exists()
+    base.stop_after = 0
+    said.clear()
+    again = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
+    assert "resumed from step 3" in said
+    for name in RUNS:
+        metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
+        assert metrics["resumed_from"] == [3] and metrics["steps"] == 6
+        assert ((tmp_path / "runs" / name / "masks.npz").read_bytes()
+                == (workdir / "runs" / name / "masks.npz").read_bytes())
+    drop = ("sweep_seconds", "group_seconds", "groups", "sequential", "speedup")
+    assert ({k: v for k, v in again.items() if k not in drop}
+            == {k: v for k, v in out.items() if k not in drop})
+    # A finished sweep run again reads its runs back instead of training them.
+    said.clear()
+    assert run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)["runs"] == \
+        again["runs"]
+    assert any("finished earlier" in line for line in said)
 
 
 def test_run_labels_name_the_grid_values():

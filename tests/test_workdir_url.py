@@ -180,7 +180,7 @@ def gs_run(gcs):
     """``train.py --workdir=gs://...``, stopped after 3 of its 6 steps, then resumed in this
     process (other devices: the test process has 8) to the end."""
     from lamp_jax.configs import default
-    from lamp_jax.trainer import train_and_evaluate
+    from lamp_jax.loop import train_and_evaluate
 
     stopped = subprocess.run(
         [sys.executable, "train.py", f"--workdir={RUN}", "--config.epochs=2",
@@ -197,14 +197,15 @@ def gs_run(gcs):
 def test_train_to_a_bucket_and_resume_from_it(gs_run):
     from etils import epath
 
-    from lamp_jax.checkpoint import load_binary_masks, restore_best_masks
+    from lamp_jax.checkpoint import load_binary_masks
     from lamp_jax.masks import hard_mask
+    from lamp_jax.run_dir import RunDirectory
     from tests.test_summaries import read_scalars
 
     run = epath.Path(RUN)
     assert "resumed from step 3" in gs_run["said"]
     summary = gs_run["summary"]
-    assert summary["steps"] == 6
+    assert summary["steps"] == 6 and summary["resumed_from"] == [3]
     names = {p.name for p in run.iterdir()}
     assert {"run.json", "split.json", "metrics.jsonl", "metrics.json", "masks.npz",
             "best_score.json", "plots", "checkpoints", "best"} <= names
@@ -212,7 +213,9 @@ def test_train_to_a_bucket_and_resume_from_it(gs_run):
     # One event file per process (before and after the interruption), both copied to the bucket.
     assert sum(n.startswith("events.out.tfevents.") for n in names) == 2
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [3, 6]  # the resumed run did not repeat step 3
+    # The resumed run did not repeat step 3, and recorded that it resumed there.
+    assert [(h["step"], h.get("event")) for h in history] == [(3, None), (3, "resumed"),
+                                                               (6, None)]
     assert json.loads((run / "metrics.json").read_text())["steps"] == 6
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [3, 6]
     for plot in (run / "plots").iterdir():
@@ -222,7 +225,7 @@ def test_train_to_a_bucket_and_resume_from_it(gs_run):
     # masks.npz is the hard threshold of the best checkpoint, both read from the bucket.
     bits, _, relations = load_binary_masks(run / "masks.npz")
     assert list(relations) == summary["relations"]
-    best = restore_best_masks(run)
+    best = RunDirectory(RUN).best_masks()
     for mask, logits in zip(jax.tree.leaves(bits), jax.tree.leaves(best), strict=True):
         np.testing.assert_array_equal(mask, hard_mask(logits, 0.5))
     # Nothing landed on the local disk under a mangled name ("gs:/lamp-jax-test/...").
@@ -282,7 +285,7 @@ def _bucket_copy(url: str) -> Path:
 
 def test_a_missing_bucket_is_a_clear_stop(gcs):
     from lamp_jax.configs import default
-    from lamp_jax.trainer import train_and_evaluate
+    from lamp_jax.loop import train_and_evaluate
 
     with pytest.raises(OSError, match="cannot write to the workdir gs://no-such-bucket/run"):
         train_and_evaluate(default.get_config(), "gs://no-such-bucket/run", log=lambda *_: None)

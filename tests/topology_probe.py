@@ -26,8 +26,8 @@ PROMPT = "the boat is a kind of [MASK] ."
 def probe(workdir: Path, report: bool) -> dict:
     from lamp_jax import load_run
     from lamp_jax.evaluate import reevaluate
+    from lamp_jax.loop import train_and_evaluate
     from lamp_jax.report import write_report
-    from lamp_jax.trainer import train_and_evaluate
 
     quiet = lambda *args, **kwargs: None  # noqa: E731
     steps = [

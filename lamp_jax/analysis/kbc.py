@@ -11,8 +11,8 @@ from typing import Any
 
 from lamp_jax.data import RelationBatcher, Triple, encode_facts, triples_to_facts
 from lamp_jax.data.triples import TEMPLATES
-from lamp_jax.evaluation import RankingResult, evaluate, make_rank_fn
 from lamp_jax.masks import MaskMode
+from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
 
 KS = (1, 3, 10)
 

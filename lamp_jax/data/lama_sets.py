@@ -340,8 +340,17 @@ def read_for_config(data: Mapping[str, Any], path: str | os.PathLike[str]) -> La
     ``on_error``); configs older than these fields read ConceptNet, as they did."""
     return read_lama_set(path, data.get("lama_set", "conceptnet"),
                          prompts=data.get("prompts", "templates"),
-                         relations=tuple(data.get("relations", ())) or None,
+                         relations=requested_relations(data.get("relations", ())) or None,
                          strict=data.get("on_error", "stop") == "stop")
+
+
+def requested_relations(relations: Any) -> tuple[str, ...]:
+    """``config.data.relations`` as a tuple of names. On the command line,
+    ``--config.data.relations=AtLocation,IsA`` reaches the config as the 1-tuple
+    ``("AtLocation,IsA",)`` (ml_collections parses no commas), so names are split on commas."""
+    if isinstance(relations, str):
+        relations = (relations,)
+    return tuple(name.strip() for item in relations for name in item.split(",") if name.strip())
 
 
 def download_lama_data(

@@ -276,7 +276,7 @@ def relation_loss(
     if loss_config.sparsity_weight:
         loss = loss + sparsity_penalty(mask_logits, loss_config.mode, loss_config.sparsity_weight,
                                        loss_config.target_sparsity)
-    # Rank 1 as lamp_jax.evaluation counts it (no token scored strictly higher); also cheaper
+    # Rank 1 as lamp_jax.ranking counts it (no token scored strictly higher); also cheaper
     # than argmax, a variadic reduce that XLA:CPU does not vectorise.
     target = jnp.take_along_axis(logits, batch["obj_id"][:, None], axis=-1)[:, 0]
     correct = jnp.sum((target >= jnp.max(logits, axis=-1)) * weight)
@@ -376,19 +376,30 @@ def jit_train_step(
 
     ``state_sharding`` (e.g. from :func:`state_shardings`) pins the new state to the same
     placement as the old one, so a multi-device run never gathers the masks on one device.
-    ``donate``: reuse the old state's buffers for the new one (the old state is then unusable).
-    The default donates on accelerators, where it halves the state's memory (bert-base, 16
-    relations: logits + Adam moments are 8 GB), and not on the CPU, where XLA:CPU ran the
-    donated step 1.3-1.5x slower in our measurements (bench/README.md).
+    ``donate``: reuse the old state's buffers for the new one (the old state is then unusable);
+    by default as :func:`donates_state` decides for a small state.
     """
     if donate is None:
-        donate = jax.default_backend() != "cpu"
+        donate = donates_state(0)
     shards = 1 if state_sharding is None else state_sharding.relation_steps.mesh.shape[RELATION]
     step = partial(train_step, model_config=model_config, loss_config=loss_config,
                    optim_config=optim_config, relation_chunk=relation_chunk,
                    relation_shards=shards, relations_per_run=relations_per_run)
     out_shardings = None if state_sharding is None else (state_sharding, None)
     return jax.jit(step, donate_argnums=0 if donate else (), out_shardings=out_shardings)
+
+
+# From this size of training state up, a CPU run donates the old state to the step.
+DONATE_ON_CPU_BYTES = 256 * 2**20
+
+
+def donates_state(state_bytes: int, backend: str | None = None) -> bool:
+    """Whether the step reuses the old state's buffers for the new one: on accelerators
+    always (it halves the state's memory: bert-base x 16 relations holds 8 GB of logits and
+    Adam moments), on a CPU from :data:`DONATE_ON_CPU_BYTES` up. XLA:CPU ran small donated
+    steps 1.3-1.5x slower (bench/README.md); large ones need the memory."""
+    backend = backend or jax.default_backend()
+    return backend != "cpu" or state_bytes >= DONATE_ON_CPU_BYTES
 
 
 def init_placed_state(mask_logits: Any, optimizer: optax.GradientTransformation,

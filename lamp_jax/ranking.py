@@ -182,22 +182,44 @@ def specialization_matrix(
     """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
 
     The diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
-    diagonal (the paper's Figure: another relation's mask hurts).
+    diagonal (the paper's Figure: another relation's mask hurts). One run's
+    :func:`specialization_matrices`.
+    """
+    return specialization_matrices(rank_fn, mask_logits, frozen_params, batches, relations,
+                                   put_batch)[0]
 
-    The masks stay where they are; the prompts move. Pass ``k`` rolls the relation axis of
-    the batches by ``k`` on the host, so that mask a meets relation a + k's prompts, and one
-    ordinary evaluation fills the k-th diagonal. R passes fill the matrix, each as light as
-    a dev evaluation. (Moving relation a's masks to every relation's slot instead gathered
-    all relations' logits onto every device: bert-base x 16 relations on 2 CPU devices,
-    +5 GiB per row.)
+
+def specialization_matrices(
+    rank_fn,
+    mask_logits: Any,
+    frozen_params: Any,
+    batches: Sequence[dict[str, np.ndarray]],
+    relations: Sequence[str],
+    put_batch=None,
+    runs: int = 1,
+) -> np.ndarray:
+    """``[runs, R, R]``: :func:`specialization_matrix` of each of ``runs`` runs whose
+    ``R = len(relations)`` relations lie run after run on the relation axis (a sweep group).
+
+    The masks stay where they are; the prompts move. Pass ``k`` rolls each run's block of the
+    batches' relation axis by ``k`` on the host, so that mask a meets relation a + k's prompts
+    of its own run, and one ordinary evaluation fills the k-th diagonal. R passes fill the
+    matrix, each as light as a dev evaluation. (Moving relation a's masks to every relation's
+    slot instead gathered all relations' logits onto every device: bert-base x 16 relations on
+    2 CPU devices, +5 GiB per row.)
     """
     num = len(relations)
-    matrix = np.zeros((num, num))
+    matrices = np.zeros((runs, num, num))
     rows = np.arange(num)
+
+    def roll(value, shift):
+        blocks = value.reshape(runs, num, *value.shape[1:])
+        return np.roll(blocks, -shift, axis=1).reshape(value.shape)
+
     for shift in range(num):
-        moved = [{k: np.roll(v, -shift, axis=0) for k, v in batch.items()}
-                 for batch in batches]
-        result = evaluate(rank_fn, mask_logits, frozen_params, moved, relations,
+        moved = [{k: roll(v, shift) for k, v in batch.items()} for batch in batches]
+        result = evaluate(rank_fn, mask_logits, frozen_params, moved, list(relations) * runs,
                           put_batch=put_batch)
-        matrix[rows, (rows + shift) % num] = result.precision_at(1)
-    return matrix
+        p_at_1 = result.precision_at(1).reshape(runs, num)
+        matrices[:, rows, (rows + shift) % num] = p_at_1
+    return matrices
