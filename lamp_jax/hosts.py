@@ -84,6 +84,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                heartbeat_timeout_seconds=heartbeat_timeout)
 
 
+def use_compile_cache(directory: str) -> str | None:
+    """Keeps JAX's compiled programs in ``directory`` (``~`` expanded; a ``gs://`` URL works
+    too), so that a resumed or repeated run loads them instead of compiling; returns the
+    directory used, or None when off (``""``). ``JAX_COMPILATION_CACHE_DIR``, when set, wins
+    (tests and launchers set it). Call it before the first compilation: JAX reads the setting
+    when it first compiles."""
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        return env
+    if not directory:
+        return None
+    if not paths.is_url(directory):
+        directory = os.path.expanduser(directory)
+        os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
+
+
 def is_main() -> bool:
     """Whether this process writes the run's files and prints its progress (process 0)."""
     return jax.process_index() == 0

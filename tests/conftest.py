@@ -10,9 +10,18 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the whole session: the xdist workers inherit this
+# process's environment, and so do the train.py processes tests start, so a program compiled
+# by one test (the step, the ranking, the prefix of a shape) is loaded by the others instead of
+# compiled again. It only changes when compilation happens, never what runs.
+COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"lamp_jax_test_compile_cache_{os.getpid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -41,13 +50,6 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
     return directory
 
 
-def compile_cache_env(directory: Path) -> dict[str, str]:
-    """The environment of a subprocess that keeps JAX's compiled programs in ``directory``."""
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(directory),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 EMBEDDED_RUN_ARGS = ("--config.plots=False", "--config.epochs=20")
 
 
@@ -55,14 +57,13 @@ EMBEDDED_RUN_ARGS = ("--config.plots=False", "--config.epochs=20")
 def embedded_run_dir(tmp_path_factory) -> Path:
     """``python train.py`` on the embedded default shortened to 20 epochs (its masks are
     specialized well before 40), in a fresh process as a user runs it (2 CPU devices here),
-    trained once per session. It is also the uninterrupted reference of the kill -9 soak test,
-    which reuses its compilation cache. Tests that write into a run copy it first."""
+    trained once per session. It is also the uninterrupted reference of the kill -9 soak test.
+    Tests that write into a run copy it first."""
 
     def build(directory: Path) -> None:
         done = subprocess.run(
             [sys.executable, "train.py", f"--workdir={directory / 'run'}", *EMBEDDED_RUN_ARGS],
-            cwd=ROOT, capture_output=True, text=True, timeout=600,
-            env=compile_cache_env(directory / "jax_cache"))
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
 
     return build_once(tmp_path_factory, "embedded_run", build) / "run"
@@ -105,8 +106,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):
-    import sys
-
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(
+            "JAX_COMPILATION_CACHE_DIR") == COMPILE_CACHE:  # the session's own, not a user's
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status["code"])

@@ -166,3 +166,34 @@ def test_a_run_with_a_large_state_says_which_faster_chunk_would_fit():
     said.clear()
     assert relation_chunk_for(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
                            state, log=said.append) == 2 and not said
+
+
+def test_an_accelerator_takes_all_relations_at_once_when_xlas_plan_fits(monkeypatch):
+    """On an accelerator the memory-first chunk gives way to all relations at once when XLA's
+    own plan of that step fits in the free memory. Run here on CPU devices presented as an
+    accelerator, with the estimate's budget shrunk so that it asks for a chunk."""
+    import lamp_jax.run_setup as run_setup
+    from lamp_jax.configs import default
+
+    said: list[str] = []
+    assert run_setup.fastest_fitting_chunk(1, lambda: 10, 100, said.append) is None
+    assert run_setup.fastest_fitting_chunk(1, lambda: 90, 100, said.append) == 1
+    assert run_setup.fastest_fitting_chunk(None, lambda: 1 / 0, 100) is None  # no plan asked
+    assert "all relations at once" in said[0] and "memory first" in said[1]
+
+    config = default.get_config()
+    config.epochs, config.data.relations = 1, ("AtLocation", "IsA", "MadeOf", "PartOf")
+    monkeypatch.setattr(run_setup, "transient_budget", lambda *args, **kwargs: 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    plans: list[int] = []
+    real_plan = run_setup.planned_peak_bytes
+    monkeypatch.setattr(run_setup, "planned_peak_bytes",
+                        lambda *args: plans.append(real_plan(*args)) or plans[-1])
+    run = run_setup.setup_run([config], log=said.append)
+    # XLA's plan holds at least the state and the frozen weights, and fits easily here.
+    frozen = sum(x.nbytes for x in jax.tree.leaves(run.mlm.params))
+    assert len(plans) == 1 and plans[0] > run.state_bytes / run.mesh.shape["relation"] + frozen
+    assert run.chunk is None and any("all relations at once: XLA plans" in s for s in said)
+    state = run.init_state(log=lambda *_: None)
+    state, _ = run.step_fn(state, run.frozen, run.train_batch(0))  # the planned step runs
+    assert int(state.step) == 1

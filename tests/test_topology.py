@@ -47,25 +47,15 @@ TOPOLOGIES = ("1 device", "2 devices", "8 devices", "2 processes")
 SLOTS = {"1 device": 6, "2 devices": 6, "8 devices": 8, "2 processes": 6}
 
 pytestmark = pytest.mark.slow
-_COMPILE_CACHE: list[Path] = []  # set once per module: JAX's persistent compilation cache
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Subprocesses of one topology share compiled programs (train step, ranking, report),
-    which halves this module's time; the in-process tests never see the cache."""
-    _COMPILE_CACHE[:] = [tmp_path_factory.mktemp("jax_cache")]
-    yield
-    _COMPILE_CACHE.clear()
 
 
 def _command(topology: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if _COMPILE_CACHE:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(_COMPILE_CACHE[0]),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # Subprocesses of one topology share compiled programs (train step, ranking, report)
+    # through the session's persistent compilation cache (tests/conftest.py).
+    env.update({k: v for k, v in os.environ.items() if k.startswith("JAX_PERSISTENT_CACHE")
+                or k == "JAX_COMPILATION_CACHE_DIR"})
     if topology == "2 processes":
         return ([sys.executable, "-m", "lamp_jax.launch", "--processes", "2",
                  "--devices-per-process", "1", "--", sys.executable, *args], env)
