@@ -40,7 +40,17 @@ class Run:
     mode: MaskMode  # the inference mode (threshold or expectation)
     mask_logits: Any
     metrics: dict[str, Any] | None
+    # Relation -> human-readable label, where the data has one (T-REx: "P19" -> "place of
+    # birth"); relations are always named by their id.
+    relation_labels: dict[str, str] = dataclasses.field(default_factory=dict)
     _batches: dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def shown_relations(self) -> tuple[str, ...]:
+        """The relations as tables and plots name them: "P19 (place of birth)"."""
+        from lamp_jax.data import relation_display
+
+        return relation_display(self.relations, self.relation_labels)
 
     def eval_batches(self, split: str = "test") -> list[dict[str, np.ndarray]]:
         """The run's ``split`` ("train", "dev" or "test") as ``[R, B, ...]`` evaluation batches,
@@ -144,5 +154,5 @@ def load_run(workdir: str | Path, model: str | None = None) -> Run:
     directory = RunDirectory(workdir)
     info = directory.info()
     mlm = load_mlm(model or info.model, dtype=DTYPES[info.dtype])
-    return Run(as_path(workdir), mlm, info.relations,
-               info.spec, info.eval_mode, directory.best_masks(), directory.metrics())
+    return Run(as_path(workdir), mlm, info.relations, info.spec, info.eval_mode,
+               directory.best_masks(), directory.metrics(), info.labels)

@@ -47,7 +47,7 @@ def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str,
     full = run.evaluate("test", masks=None).precision_at(1)
     result = {"matrix": matrix.tolist(), "relations": list(run.relations),
               **specialization.summarize(matrix, full)}
-    result["figure"] = _save(plots.specialization_heatmap(run.relations, matrix),
+    result["figure"] = _save(plots.specialization_heatmap(run.shown_relations, matrix),
                              out / "specialization.png")
     return result
 
@@ -85,7 +85,7 @@ def representation_section(run: Run, test_batch, out: epath.Path) -> dict[str, A
         flat = states.reshape(-1, states.shape[-1])[real]
         score = representations.silhouette_score(flat, labels[real])
         points = representations.pca_2d(flat)
-        for r, relation in enumerate(run.relations):
+        for r, relation in enumerate(run.shown_relations):
             sel = labels[real] == r
             ax.scatter(points[sel, 0], points[sel, 1], s=12, label=relation)
         ax.set_title(f"{name}: silhouette {score:.2f}")
@@ -111,7 +111,7 @@ def attention_figure(run: Run, batch, relations: int = 3):
         tokens = run.mlm.tokenizer.convert_ids_to_tokens(batch["input_ids"][r, 0, :length])
         x = np.arange(length)
         ax.bar(x - 0.2, full[r, 0, :length], 0.4, label="full model")
-        ax.bar(x + 0.2, pruned[r, 0, :length], 0.4, label=f"{run.relations[r]} subnetwork")
+        ax.bar(x + 0.2, pruned[r, 0, :length], 0.4, label=f"{run.shown_relations[r]} subnetwork")
         ax.set_xticks(x, tokens, fontsize=8)
         ax.set_ylabel("attention")
         ax.legend(fontsize=7, loc="upper left")

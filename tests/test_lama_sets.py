@@ -461,6 +461,11 @@ def test_a_trex_run_names_relations_by_id_and_label(data_dir, tmp_path, monkeypa
     prompts = {(row["relation"], row["subject"], s) for rows in split.values() for row in rows
                for s in row["sentences"]}
     assert ("P36", "France", "The capital of France is [MASK] .") in prompts
+    # The notebook API names them too.
+    from lamp_jax import load_run
+
+    opened = load_run(workdir)
+    assert opened.relation_labels == LABELS and opened.shown_relations == shown
     # lamp_jax.evaluate and the notebook API rebuild the data from run.json alone.
     tokenizer = load_mlm(run["model"]).tokenizer
     data = prepare_data(ml_collections.ConfigDict(run["config"]), tokenizer, Path(run["data"]),
