@@ -206,35 +206,35 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
     them, the relation axis truncated or zero-padded to theirs. Without: numpy arrays on the
     host of every process, ``[num_relations, ...]`` (inert slots dropped).
     """
-    directory = run_dir(workdir) / "best"
-    options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_best"))
-    with ocp.CheckpointManager(directory, options=options,
-                               item_handlers=_handler()) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no best masks saved under {directory}")
-        if template_logits is not None:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                    {"mask_logits": template_logits, "score": np.float64(0)})
-            return manager.restore(step, args=ocp.args.StandardRestore(
-                abstract, strict=False))["mask_logits"]
-        # As numpy: no device layout is asked for, so the saving topology does not matter.
-        raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
-    return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
+    target = None
+    if template_logits is not None:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                              {"mask_logits": template_logits, "score": np.float64(0)})
+    logits = _read_newest(run_dir(workdir) / "best", "read_best", target)["mask_logits"]
+    return logits if target is not None else jax.tree.map(lambda g: g[:num_relations], logits)
 
 
 def restore_latest_masks(workdir: str | Path, num_relations: int | None = None) -> Any:
     """The mask logits of a run's newest training state (the last checkpoint, not the best
     masks), as numpy arrays ``[num_relations, ...]`` on the host, inert slots dropped."""
-    directory = run_dir(workdir) / "checkpoints"
-    options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers("read_latest"))
+    logits = _read_newest(run_dir(workdir) / "checkpoints", "read_latest")["mask_logits"]
+    return jax.tree.map(lambda g: g[:num_relations], logits)
+
+
+def _read_newest(directory: epath.Path, barriers: str, target: Any | None = None) -> Any:
+    """The newest checkpoint under ``directory``: laid out like ``target`` (the relation axis
+    truncated or zero-padded to it), or as numpy arrays with the saved shapes, so that the
+    saving topology does not matter."""
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=_barriers(barriers))
     with ocp.CheckpointManager(directory, options=options,
                                item_handlers=_handler()) as manager:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint saved under {directory}")
-        raw = manager.restore(step, args=ocp.args.StandardRestore(_numpy_target(manager, step)))
-    return jax.tree.map(lambda g: g[:num_relations], raw["mask_logits"])
+        if target is not None:
+            return manager.restore(step, args=ocp.args.StandardRestore(target, strict=False))
+        return manager.restore(step, args=ocp.args.StandardRestore(
+            _numpy_target(manager, step)))
 
 
 def export_binary_masks(

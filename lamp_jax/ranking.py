@@ -171,24 +171,6 @@ def evaluate(
     return RankingResult(tuple(relations), tuple(ks), hits, rr, count)
 
 
-def specialization_matrix(
-    rank_fn,
-    mask_logits: Any,
-    frozen_params: Any,
-    batches: Sequence[dict[str, np.ndarray]],
-    relations: Sequence[str],
-    put_batch=None,
-) -> np.ndarray:
-    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
-
-    The diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
-    diagonal (the paper's Figure: another relation's mask hurts). One run's
-    :func:`specialization_matrices`.
-    """
-    return specialization_matrices(rank_fn, mask_logits, frozen_params, batches, relations,
-                                   put_batch)[0]
-
-
 def specialization_matrices(
     rank_fn,
     mask_logits: Any,
@@ -198,8 +180,11 @@ def specialization_matrices(
     put_batch=None,
     runs: int = 1,
 ) -> np.ndarray:
-    """``[runs, R, R]``: :func:`specialization_matrix` of each of ``runs`` runs whose
-    ``R = len(relations)`` relations lie run after run on the relation axis (a sweep group).
+    """``M[v, a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a,
+    in run ``v``: its ``R = len(relations)`` relations lie run after run on the relation axis
+    (one run for train.py, several for a sweep group). The diagonal is each relation's own
+    subnetwork; a specialised subnetwork scores lower off the diagonal (the paper's Figure:
+    another relation's mask hurts).
 
     The masks stay where they are; the prompts move. Pass ``k`` rolls each run's block of the
     batches' relation axis by ``k`` on the host, so that mask a meets relation a + k's prompts

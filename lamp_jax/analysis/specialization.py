@@ -1,5 +1,5 @@
 """The paper's summary of a specialization matrix (computed by
-:func:`lamp_jax.ranking.specialization_matrix`)."""
+:func:`lamp_jax.ranking.specialization_matrices`)."""
 
 from __future__ import annotations
 
