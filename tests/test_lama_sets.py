@@ -472,3 +472,42 @@ def test_a_trex_run_names_relations_by_id_and_label(data_dir, tmp_path, monkeypa
                         log=lambda *_: None)
     assert data.relations == ids and data.splits["test"].relation_labels == LABELS
     assert len(data.splits["test"]) == metrics["test"]["full"]["count"]
+
+
+def test_forty_one_relations_train_in_one_step_on_eight_devices(tmp_path):
+    """T-REx has 41 relations: on 8 devices they take 48 slots (6 per device, 7 inert), and
+    every relation is trained, evaluated and exported; the inert slots are left out."""
+    from lamp_jax.checkpoint import load_binary_masks
+    from lamp_jax.loop import train_and_evaluate
+
+    data = tmp_path / "data"
+    ids = [f"P{1000 + i}" for i in range(41)]
+    (data / "TREx").mkdir(parents=True)
+    subjects, objects = ["alpha", "beta", "gamma", "delta"], ["red", "green", "blue", "black"]
+    (data / "relations.jsonl").write_text("".join(
+        json.dumps(_relation_line(r, f"[X] is r{i} of [Y] .", f"relation {i}", "N-1")) + "\n"
+        for i, r in enumerate(ids)))
+    for i, r in enumerate(ids):
+        (data / "TREx" / f"{r}.jsonl").write_text("".join(
+            json.dumps({"uuid": f"{r}-{j}", "sub_label": s, "obj_label": objects[(i + j) % 4],
+                        "predicate_id": r}) + "\n" for j, s in enumerate(subjects)))
+    texts = [s for f in read_lama_set(data, "trex").facts for s in (*f.sentences, f.obj)]
+    tokenizer = make_bert_tokenizer(tmp_path / "model", words_of(texts))
+    model = ModelConfig(vocab_size=len(tokenizer), hidden_size=16, num_layers=2, num_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    config = default.get_config()
+    config.model = str(save_mlm(tmp_path / "model", init_params(model, jax.random.key(0)), model,
+                                tokenizer))
+    config.data.source, config.data.lama_set = str(data), "trex"
+    config.data.fractions = (0.5, 0.25, 0.25)  # 2 / 1 / 1 facts of each relation
+    config.batch_size, config.epochs, config.mask.init_value = 2, 1, 0.3
+    config.specialization, config.plots = False, False
+    said: list[str] = []
+    summary = train_and_evaluate(config, tmp_path / "run", log=said.append)
+    assert any("41 relations x 6 masked matrices" in line and "relation slots 48 (7 inert)"
+               in line and "'relation': 8" in line for line in said), said
+    assert summary["relations"] == ids and len(summary["sparsity"]["total"]) == 41
+    assert set(summary["test"]["pruned"]["per_relation"]) == set(ids)
+    assert min(summary["sparsity"]["total"]) > 0  # every relation's mask trained and pruned
+    _, _, relations = load_binary_masks(tmp_path / "run" / "masks.npz")
+    assert list(relations) == ids
