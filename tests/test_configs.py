@@ -46,18 +46,34 @@ def test_bert_base_config_is_the_papers_setting():
 
 
 @pytest.mark.slow
-def test_train_py_command_line(tmp_path):
-    """The CLI with overrides, on a tiny local model (the test fixture of test_end_to_end)."""
+def test_train_py_command_line_and_its_compilation_cache(tmp_path):
+    """The CLI with overrides, on a tiny local model (the test fixture of test_end_to_end);
+    run twice into fresh workdirs with ``--config.compile_cache_dir``: the first run fills
+    the cache, the second loads every program from it and compiles nothing new."""
+    import os
+
     from tests.test_end_to_end import FIXTURE, make_tiny_model
 
     model = make_tiny_model(tmp_path / "model")
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--config=configs/runlocal.py", f"--workdir={workdir}",
-           f"--config.model={model}", f"--config.data.source={FIXTURE}",
-           "--config.batch_size=2", "--config.mask.mode=deterministic",
-           "--config.mask.init=normal", "--config.mask.init_value=1.0"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "done: test macro P@1" in done.stdout
-    run = json.loads((workdir / "run.json").read_text())
-    assert run["mask"]["mode"] == "deterministic" and run["config"]["batch_size"] == 2
+    cache = tmp_path / "compile_cache"
+    # The session's own cache variable would win over the flag; every compile is cached here
+    # (JAX's default skips compiles under 1 s, and the tiny model's all are).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    entries = []
+    for name in ("run", "again"):
+        workdir = tmp_path / name
+        cmd = [sys.executable, "train.py", "--config=configs/runlocal.py", f"--workdir={workdir}",
+               f"--config.model={model}", f"--config.data.source={FIXTURE}",
+               "--config.batch_size=2", "--config.mask.mode=deterministic",
+               "--config.mask.init=normal", "--config.mask.init_value=1.0",
+               f"--config.compile_cache_dir={cache}"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "done: test macro P@1" in done.stdout
+        run = json.loads((workdir / "run.json").read_text())
+        assert run["mask"]["mode"] == "deterministic" and run["config"]["batch_size"] == 2
+        entries.append(sorted(p.name for p in cache.iterdir()))
+    assert len(entries[0]) >= 3  # the prefix, the step and the ranking at least
+    assert entries[1] == entries[0]  # nothing compiled again
