@@ -131,7 +131,7 @@ def baseline(size: dict, relations: int, prompts: int, length: int, repeats: int
 
 def peer(size: dict, relations: int, prompts: int, batch: int, length: int, repeats: int,
          dtype: str, compiled: bool, compile_mode: str | None = None,
-         warm_cache: bool = False) -> dict:
+         warm_cache: bool = False, one_heap: bool = True) -> dict:
     """The strong PyTorch peer's evaluation: per call, the threshold weights of every relation
     once, then for each ``[R, batch, L]`` batch the frozen prefix, the subnetworks' ranks and
     the full model's; the per-relation sums reach the host once, at the end."""
@@ -141,8 +141,9 @@ def peer(size: dict, relations: int, prompts: int, batch: int, length: int, repe
 
     import torch
 
-    from bench.peer_torch import PeerLAMP, PeerShape, PeerWeights
+    from bench.peer_torch import PeerLAMP, PeerShape, PeerWeights, keep_one_heap
 
+    heap = keep_one_heap() if one_heap else False  # before torch's first parallel op
     device = torch_setup()
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32, as XLA's default on Hopper
@@ -180,7 +181,7 @@ def peer(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     seconds = median_time(both, repeats)
     return {"seconds": seconds, "evaluated": 2 * relations * prompts, "compile_s": compile_s,
             "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-            "device": f"torch {device}"}
+            "device": f"torch {device}", "one_heap": heap}
 
 
 PEER_SIDES = {"eager": False, "compiled": True}
@@ -211,6 +212,10 @@ def main() -> None:
     parser.add_argument("--peer-warm-cache", action="store_true",
                         help="compiled peer: keep Inductor's persistent cache (default: a fresh "
                         "one, so its first call is a cold compile)")
+    parser.add_argument("--peer-allocator", choices=("heap", "default"), default="heap",
+                        help="peer on a CPU: 'heap' keeps glibc malloc on one heap with no mmap "
+                        "or trimming (peer_torch.keep_one_heap: no page faults per step); "
+                        "'default': glibc's defaults")
     parser.add_argument("--peer-compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("both", "ours", "torch", "peer"), default="both")
     add_cpu_devices_argument(parser)
@@ -227,7 +232,8 @@ def main() -> None:
     if args.side == "peer":
         print(json.dumps(peer(size, args.relations, args.prompts, args.batch, args.length,
                               args.repeats, args.dtype, args.peer_compiled,
-                              args.peer_compile_mode, args.peer_warm_cache)))
+                              args.peer_compile_mode, args.peer_warm_cache,
+                              args.peer_allocator == "heap")))
         return
 
     common = ["--size", args.size, "--relations", str(args.relations), "--prompts",
@@ -237,7 +243,8 @@ def main() -> None:
     surgeries = () if args.no_baseline else ("per_prompt", "per_relation")
     peer_sides = [] if args.peer == "none" else \
         list(PEER_SIDES) if args.peer == "both" else [args.peer]
-    peer_common = common + (["--peer-warm-cache"] if args.peer_warm_cache else []) + \
+    peer_common = common + ["--peer-allocator", args.peer_allocator] + \
+        (["--peer-warm-cache"] if args.peer_warm_cache else []) + \
         (["--peer-compile-mode", args.peer_compile_mode] if args.peer_compile_mode else [])
     runs: dict[str, list[dict]] = {k: [] for k in ("ours", *surgeries,
                                                    *(f"peer_{p}" for p in peer_sides))}
@@ -285,7 +292,8 @@ def main() -> None:
               f"{' '.join(f'{x:.2f}' for x in per_round)}){against}")
         print("peer first call (compile for the compiled side, not timed): " + ", ".join(
             f"{p} {np.median([r['compile_s'] for r in runs[f'peer_{p}']]):.1f} s"
-            for p in peer_sides))
+            for p in peer_sides)
+            + f"; one glibc heap: {runs[f'peer_{peer_sides[0]}'][0]['one_heap']}")
     print(f"CPU share used by other processes during each run ({' / '.join(runs)}):"
           + "".join(" " + "/".join(f"{r['others_cpu']:.0%}" for r in group)
                     for group in zip(*runs.values(), strict=True)))

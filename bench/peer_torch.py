@@ -201,6 +201,31 @@ class PeerWeights:
                    head_ln_w=ones(h), head_ln_b=zeros(h), decoder=word, decoder_b=zeros(v))
 
 
+def keep_one_heap() -> bool:
+    """glibc malloc: one arena, no ``mmap`` for large blocks, no trimming (what
+    ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``
+    sets, from inside the process). Call it before torch starts its threads. False where there
+    is no glibc.
+
+    Why: PyTorch's CPU allocator takes every large tensor from malloc, and glibc maps each one
+    fresh and unmaps it on free, so every step's masked weights and gradients are zeroed by the
+    kernel page by page on first touch: small config, 2-core CPU, eager peer step 41.0 ms with
+    7.5 K page faults and 14 ms of system time per step, 29.0 ms with none. A capable user who
+    profiles sees it (``bench/README.md`` has the same story for lamp-jax's large models)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0)
+                and mallopt(m_trim_threshold, 2**31 - 1))
+
+
 # --- the flat [R, P] layout and lamp-jax's mask-logit tree ---------------------------------------
 
 
@@ -248,51 +273,103 @@ def tree_from_flat(flat: np.ndarray, layers: Sequence[int], shape: PeerShape
 # --- masks fused with the frozen weights --------------------------------------------------------
 
 
-class StraightThroughMaskedWeight(torch.autograd.Function):
-    """``W * 1[sigmoid(G) > t]`` with a straight-through gradient to G.
+def hard_masked(logits: torch.Tensor, weights: torch.Tensor, cut: float) -> torch.Tensor:
+    """``W * 1[G > cut]`` (``G > logit(t)`` is ``sigmoid(G) > t`` without rounding at the
+    boundary, as lamp-jax computes it), ``[R, P]`` in the weights' dtype.
 
-    Forward: ``where(G > logit(t), W, 0)``, the hard mask and the product in one pass (``G >
-    logit(t)`` is ``sigmoid(G) > t`` without rounding at the boundary, as lamp-jax computes it).
-    Backward: the product's gradient w.r.t. the mask is ``grad * W``; ``identity`` passes it
-    through the threshold unchanged, ``sigmoid`` multiplies it by ``sigmoid'(G)``."""
+    Eager, the comparison writes 0/1 straight into the output's dtype (``out=``) and the
+    product is in place: two light passes. ``torch.where(G > cut, W, 0)`` took 6.5 ms for the
+    small config's [8, 393216] on the 2-core CPU against 0.55 ms for these two (torch 2.13);
+    under ``torch.compile`` Inductor fuses the plain expression into one pass."""
+    if torch.compiler.is_compiling():
+        return (logits > cut).to(weights.dtype) * weights
+    out = torch.empty(logits.shape, dtype=weights.dtype, device=weights.device)
+    torch.gt(logits, cut, out=out)
+    return out.mul_(weights)
+
+
+Layout = tuple[tuple[int, int, int], ...]  # (offset in P, in, out) of every masked matrix
+
+
+def _segments(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """``[R, P]`` (or ``[P]``) -> a ``[R, n]`` (``[n]``) view per matrix."""
+    return [flat[..., off:off + a * b] for off, a, b in layout]
+
+
+def _gradient(grads: Sequence[torch.Tensor], weights: torch.Tensor, layout: Layout,
+              factors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The logits' ``[R, P]`` float32 gradient: per matrix ``grad * W`` (times ``factors``,
+    the mask's derivative, where it has one), written straight into the matrix's columns of
+    one buffer. Autograd's split-then-cat would write the weight gradients out once more (the
+    ``cat`` took 1 ms per step at the small config, 2-core CPU); under ``torch.compile`` the
+    plain ``cat`` is fused into the products by Inductor."""
+    r = grads[0].shape[0]
+    ws = _segments(weights, layout)
+    if torch.compiler.is_compiling():
+        parts = [(g.reshape(r, -1) * w).float() for g, w in zip(grads, ws, strict=True)]
+        if factors is not None:
+            parts = [x * f for x, f in zip(parts, factors, strict=True)]
+        return torch.cat(parts, dim=1)
+    out = torch.empty(r, weights.shape[0], dtype=torch.float32, device=weights.device)
+    for k, (dst, g, w) in enumerate(zip(_segments(out, layout), grads, ws, strict=True)):
+        torch.mul(g.reshape(r, -1), w, out=dst)
+        if factors is not None:
+            dst.mul_(factors[k])
+    return out
+
+
+class StraightThroughMaskedWeights(torch.autograd.Function):
+    """``W * 1[sigmoid(G) > t]`` of every masked matrix, with a straight-through gradient.
+
+    Forward: from the flat ``[R, P]`` logits, one ``[R, in, out]`` tensor per matrix
+    (:func:`hard_masked` on its columns; no mask tensor kept). Backward: the product's gradient
+    w.r.t. the mask is ``grad * W``; ``identity`` passes it through the threshold unchanged
+    (lamp-jax's default ``ste_grad``), ``sigmoid`` multiplies it by ``sigmoid'(G)``. Returns
+    the logits' gradient as one ``[R, P]`` buffer (:func:`_gradient`)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, weights: torch.Tensor, cut: float,
-                sigmoid_grad: bool) -> torch.Tensor:
-        ctx.sigmoid_grad = sigmoid_grad
+    def forward(ctx, logits: torch.Tensor, weights: torch.Tensor, layout: Layout, cut: float,
+                sigmoid_grad: bool) -> tuple[torch.Tensor, ...]:
+        ctx.layout, ctx.sigmoid_grad = layout, sigmoid_grad
         ctx.save_for_backward(weights, logits if sigmoid_grad else None)
-        return torch.where(logits > cut, weights, torch.zeros((), dtype=weights.dtype,
-                                                              device=weights.device))
+        r = logits.shape[0]
+        return tuple(hard_masked(g, w, cut).view(r, a, b) for g, w, (_, a, b) in zip(
+            _segments(logits, layout), _segments(weights, layout), layout, strict=True))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor):
         weights, logits = ctx.saved_tensors
-        out = (grad * weights).float()
+        factors = None
         if ctx.sigmoid_grad:
-            s = torch.sigmoid(logits)
-            out = out * (s * (1 - s))
-        return out, None, None, None
+            factors = [s * (1 - s) for s in map(torch.sigmoid, _segments(logits, ctx.layout))]
+        return _gradient(grads, weights, ctx.layout, factors), None, None, None, None
 
 
-class ConcreteMaskedWeight(torch.autograd.Function):
-    """``W * sigmoid((G + log(u / (1 - u))) / tau)``: the binary-concrete sample times the
-    weights. ``u`` is uniform noise clamped to ``[1e-6, 1 - 1e-6]`` (lamp-jax draws it in that
-    range); ``torch.logit(u, eps)`` is the one log. Keeps only the sample for its backward,
-    ``grad * W * m * (1 - m) / tau``."""
+class ConcreteMaskedWeights(torch.autograd.Function):
+    """``W * sigmoid((G + log(u / (1 - u))) / tau)`` of every masked matrix: the
+    binary-concrete sample times the weights. ``u`` is uniform noise clamped to ``[1e-6, 1 -
+    1e-6]`` (lamp-jax draws it in that range); ``torch.logit(u, eps)`` is the one log, and the
+    rest runs in place. Keeps only the sample for its backward, ``grad * W * m (1 - m) / tau``."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor,
-                tau: float) -> torch.Tensor:
-        m = torch.logit(noise, eps=1e-6).add_(logits).div_(tau).sigmoid_()
-        ctx.tau = tau
-        ctx.save_for_backward(weights, m)
-        return weights * m.to(weights.dtype)
+                layout: Layout, tau: float) -> tuple[torch.Tensor, ...]:
+        r = logits.shape[0]
+        samples, outs = [], []
+        for g, w, u, (_, a, b) in zip(_segments(logits, layout), _segments(weights, layout),
+                                      _segments(noise, layout), layout, strict=True):
+            m = torch.logit(u, eps=1e-6).add_(g).div_(tau).sigmoid_()
+            samples.append(m)
+            outs.append((m.to(w.dtype) * w).view(r, a, b))
+        ctx.layout, ctx.tau = layout, tau
+        ctx.save_for_backward(weights, *samples)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weights, m = ctx.saved_tensors
-        out = (grad * weights).float()
-        return out.mul_(m).mul_(1.0 - m).div_(ctx.tau), None, None, None
+    def backward(ctx, *grads: torch.Tensor):
+        weights, *samples = ctx.saved_tensors
+        factors = [m * (1.0 - m) / ctx.tau for m in samples]
+        return _gradient(grads, weights, ctx.layout, factors), None, None, None, None
 
 
 # --- the forward pass ----------------------------------------------------------------------------
@@ -309,11 +386,22 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
             heads: int) -> torch.Tensor:
     """``q [R, B, Q, H]``, ``k, v [R, B, L, H]``, ``key_mask [R*B, 1, 1, L]`` bool ->
-    ``[R, B*Q, H]``: scaled dot-product attention (PyTorch's fused kernel; its softmax
-    accumulates in float32 in bfloat16 too, as lamp-jax's float32 softmax)."""
+    ``[R, B*Q, H]``, with the softmax in float32 whatever the compute dtype (as lamp-jax).
+
+    On a GPU: PyTorch's fused kernel (``scaled_dot_product_attention``; flash / memory-efficient
+    kernels accumulate the softmax in float32). On a CPU: two matmuls and a softmax, which beat
+    the fused CPU kernel at these short prompts (forward + backward on the 2-core CPU, torch
+    2.13: [128 prompts x 4 heads, L 16, 32] 2.7 vs 5.6 ms; bert-base heads at L 20 with 32
+    prompts 5.0 vs 6.2 ms in float32, 4.4 vs 22.4 ms in bfloat16)."""
     r, b, nq, h = q.shape
     split = lambda t: t.reshape(r * b, t.shape[2], heads, h // heads).transpose(1, 2)  # noqa: E731
-    ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=key_mask)
+    q, k, v = split(q), split(k), split(v)
+    if q.is_cuda:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(h // heads)
+        scores = scores.masked_fill(~key_mask, torch.finfo(torch.float32).min)
+        ctx = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
     return ctx.transpose(1, 2).reshape(r, b * nq, h)
 
 
@@ -442,6 +530,10 @@ class PeerLAMP:
         self.w_flat = torch.cat([self.fw.layers[i].kernel(s).reshape(-1) for i in layers
                                  for s in SEGMENTS])
         self.sizes = [a * b for _ in layers for a, b in shape.segment_shapes().values()]
+        offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self.layout: Layout = tuple((off, a, b) for off, (a, b) in zip(
+            offsets, [ab for _ in layers for ab in shape.segment_shapes().values()],
+            strict=True))
         p = shape.masked_size(layers)
         f32 = dict(device=self.device, dtype=torch.float32)
         if init_logits is None:
@@ -499,28 +591,31 @@ class PeerLAMP:
     # -- training --
 
     def _split(self, flat: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
-        """``[R, P]`` masked weights -> per layer, ``[R, in, out]`` views. ``split`` along the
-        flat axis: its backward writes the gradient buffer in one ``cat``."""
-        views = iter(flat.split(self.sizes, dim=1))
-        out: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.layers:
-            out[i] = {s: next(views).view(self.relations, a, b)
-                      for s, (a, b) in self.shape.segment_shapes().items()}
-        return out
+        """``[R, P]`` masked weights -> per layer, ``[R, in, out]`` views (evaluation)."""
+        return self._by_layer([seg.view(self.relations, a, b) for seg, (_, a, b) in zip(
+            _segments(flat, self.layout), self.layout, strict=True)])
 
-    def _masked_weights(self, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    def _by_layer(self, tensors: Sequence[torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+        it = iter(tensors)
+        return {i: {s: next(it) for s in SEGMENTS} for i in self.layers}
+
+    def _masked_weights(self, logits: torch.Tensor, noise: torch.Tensor | None
+                        ) -> dict[int, dict[str, torch.Tensor]]:
         if self.mode == "deterministic":
-            return StraightThroughMaskedWeight.apply(logits, self.w_flat, self.cut,
-                                                     self.ste_grad == "sigmoid")
-        if noise is None:
-            noise = torch.rand_like(logits)
-        return ConcreteMaskedWeight.apply(logits, self.w_flat, noise, self.tau)
+            tensors = StraightThroughMaskedWeights.apply(logits, self.w_flat, self.layout,
+                                                         self.cut, self.ste_grad == "sigmoid")
+        else:
+            if noise is None:
+                noise = torch.rand_like(logits)
+            tensors = ConcreteMaskedWeights.apply(logits, self.w_flat, noise, self.layout,
+                                                  self.tau)
+        return self._by_layer(tensors)
 
     def _losses(self, logits: torch.Tensor, noise: torch.Tensor | None, hidden: torch.Tensor,
                 attention_mask: torch.Tensor, mask_pos: torch.Tensor, obj_id: torch.Tensor,
                 weight: torch.Tensor) -> torch.Tensor:
         """``[R]`` weighted mean cross-entropy of the object at [MASK], per relation."""
-        masked = self._split(self._masked_weights(logits, noise))
+        masked = self._masked_weights(logits, noise)
         out = forward_from(hidden, attention_mask, mask_pos, self.fw, self.layers[0], masked)
         r, b, v = out.shape
         ce = F.cross_entropy(out.reshape(r * b, v), obj_id.reshape(-1), reduction="none")
@@ -602,9 +697,7 @@ class PeerLAMP:
         """Every relation's binary subnetwork as ``[R, in, out]`` weights ``W * 1[G > logit(t)]``
         (formed once per evaluation, not per batch)."""
         with torch.no_grad():
-            flat = torch.where(self.logits > self.cut, self.w_flat,
-                               torch.zeros((), dtype=self.dtype, device=self.device))
-        return self._split(flat)
+            return self._split(hard_masked(self.logits, self.w_flat, self.cut))
 
     def rank_stats(self, batch: Mapping[str, torch.Tensor],
                    masked: dict[int, dict[str, torch.Tensor]] | None,

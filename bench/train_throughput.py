@@ -204,7 +204,7 @@ def baseline(size: dict, relations: int, batch: int, length: int, repeats: int,
 
 def peer(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
          mode: str, compiled: bool, compile_mode: str | None = None,
-         warm_cache: bool = False) -> dict:
+         warm_cache: bool = False, one_heap: bool = True) -> dict:
     """The strong PyTorch peer's step (``bench/peer_torch.py``), eager or compiled, with its
     frozen-prefix pass timed as ours is. ``compile_s`` is the first call's wall time (for the
     compiled side: Dynamo, AOTAutograd and Inductor for forward, backward and update), in a
@@ -216,8 +216,9 @@ def peer(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
 
     import torch
 
-    from bench.peer_torch import PeerLAMP, PeerShape, PeerWeights
+    from bench.peer_torch import PeerLAMP, PeerShape, PeerWeights, keep_one_heap
 
+    heap = keep_one_heap() if one_heap else False  # before torch's first parallel op
     device = torch_setup()
     if device == "cuda":
         # XLA runs float32 matmuls on TF32 units by default on Hopper; so does the peer.
@@ -252,7 +253,8 @@ def peer(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"step_s": seconds, "prefix_s": prefix_s, "compile_s": compile_s,
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_gpu,
-            "device": f"torch {device}:{name}", "threads": torch.get_num_threads()}
+            "device": f"torch {device}:{name}", "threads": torch.get_num_threads(),
+            "one_heap": heap}
 
 
 PEER_SIDES = {"eager": False, "compiled": True}
@@ -293,6 +295,10 @@ def main() -> None:
     parser.add_argument("--peer-warm-cache", action="store_true",
                         help="compiled peer: keep Inductor's persistent cache (default: a fresh "
                         "one, so its first call is a cold compile)")
+    parser.add_argument("--peer-allocator", choices=("heap", "default"), default="heap",
+                        help="peer on a CPU: 'heap' keeps glibc malloc on one heap with no mmap "
+                        "or trimming (peer_torch.keep_one_heap: no page faults per step); "
+                        "'default': glibc's defaults")
     parser.add_argument("--peer-compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for idle CPUs")
@@ -312,7 +318,7 @@ def main() -> None:
     if args.side == "peer":
         print(json.dumps(peer(size, *shape, args.repeats, args.dtype, args.mode,
                               args.peer_compiled, args.peer_compile_mode,
-                              args.peer_warm_cache)))
+                              args.peer_warm_cache, args.peer_allocator == "heap")))
         return
 
     common = ["--size", args.size, "--relations", str(args.relations), "--batch",
@@ -323,7 +329,8 @@ def main() -> None:
               "--relation-parallelism", str(args.relation_parallelism),
               "--moment-dtype", args.moment_dtype] + \
         (["--no-cache-prefix"] if args.no_cache_prefix else [])
-    peer_common = common + (["--peer-warm-cache"] if args.peer_warm_cache else []) + \
+    peer_common = common + ["--peer-allocator", args.peer_allocator] + \
+        (["--peer-warm-cache"] if args.peer_warm_cache else []) + \
         (["--peer-compile-mode", args.peer_compile_mode] if args.peer_compile_mode else [])
     peer_sides = [] if args.peer == "none" else \
         list(PEER_SIDES) if args.peer == "both" else [args.peer]
@@ -399,7 +406,8 @@ def main() -> None:
               + ", ".join(f"{k} {np.median([r['compile_s'] for r in v]):.1f} s"
                           for k, v in runs_p.items())
               + f"; torch threads {next(iter(runs_p.values()))[0]['threads']}, device "
-              f"{next(iter(runs_p.values()))[0]['device']}")
+              f"{next(iter(runs_p.values()))[0]['device']}, one glibc heap (no page faults): "
+              f"{next(iter(runs_p.values()))[0]['one_heap']}")
     sides = [runs_a] + ([runs_b] if runs_b else []) + list(runs_p.values())
     names = "ours" + (" / baseline" if runs_b else "") + "".join(f" / peer {k}" for k in runs_p)
     print(f"CPU share used by other processes during each run ({names}):"
