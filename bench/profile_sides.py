@@ -196,20 +196,23 @@ def ours(size: dict, relations: int, batch: int, length: int, dtype: str, mode: 
 
 
 def peer(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
-         repeats: int, compiled_step: bool) -> dict[str, Any]:
+         repeats: int, compiled_step: bool, one_heap: bool = True) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from bench.common import torch_setup
     from bench.peer_torch import (
-        ConcreteMaskedWeight,
+        ConcreteMaskedWeights,
         PeerLAMP,
         PeerShape,
         PeerWeights,
-        StraightThroughMaskedWeight,
+        StraightThroughMaskedWeights,
+        _segments,
         forward_from,
+        keep_one_heap,
     )
 
+    heap = keep_one_heap() if one_heap else False  # as the throughput benchmarks' peer
     device = torch_setup()
     shape = PeerShape(**model_shape(size), max_position_embeddings=max(512, length))
     weights = PeerWeights.random(shape)
@@ -219,34 +222,39 @@ def peer(size: dict, relations: int, batch: int, length: int, dtype: str, mode: 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     g = lamp.logits.detach()
     w = lamp.w_flat
+    noise = torch.rand_like(g)
     with torch.no_grad():
-        masked = lamp._masked_weights(g, None)
-    leaf = masked.clone().requires_grad_(True)
+        masked = lamp._masked_weights(g, noise)
+    # The masked weights as leaves of their own: forward and backward with respect to them.
+    leaves = [t.clone().requires_grad_(True) for layer in masked.values() for t in layer.values()]
 
     def fwd_bwd():
-        leaf.grad = None
+        for t in leaves:
+            t.grad = None
         out = forward_from(data["hidden"], data["attention_mask"], data["mask_pos"], lamp.fw,
-                           lamp.layers[0], lamp._split(leaf))
+                           lamp.layers[0], lamp._by_layer(leaves))
         r, b, v = out.shape
         ce = torch.nn.functional.cross_entropy(out.reshape(r * b, v),
                                                data["obj_id"].reshape(-1), reduction="none")
         ((ce.view(r, b) * data["weight"]).sum(1) / data["weight"].sum(1)).sum().backward()
-        return leaf.grad
+        return [t.grad for t in leaves]
 
-    grad_w = fwd_bwd()
-    noise = torch.rand_like(g)
-    m = torch.sigmoid((g + torch.logit(noise, 1e-6)) / lamp.tau)
+    grads_w = fwd_bwd()
 
-    class Ctx:  # the saved tensors a Function's backward reads
+    class Ctx:  # what a Function's backward reads from its context
         def __init__(self, *saved, **attrs):
             self.saved_tensors = saved
             self.__dict__.update(attrs)
 
     if mode == "deterministic":
-        ste = lambda: StraightThroughMaskedWeight.backward(  # noqa: E731
-            Ctx(w, None, sigmoid_grad=False), grad_w)
+        ctx = Ctx(w, None, layout=lamp.layout, sigmoid_grad=False)
+        ste = lambda: StraightThroughMaskedWeights.backward(ctx, *grads_w)  # noqa: E731
     else:
-        ste = lambda: ConcreteMaskedWeight.backward(Ctx(w, m, tau=lamp.tau), grad_w)  # noqa: E731
+        samples = [torch.sigmoid((x + torch.logit(u, 1e-6)) / lamp.tau)
+                   for x, u in zip(_segments(g, lamp.layout), _segments(noise, lamp.layout),
+                                   strict=True)]
+        ctx = Ctx(w, *samples, layout=lamp.layout, tau=lamp.tau)
+        ste = lambda: ConcreteMaskedWeights.backward(ctx, *grads_w)  # noqa: E731
     grad = ste()[0]
     losses = torch.ones(relations, device=device)
     counts = data["weight"].sum(1)
@@ -301,6 +309,7 @@ def peer(size: dict, relations: int, batch: int, length: int, dtype: str, mode: 
             event.self_cpu_time_total / 3 / 1e6
     out["profile"] = dict(sorted(categories.items(), key=lambda kv: -kv[1]))
     out["threads"] = torch.get_num_threads()
+    out["one_heap"] = heap
     return out
 
 
@@ -314,7 +323,7 @@ def _category(op: str) -> str:
         (("aten::uniform_", "aten::rand"), "noise"),
         (("aten::where", "aten::gt", "aten::logit", "aten::sigmoid", "aten::div_"),
          "masks: forming (where / sample)"),
-        (("aten::cat",), "gradient buffer (split backward: cat)"),
+        (("aten::cat",), "cat (backward of activation splits)"),
         (("layer_norm", "gelu", "softmax", "nll_loss", "cross_entropy"),
          "layer norm / gelu / loss"),
         (("aten::mul", "aten::add", "aten::sub", "aten::rsub"),
@@ -372,6 +381,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-compiled", action="store_true",
                         help="skip the compiled peer's step (its compile takes 20-60 s)")
+    parser.add_argument("--peer-allocator", choices=("heap", "default"), default="heap",
+                        help="as bench.train_throughput's")
     parser.add_argument("--side", choices=("both", "ours", "peer", "limits"), default="both")
     add_cpu_devices_argument(parser)
     args = parser.parse_args()
@@ -383,7 +394,7 @@ def main() -> None:
         return
     if args.side == "peer":
         print(json.dumps(peer(size, *shape, args.dtype, args.mode, args.repeats,
-                              not args.no_compiled)))
+                              not args.no_compiled, args.peer_allocator == "heap")))
         return
     if args.side == "limits":
         print(json.dumps(limits(size, *shape, args.repeats)))
@@ -411,7 +422,7 @@ def main() -> None:
     if "step compiled" in res["peer"]:
         print(f"peer step compiled: {res['peer']['step compiled'] * 1e3:.2f} ms")
     print(f"peer eager step by op category (torch.profiler self time, ms per step; "
-          f"{res['peer']['threads']} threads):")
+          f"{res['peer']['threads']} threads; one glibc heap: {res['peer']['one_heap']}):")
     for name, seconds in res["peer"]["profile"].items():
         print(f"  {seconds * 1e3:8.2f}  {name}")
     print("float32 matmul GFLOP/s (torch / XLA):")
