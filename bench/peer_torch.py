@@ -9,10 +9,10 @@ code, a bench/test-only dependency; ``lamp_jax`` never imports torch.
 What makes it strong (each is what lamp-jax does too, or more):
 
 * **One relation axis.** All mask logits live in ONE flat ``[R, P]`` float32 buffer (P = the
-  masked weights of one relation); every masked matrix is a ``[R, in, out]`` view of the masked
-  weights, and the masked layers run as batched matmuls (``torch.baddbmm``, bias included). Mask
-  formation, the gradient clipping norm and Adam are then each one op over ``[R, P]`` instead of
-  one per matrix and relation.
+  masked weights of one relation), and so do their gradient and Adam's moments; each masked
+  matrix is made from its columns as an ``[R, in, out]`` tensor, and the masked layers run as
+  batched matmuls (``torch.baddbmm``, bias included). The gradient clipping norm and Adam are
+  then each one op over ``[R, P]`` instead of one per matrix and relation.
 * **Q, K and V as one matmul**: their logits and frozen weights are stored side by side
   (``[in, 3 * out]``), so one mask op and one ``baddbmm`` cover the three.
 * **Frozen prefix cached**: the embeddings and the frozen layers below the lowest masked one run
@@ -21,11 +21,16 @@ What makes it strong (each is what lamp-jax does too, or more):
   of the last layer's attention; queries, attention output, FFN and the head run on the [MASK]
   row only.
 * **Masks fused with the weights**: the straight-through hard threshold is a
-  ``torch.autograd.Function`` whose forward is ``where(G > logit(t), W, 0)`` (one pass, no mask
+  ``torch.autograd.Function`` that turns the flat logits into one masked ``[R, in, out]`` weight
+  per matrix (``1[G > logit(t)]`` written straight into the weights' dtype, times W: no mask
   tensor kept) and whose backward is ``grad * W`` (identity through the threshold, lamp-jax's
-  default ``ste_grad``) or ``grad * W * sigmoid'(G)``; the binary-concrete sample
-  ``sigmoid((G + log(u / (1 - u))) / tau)`` is a Function of its own that keeps only the sample
-  for its backward.
+  default ``ste_grad``) or ``grad * W * sigmoid'(G)``, written per matrix into one ``[R, P]``
+  gradient buffer (no split/cat pass); the binary-concrete sample ``sigmoid((G + log(u / (1 -
+  u))) / tau)`` is a Function of its own that keeps only the sample for its backward.
+* **CPU details a profiler shows**: matmul attention instead of the fused CPU kernel at these
+  short prompts, no ``torch.where`` over ``[R, P]`` (10x slower than a comparison and a
+  product on the CPU), and :func:`keep_one_heap` in the benchmark processes (glibc otherwise
+  maps and zeroes every large tensor afresh in every step).
 * **Optimiser**: per-relation clipping by each relation's global norm (one norm over ``[R, P]``)
   and Adam with per-relation state and per-relation linear warmup/decay, exactly as
   ``lamp_jax.training.relation_update``. Eager: ``torch._fused_adam_``, the kernel behind

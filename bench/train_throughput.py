@@ -114,7 +114,7 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
         run_relation_chunk,
         shard_batch,
     )
-    from lamp_jax.prefix import batch_prefix_hidden_states
+    from lamp_jax.prefix import batch_prefix_hidden_states, default_chunk
     from lamp_jax.training import place_state
 
     mesh = run_mesh(relations, batch, relation_parallelism)
@@ -131,10 +131,14 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
     prefix_s = 0.0
     if start_layer:
         # The trainer computes the frozen layers once per prompt before training; time that for
-        # this step's R * B prompts, so it can be charged to each step of a run's epochs.
+        # this step's R * B prompts, so it can be charged to each step of a run's epochs. In
+        # chunks of at most R * B prompts: a run pads only its last chunk, but one step's
+        # prompts padded to a whole chunk were charged the work of the padding too (bert-base
+        # shapes, 4 x 8 prompts on a CPU: 128 encoded, 1.23 s instead of 0.3 s).
+        chunk = min(default_chunk(), relations * batch)
         encode = lambda: batch_prefix_hidden_states(params, data, model_config=config,  # noqa: E731
                                                     stop_layer=start_layer, dtype=compute,
-                                                    mesh=mesh)
+                                                    mesh=mesh, chunk=chunk)
         hidden = encode()
         prefix_s = median_time(encode, 3)
         data["hidden"] = hidden
