@@ -9,14 +9,19 @@ Each prompt is evaluated twice, by its relation's binary subnetwork and by the f
 counted twice: prompts/s = 2 * R * prompts / seconds. Ours calls ``evaluate`` (jitted
 ``batch_rank_stats``) on ``[R, batch, L]`` batches; the baseline runs the reference's loop, with
 its surgery and state-dict reload per prompt (``per_prompt``, as the reference) and, for
-comparison, once per relation (``per_relation``). The sides alternate for ``--rounds`` rounds;
-figures are medians over rounds.
+comparison, once per relation (``per_relation``); the strong PyTorch peer
+(``peer_torch.py``, eager and ``torch.compile``-d) ranks the same ``[R, batch, L]`` batches as
+ours, with every relation's threshold masks applied as ``[R, in, out]`` weights formed once per
+evaluation. Ours and the peer run the frozen prefix once per prompt for both evaluations, inside
+the timed region. The sides alternate for ``--rounds`` rounds; figures are medians over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 
 import numpy as np
 
@@ -124,6 +129,64 @@ def baseline(size: dict, relations: int, prompts: int, length: int, repeats: int
             "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
+def peer(size: dict, relations: int, prompts: int, batch: int, length: int, repeats: int,
+         dtype: str, compiled: bool, compile_mode: str | None = None,
+         warm_cache: bool = False, one_heap: bool = True) -> dict:
+    """The strong PyTorch peer's evaluation: per call, the threshold weights of every relation
+    once, then for each ``[R, batch, L]`` batch the frozen prefix, the subnetworks' ranks and
+    the full model's; the per-relation sums reach the host once, at the end."""
+    if compiled and not warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peer_inductor_")
+    import time
+
+    import torch
+
+    from bench.peer_torch import PeerLAMP, PeerShape, PeerWeights, keep_one_heap
+
+    heap = keep_one_heap() if one_heap else False  # before torch's first parallel op
+    device = torch_setup()
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as XLA's default on Hopper
+    shape = PeerShape(**model_shape(size), max_position_embeddings=max(512, length))
+    lamp = PeerLAMP(PeerWeights.random(shape), relations, size["layers"], device=device,
+                    dtype=getattr(torch, dtype))
+    if compiled:
+        lamp.compile_ranking(compile_mode)
+    if prompts % batch:
+        raise ValueError(f"--prompts {prompts} must be a multiple of --batch {batch}")
+    batches = []
+    for s in range(prompts // batch):
+        data = random_batch(relations, batch, length, shape.vocab_size, seed=s)
+        batches.append({k: torch.as_tensor(v, device=device) for k, v in data.items()})
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def both(chosen=batches):
+        masked = lamp.threshold_weights()
+        totals = None
+        for b in chosen:
+            ready = dict(b, hidden=lamp.prefix(b["input_ids"], b["attention_mask"]),
+                         mask_pos=b["mask_pos"].long(), obj_id=b["obj_id"].long())
+            for weights in (masked, None):
+                stats = lamp.rank_stats(ready, weights)
+                part = torch.cat([stats["hits"], stats["rr"][:, None], stats["count"][:, None]],
+                                 dim=1)
+                totals = part if totals is None else totals + part
+        totals.cpu()  # the figures on the host, as ours returns them
+        sync()
+
+    start = time.perf_counter()
+    both(batches[:1])
+    compile_s = time.perf_counter() - start
+    both(batches[:1])
+    seconds = median_time(both, repeats)
+    return {"seconds": seconds, "evaluated": 2 * relations * prompts, "compile_s": compile_s,
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+            "device": f"torch {device}", "one_heap": heap}
+
+
+PEER_SIDES = {"eager": False, "compiled": True}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="small")
@@ -140,7 +203,21 @@ def main() -> None:
                         default="per_prompt", help="baseline (internal; main runs both)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for idle CPUs")
-    parser.add_argument("--side", choices=("both", "ours", "torch"), default="both")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the reference re-creation (baseline_torch.py)")
+    parser.add_argument("--peer", choices=("both", "eager", "compiled", "none"), default="both",
+                        help="which sides of the strong PyTorch peer (peer_torch.py) to run")
+    parser.add_argument("--peer-compile-mode", default=None,
+                        help="torch.compile mode of the compiled peer (default: Inductor's)")
+    parser.add_argument("--peer-warm-cache", action="store_true",
+                        help="compiled peer: keep Inductor's persistent cache (default: a fresh "
+                        "one, so its first call is a cold compile)")
+    parser.add_argument("--peer-allocator", choices=("heap", "default"), default="heap",
+                        help="peer on a CPU: 'heap' keeps glibc malloc on one heap with no mmap "
+                        "or trimming (peer_torch.keep_one_heap: no page faults per step); "
+                        "'default': glibc's defaults")
+    parser.add_argument("--peer-compiled", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("both", "ours", "torch", "peer"), default="both")
     add_cpu_devices_argument(parser)
     args = parser.parse_args()
     size = SIZES[args.size]
@@ -152,39 +229,74 @@ def main() -> None:
         print(json.dumps(baseline(size, args.relations, args.baseline_prompts, args.length,
                                   args.repeats, args.surgery)))
         return
+    if args.side == "peer":
+        print(json.dumps(peer(size, args.relations, args.prompts, args.batch, args.length,
+                              args.repeats, args.dtype, args.peer_compiled,
+                              args.peer_compile_mode, args.peer_warm_cache,
+                              args.peer_allocator == "heap")))
+        return
 
     common = ["--size", args.size, "--relations", str(args.relations), "--prompts",
               str(args.prompts), "--baseline-prompts", str(args.baseline_prompts), "--batch",
               str(args.batch), "--length", str(args.length), "--repeats", str(args.repeats),
               "--dtype", args.dtype, "--cpu-devices", str(args.cpu_devices)]
-    runs: dict[str, list[dict]] = {"ours": [], "per_prompt": [], "per_relation": []}
+    surgeries = () if args.no_baseline else ("per_prompt", "per_relation")
+    peer_sides = [] if args.peer == "none" else \
+        list(PEER_SIDES) if args.peer == "both" else [args.peer]
+    peer_common = common + ["--peer-allocator", args.peer_allocator] + \
+        (["--peer-warm-cache"] if args.peer_warm_cache else []) + \
+        (["--peer-compile-mode", args.peer_compile_mode] if args.peer_compile_mode else [])
+    runs: dict[str, list[dict]] = {k: [] for k in ("ours", *surgeries,
+                                                   *(f"peer_{p}" for p in peer_sides))}
     for _ in range(args.rounds):
         runs["ours"].append(run_side("bench.eval_throughput", "ours", common, args.quiet_wait))
-        for surgery in ("per_prompt", "per_relation"):
+        for surgery in surgeries:
             runs[surgery].append(run_side("bench.eval_throughput", "torch",
                                           [*common, "--surgery", surgery], args.quiet_wait))
+        for key in peer_sides:
+            flags = ["--peer-compiled"] if PEER_SIDES[key] else []
+            runs[f"peer_{key}"].append(run_side("bench.eval_throughput", "peer",
+                                                peer_common + flags, args.quiet_wait))
 
     rates = {k: [r["evaluated"] / r["seconds"] for r in v] for k, v in runs.items()}
     print(f"eval throughput: size={args.size}, R={args.relations}, L={args.length}, masked "
           f"layers {list(size['layers'])}; full model + binary subnetworks, each prompt counted "
-          f"twice; ours {args.prompts} prompts/relation in batches of {args.batch} "
-          f"({args.dtype}), baseline {args.baseline_prompts} prompts/relation one at a time")
+          f"twice; ours and the peer {args.prompts} prompts/relation in batches of "
+          f"{args.batch} ({args.dtype}), baseline {args.baseline_prompts} prompts/relation one "
+          "at a time")
     print(f"machine: {machine()}; {args.rounds} rounds, medians")
-    print(f"{'':<44}{'prompts/s':>11}{'ratio':>8}{'peak RSS MB':>13}")
+    print(f"{'':<48}{'prompts/s':>11}{'ours/it':>9}{'peak RSS MB':>13}")
     names = {"ours": "lamp-jax (batched, jitted)",
              "per_prompt": "reference (one at a time, surgery per prompt)",
-             "per_relation": "reference variant (surgery per relation)"}
+             "per_relation": "reference variant (surgery per relation)",
+             "peer_eager": "peer torch eager (batched, [R, in, out])",
+             "peer_compiled": "peer torch compiled (batched, [R, in, out])"}
     ours_rate = float(np.median(rates["ours"]))
-    for key, name in names.items():
-        ratio = "" if key == "ours" else f"{ours_rate / np.median(rates[key]):.1f}x"
-        print(f"{name:<44}{np.median(rates[key]):>11.1f}{ratio:>8}"
+    for key in runs:
+        ratio = "" if key == "ours" else f"{ours_rate / np.median(rates[key]):.2f}x"
+        print(f"{names[key]:<48}{np.median(rates[key]):>11.1f}{ratio:>9}"
               f"{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}")
-    for key in ("per_prompt", "per_relation"):
+    print(f"per round, ours prompts/s: {' '.join(f'{x:.0f}' for x in rates['ours'])}")
+    for key in runs:
+        if key == "ours":
+            continue
         per_round = [a / b for a, b in zip(rates["ours"], rates[key], strict=True)]
-        print(f"ratio per round vs {key}: {' '.join(f'{x:.1f}' for x in per_round)}")
-    print("CPU share used by other processes during each run (ours / per_prompt / per_relation):"
-          + "".join(f" {a['others_cpu']:.0%}/{b['others_cpu']:.0%}/{c['others_cpu']:.0%}"
-                    for a, b, c in zip(*runs.values(), strict=True)))
+        print(f"ratio per round vs {key}: {' '.join(f'{x:.2f}' for x in per_round)} "
+              f"({key} prompts/s: {' '.join(f'{x:.0f}' for x in rates[key])})")
+    if peer_sides:
+        best = [max(rates[f"peer_{p}"][i] for p in peer_sides) for i in range(args.rounds)]
+        per_round = [a / b for a, b in zip(rates["ours"], best, strict=True)]
+        against = ("" if args.no_baseline else "; against the reference: "
+                   f"{ours_rate / np.median(rates['per_prompt']):.1f}x")
+        print(f"ratio ours/best peer: {np.median(per_round):.2f}x (median of rounds; rounds "
+              f"{' '.join(f'{x:.2f}' for x in per_round)}){against}")
+        print("peer first call (compile for the compiled side, not timed): " + ", ".join(
+            f"{p} {np.median([r['compile_s'] for r in runs[f'peer_{p}']]):.1f} s"
+            for p in peer_sides)
+            + f"; one glibc heap: {runs[f'peer_{peer_sides[0]}'][0]['one_heap']}")
+    print(f"CPU share used by other processes during each run ({' / '.join(runs)}):"
+          + "".join(" " + "/".join(f"{r['others_cpu']:.0%}" for r in group)
+                    for group in zip(*runs.values(), strict=True)))
     a = runs["ours"][0]
     # Per prompt, ours runs the frozen prefix once and the layers above it twice.
     lowest = min(size["layers"])
