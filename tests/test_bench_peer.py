@@ -25,7 +25,6 @@ from bench.peer_torch import (  # noqa: E402
     tree_from_flat,
 )
 from lamp_jax import threefry  # noqa: E402
-from lamp_jax.ranking import batch_rank_stats  # noqa: E402
 from lamp_jax.masks import (  # noqa: E402
     MATRICES,
     MaskInit,
@@ -37,6 +36,7 @@ from lamp_jax.masks import (  # noqa: E402
 )
 from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward  # noqa: E402
 from lamp_jax.prefix import batch_prefix_hidden_states  # noqa: E402
+from lamp_jax.ranking import batch_rank_stats  # noqa: E402
 from lamp_jax.step import (  # noqa: E402
     LossConfig,
     OptimConfig,
