@@ -69,6 +69,55 @@ def random_batch(relations: int, batch: int, length: int, vocab: int, seed: int 
             "weight": np.ones((relations, batch), np.float32)}
 
 
+def synthetic_run(size: dict, relations: int, batch: int, length: int, dtype: str = "float32",
+                  mode: str = "deterministic", relation_chunk: int | None = None,
+                  cache_prefix: bool = True, relation_parallelism: int | None = None,
+                  moment_dtype: str = "float32", seed: int = 0):
+    """train.py's own setup (:func:`lamp_jax.run_setup.setup_run`) of a random model of
+    ``size`` and ``relations`` x ``batch`` random prompts of ``length`` tokens per split: the
+    benchmarks time the step, ranking and placement a run would use, not a copy of them.
+    ``relation_chunk``: relations per device at a time (None: all at once, as on a device
+    with memory to spare); one training step is one epoch."""
+    import jax
+    import jax.numpy as jnp
+
+    from lamp_jax.configs import default
+    from lamp_jax.data import EncodedPrompts
+    from lamp_jax.data.prepare import PreparedData
+    from lamp_jax.models.bert import ModelConfig, init_params
+    from lamp_jax.models.params import LoadedMLM
+    from lamp_jax.run_setup import setup_run
+
+    model = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    params = jax.tree.map(lambda x: x.astype(compute), init_params(model, jax.random.key(seed)))
+    mlm = LoadedMLM(params, model, None, f"random {model.family} ({size['hidden_size']} wide)",
+                    compute)
+    names = tuple(f"r{r}" for r in range(relations))
+    splits = {}
+    for i, name in enumerate(("train", "dev", "test")):
+        b = random_batch(relations, batch, length, model.vocab_size, seed=seed + i)
+        rows = relations * batch
+        splits[name] = EncodedPrompts(
+            b["input_ids"].reshape(rows, length), b["attention_mask"].reshape(rows, length),
+            b["mask_pos"].reshape(rows), b["obj_id"].reshape(rows),
+            np.repeat(np.arange(relations, dtype=np.int32), batch),
+            np.arange(rows, dtype=np.int32), names)
+    config = default.get_config()
+    config.model, config.data.source = mlm.source, "synthetic"
+    config.dtype, config.optim.moment_dtype, config.mask.mode = dtype, moment_dtype, mode
+    config.mask.first_layer, config.mask.last_layer = min(size["layers"]), max(size["layers"])
+    config.mask.init, config.mask.init_value = "normal", 1.0
+    config.batch_size, config.epochs, config.seed = batch, 1, seed
+    config.cache_frozen_prefix = cache_prefix
+    config.relation_parallelism = relation_parallelism or 0
+    # None: all at once (a chunk as large as the axis), whatever the memory rule would pick.
+    config.relation_chunk = relation_chunk or 2**20
+    config.cpu_devices = 0  # set by the caller's use_cpu_devices, before JAX starts
+    return setup_run([config], log=lambda *_: None, mlm=mlm,
+                     data=PreparedData(names, splits, {k: [] for k in splits}))
+
+
 class CompileCounter:
     """Counts XLA compilations while active (``with CompileCounter() as c: ...; c.count``).
 

@@ -37,6 +37,7 @@ from bench.common import (
     peak_rss_mb,
     random_batch,
     run_side,
+    synthetic_run,
     torch_bert_kwargs,
     torch_prompts,
     torch_setup,
@@ -47,58 +48,32 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
          dtype: str, cpu_devices: int) -> dict:
     import time
 
-    import jax
-    import jax.numpy as jnp
-
-    from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
-    from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.parallel import (
-        RELATION,
-        pad_relations,
-        relation_slots,
-        replicate,
-        run_mesh,
-        run_relation_chunk,
-        shard_batch,
-        shard_relations,
-        use_cpu_devices,
-    )
+    from lamp_jax.parallel import use_cpu_devices
     from lamp_jax.prefix import batch_prefix_hidden_states
-    from lamp_jax.ranking import evaluate, make_rank_fn
+    from lamp_jax.ranking import evaluate
 
     use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
-    config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
-    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    params = jax.tree.map(lambda x: x.astype(compute), init_params(config, jax.random.key(0)))
-    logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
-                              MaskInit("normal", value=1.0), MaskMode(), jax.random.key(1))
-    # Placed as the trainer places them: relations split over the devices, in chunks.
-    mesh = run_mesh(relations, batch)
-    slots = relation_slots(relations, mesh)  # inert relations pad to the relation devices
-    params = replicate(params, mesh)
-    logits = shard_relations(pad_relations(jax.device_get(logits), slots), mesh)
-    chunk = run_relation_chunk(0, relations, mesh)  # all at once: memory to spare
-    start_layer = min(size["layers"])
-    rank_fn = make_rank_fn(config, MaskMode("threshold"), dtype=compute, start_layer=start_layer,
-                           relation_chunk=chunk, relation_shards=mesh.shape[RELATION])
+    # train.py's own setup of a random model (bench.common.synthetic_run): its mesh, inert
+    # slots, placement and jitted ranking, all relations at once (memory to spare).
+    run = synthetic_run(size, relations, batch, length, dtype)
+    logits = run.init_state(log=lambda *_: None).mask_logits
+    rank_fn = run.rank_fn("threshold")
     if prompts % batch:
         raise ValueError(f"--prompts {prompts} must be a multiple of --batch {batch}")
-    batches = [random_batch(relations, batch, length, config.vocab_size, seed=s)
+    batches = [random_batch(relations, batch, length, run.mlm.config.vocab_size, seed=s)
                for s in range(prompts // batch)]
-    names = tuple(str(r) for r in range(relations))
 
     def with_prefix(b: dict) -> dict:
         # The frozen layers below the masked ones run once per prompt, for both evaluations.
         return dict(b, hidden=batch_prefix_hidden_states(
-            params, b, model_config=config, stop_layer=start_layer, dtype=compute, mesh=mesh))
-
-    put = lambda b: shard_batch(b, mesh, slots)  # noqa: E731
+            run.frozen, b, model_config=run.mlm.config, stop_layer=run.start_layer,
+            dtype=run.dtype, mesh=run.mesh))
 
     def both(chosen=batches):
         ready = [with_prefix(b) for b in chosen]
         # evaluate returns host numpy: synchronous
-        evaluate(rank_fn, logits, params, ready, names, put_batch=put)
-        evaluate(rank_fn, None, params, ready, names, put_batch=put)
+        evaluate(rank_fn, logits, run.frozen, ready, run.relations, put_batch=run.put)
+        evaluate(rank_fn, None, run.frozen, ready, run.relations, put_batch=run.put)
 
     start = time.perf_counter()
     both(batches[:1])
@@ -106,7 +81,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
     with CompileCounter() as compiles:
         seconds = median_time(both, repeats)
     return {"seconds": seconds, "evaluated": 2 * relations * prompts, "compile_s": compile_s,
-            "mesh": dict(mesh.shape), "relation_chunk": chunk,
+            "mesh": dict(run.mesh.shape), "relation_chunk": None,
             "recompiled": compiles.count > 0, "peak_rss_mb": peak_rss_mb(),
             **jax_device_summary()}
 

@@ -3,7 +3,7 @@
     python -m bench.memory_plan --size base --relations 16 --batch 32 --length 20 --dtype bfloat16
     python -m bench.memory_plan --size base --relations 16 --relation-chunk 4 --donate
 
-Compiles our step (:func:`bench.train_throughput.build_step`) for abstract inputs: nothing of
+Compiles our step (:func:`build_step`) for abstract inputs: nothing of
 the model, the masks or the batch is allocated, so a laptop can plan a run for a GPU it does not
 have. Prints the training state's size (mask logits and both Adam moments, float32, per
 relation), then XLA's plan for this backend: the step's arguments, outputs, the outputs that
@@ -17,10 +17,59 @@ from __future__ import annotations
 import argparse
 import math
 
-from bench.common import SIZES, add_step_arguments, random_batch
-from bench.train_throughput import build_step
+from bench.common import SIZES, add_step_arguments, model_shape, random_batch
 
 GIB = 2**30
+
+
+def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
+               relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None,
+               mesh=None, slots: int | None = None, moment_dtype: str = "float32"):
+    """Our jitted step for abstract inputs, and ``init(rng) -> (frozen params, state)``, a pure
+    function whose shapes ``jax.eval_shape`` gives without allocating anything. The step is
+    :func:`lamp_jax.step.jit_train_step` with the loss and optimizer train.py's setup builds
+    (:mod:`lamp_jax.run_setup`, which allocates the model; the benchmarks that run steps use
+    it, :func:`bench.common.synthetic_run`). ``slots`` > ``relations``: inert relations pad
+    the relation axis, as a run pads it to a multiple of its relation devices."""
+    import jax
+    import jax.numpy as jnp
+
+    from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
+    from lamp_jax.models.bert import ModelConfig, init_params
+    from lamp_jax.step import (
+        LossConfig,
+        OptimConfig,
+        init_train_state,
+        jit_train_step,
+        make_optimizer,
+        state_shardings,
+    )
+
+    config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    mask_mode, optim = MaskMode(mode), OptimConfig(moment_dtype=moment_dtype)
+
+    def init(rng: jax.Array):
+        keys = jax.random.split(rng, 3)
+        # As the trainer does: frozen weights in the compute dtype, mask logits and Adam in
+        # float32.
+        params = jax.tree.map(lambda x: x.astype(compute), init_params(config, keys[0]))
+        logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
+                                  MaskInit("normal", value=1.0), mask_mode, keys[1])
+        extra = (slots or relations) - relations
+        logits = jax.tree.map(lambda g: jnp.pad(g, [(0, extra)] + [(0, 0)] * (g.ndim - 1)),
+                              logits)
+        return params, init_train_state(logits, make_optimizer(optim), 10_000, keys[2])
+
+    start_layer = min(size["layers"]) if cache_prefix else 0
+    placement = None
+    if mesh is not None:
+        placement = state_shardings(jax.eval_shape(lambda: init(jax.random.key(0))[1]), mesh)
+    step = jit_train_step(model_config=config, optim_config=optim, relation_chunk=relation_chunk,
+                          loss_config=LossConfig(mask_mode, compute_dtype=compute,
+                                                 start_layer=start_layer), donate=donate,
+                          state_sharding=placement)
+    return step, init, config, compute, start_layer
 
 
 def _nbytes(tree) -> int:
@@ -62,9 +111,11 @@ def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "floa
 
 
 def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: str,
-                    moment_dtype: str, device_bytes: int) -> tuple[int | None, int]:
+                    mode: str, moment_dtype: str, device_bytes: int) -> tuple[int | None, int]:
     """The relation chunk train.py picks on one accelerator of ``device_bytes`` (what its
-    allocator may use), and the bytes the state and frozen weights leave for transients."""
+    allocator may use): all relations at once when XLA's plan of that step fits in 80% of it
+    (:func:`lamp_jax.run_setup.fastest_fitting_chunk`), else the memory-first estimate's;
+    and the bytes the state and frozen weights leave for transients."""
     import jax
     import jax.numpy as jnp
 
@@ -74,9 +125,10 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
         memory_relation_chunk,
         transient_bytes_per_relation,
     )
+    from lamp_jax.run_setup import fastest_fitting_chunk
 
-    step, init, *_ = build_step(size, relations, length, dtype, "stochastic", None, True,
-                                moment_dtype=moment_dtype)
+    _, init, *_ = build_step(size, relations, length, dtype, mode, None, True,
+                             moment_dtype=moment_dtype)
     params, state = jax.eval_shape(init, jax.random.key(0))
     state_bytes = _nbytes((state.mask_logits, state.opt_state))
     left = device_bytes - state_bytes - _nbytes(params)
@@ -85,7 +137,10 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
         mask_params, activation_bytes(batch * length, size["intermediate_size"],
                                       size["hidden_size"], jnp.dtype(dtype)),
         size["num_layers"])
-    return memory_relation_chunk(relations, per_relation, budget_for(left, state_bytes)), left
+    memory_first = memory_relation_chunk(relations, per_relation, budget_for(left, state_bytes))
+    all_at_once = lambda: plan(size, relations, batch, length, dtype, mode, None, True,  # noqa: E731
+                               moment_dtype=moment_dtype)["peak"]
+    return fastest_fitting_chunk(memory_first, all_at_once, device_bytes, log=print), left
 
 
 def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
@@ -100,10 +155,11 @@ def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, 
     plans: dict[tuple, dict] = {}
     for memory in memories_gib:
         for moment_dtype in ("float32", "bfloat16"):
-            # JAX's GPU allocator takes 75% of it by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+            # JAX's GPU allocator takes 75% of it by default (XLA_PYTHON_CLIENT_MEM_FRACTION);
+            # train.py asks XLA's plan of all relations at once first.
             usable = int(memory * GIB * 0.75)
-            chunk, _ = automatic_chunk(size, relations, batch, length, dtype, moment_dtype,
-                                       usable)
+            chunk, _ = automatic_chunk(size, relations, batch, length, dtype, mode,
+                                       moment_dtype, usable)
             key = (chunk, moment_dtype)
             if key not in plans:
                 plans[key] = plan(size, relations, batch, length, dtype, mode, chunk, True,

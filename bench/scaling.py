@@ -14,19 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import numpy as np
 
-from bench.common import machine, random_batch, time_steps, train_flops_per_example
-from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
-from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.step import (
-    LossConfig,
-    OptimConfig,
-    init_train_state,
-    jit_train_step,
-    make_optimizer,
-)
+from bench.common import machine, synthetic_run, time_steps, train_flops_per_example
 
 WIDE = dict(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
 DEEP = dict(vocab_size=1000, hidden_size=64, num_layers=12, num_heads=2, intermediate_size=256)
@@ -34,17 +24,13 @@ DEEP = dict(vocab_size=1000, hidden_size=64, num_layers=12, num_heads=2, interme
 
 def step_time(shape: dict, layers: tuple[int, ...], relations: int, batch: int, length: int,
               repeats: int) -> tuple[float, float]:
-    """(median step seconds, compile seconds) of ``jit_train_step`` for these sizes."""
-    config = ModelConfig(**shape, max_position_embeddings=max(64, length))
-    params = init_params(config, jax.random.key(0))
-    mode = MaskMode("deterministic")
-    logits = init_mask_logits(MaskSpec(layers, tuple(MATRICES)), params, relations,
-                              MaskInit("normal", value=1.0), mode, jax.random.key(1))
-    optim = OptimConfig()
-    state = init_train_state(logits, make_optimizer(optim), 10_000, jax.random.key(2))
-    step = jit_train_step(model_config=config, loss_config=LossConfig(mode), optim_config=optim)
-    data = jax.device_put(random_batch(relations, batch, length, config.vocab_size))
-    return time_steps(step, state, params, data, repeats)
+    """(median step seconds, compile seconds) of train.py's step for these sizes (its own
+    setup, :func:`bench.common.synthetic_run`), without the frozen-prefix cache so that depth
+    is measured, on one device (``cpu_devices=1``: the relation count is the variable)."""
+    run = synthetic_run({**shape, "layers": layers}, relations, batch, length,
+                        cache_prefix=False, relation_parallelism=1)
+    return time_steps(run.step_fn, run.init_state(log=lambda *_: None), run.frozen,
+                      run.train_batch(0), repeats)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from bench.common import (
     peak_rss_mb,
     random_batch,
     run_side,
+    synthetic_run,
     time_steps,
     torch_batches,
     torch_bert_kwargs,
@@ -49,102 +50,37 @@ from bench.common import (
 WARMUP_STEPS = 3
 
 
-def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
-               relation_chunk: int | None, cache_prefix: bool, donate: bool | None = None,
-               mesh=None, slots: int | None = None, moment_dtype: str = "float32"):
-    """Our jitted step as the trainer builds it, and ``init(rng) -> (frozen params, state)``,
-    a pure function (so :mod:`bench.memory_plan` can take its shapes without allocating).
-    With ``mesh``, the step keeps the new state where the old one is, as the trainer's does.
-    ``slots`` > ``relations``: the relation axis is padded with inert relations, as the
-    trainer pads it to a multiple of the mesh's relation devices."""
-    import jax
-    import jax.numpy as jnp
-
-    from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
-    from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.step import (
-        LossConfig,
-        OptimConfig,
-        init_train_state,
-        jit_train_step,
-        make_optimizer,
-        state_shardings,
-    )
-
-    config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
-    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    mask_mode, optim = MaskMode(mode), OptimConfig(moment_dtype=moment_dtype)
-
-    def init(rng: jax.Array):
-        keys = jax.random.split(rng, 3)
-        # As the trainer does: frozen weights in the compute dtype, mask logits and Adam in
-        # float32.
-        params = jax.tree.map(lambda x: x.astype(compute), init_params(config, keys[0]))
-        logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
-                                  MaskInit("normal", value=1.0), mask_mode, keys[1])
-        extra = (slots or relations) - relations
-        logits = jax.tree.map(lambda g: jnp.pad(g, [(0, extra)] + [(0, 0)] * (g.ndim - 1)),
-                              logits)
-        return params, init_train_state(logits, make_optimizer(optim), 10_000, keys[2])
-
-    start_layer = min(size["layers"]) if cache_prefix else 0
-    placement = None
-    if mesh is not None:
-        placement = state_shardings(jax.eval_shape(lambda: init(jax.random.key(0))[1]), mesh)
-    step = jit_train_step(model_config=config, optim_config=optim, relation_chunk=relation_chunk,
-                          loss_config=LossConfig(mask_mode, compute_dtype=compute,
-                                                 start_layer=start_layer), donate=donate,
-                          state_sharding=placement)
-    return step, init, config, compute, start_layer
-
-
 def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, mode: str,
                relation_chunk: int | None, cache_prefix: bool,
                relation_parallelism: int | None = None, moment_dtype: str = "float32") -> dict:
-    """Our jitted step, its state, frozen params and one batch, as the trainer builds them and
-    placed on the devices as the trainer places them (:func:`lamp_jax.parallel.run_mesh`,
-    inert relation slots included); ``prefix_s`` is the time of the frozen-prefix pass for the
-    batch's prompts."""
-    import jax
+    """Our jitted step, its state, frozen params and one batch, as train.py's setup builds
+    them and places them (:func:`bench.common.synthetic_run`: the run's own setup, inert
+    relation slots and donation rule included); ``prefix_s`` is the time of the frozen-prefix
+    pass for the batch's prompts."""
+    from lamp_jax.prefix import default_chunk, prefix_hidden_states
 
-    from lamp_jax.parallel import (
-        relation_slots,
-        replicate,
-        run_mesh,
-        run_relation_chunk,
-        shard_batch,
-    )
-    from lamp_jax.prefix import batch_prefix_hidden_states, default_chunk
-    from lamp_jax.step import place_state
-
-    mesh = run_mesh(relations, batch, relation_parallelism)
-    slots = relation_slots(relations, mesh)
-    # As train.py on a device with memory to spare: a requested chunk, else all at once.
-    relation_chunk = run_relation_chunk(relation_chunk or 0, relations, mesh)
-    step, init, config, compute, start_layer = build_step(size, relations, length, dtype, mode,
-                                                          relation_chunk, cache_prefix,
-                                                          mesh=mesh, slots=slots,
-                                                          moment_dtype=moment_dtype)
-    params, state = init(jax.random.key(0))
-    params, state = replicate(params, mesh), place_state(state, mesh)
-    data = random_batch(relations, batch, length, config.vocab_size)
+    run = synthetic_run(size, relations, batch, length, dtype, mode, relation_chunk,
+                        cache_prefix, relation_parallelism, moment_dtype)
     prefix_s = 0.0
-    if start_layer:
-        # The trainer computes the frozen layers once per prompt before training; time that for
+    if run.start_layer:
+        # The run computes the frozen layers once per prompt before training; time that for
         # this step's R * B prompts, so it can be charged to each step of a run's epochs. In
         # chunks of at most R * B prompts: a run pads only its last chunk, but one step's
         # prompts padded to a whole chunk were charged the work of the padding too (bert-base
         # shapes, 4 x 8 prompts on a CPU: 128 encoded, 1.23 s instead of 0.3 s).
-        chunk = min(default_chunk(), relations * batch)
-        encode = lambda: batch_prefix_hidden_states(params, data, model_config=config,  # noqa: E731
-                                                    stop_layer=start_layer, dtype=compute,
-                                                    mesh=mesh, chunk=chunk)
-        hidden = encode()
+        prompts = run.data.splits["train"]
+        chunk = min(default_chunk(), len(prompts))
+        encode = lambda: prefix_hidden_states(  # noqa: E731  (returns host arrays)
+            run.frozen, prompts.input_ids, prompts.attention_mask, model_config=run.mlm.config,
+            stop_layer=run.start_layer, dtype=run.dtype, chunk=chunk, mesh=run.mesh)
+        encode()
         prefix_s = median_time(encode, 3)
-        data["hidden"] = hidden
-    return {"step": step, "state": state, "params": params,
-            "data": shard_batch(data, mesh, slots), "prefix_s": prefix_s, "mesh": mesh,
-            "slots": slots, "relation_chunk": relation_chunk}
+    local = run.slots // run.mesh.shape["relation"]
+    return {"step": run.step_fn, "state": run.init_state(log=lambda *_: None),
+            "params": run.frozen, "data": run.train_batch(0), "prefix_s": prefix_s,
+            "mesh": run.mesh, "slots": run.slots,
+            "relation_chunk": run.chunk if run.chunk and run.chunk < local else None,
+            "run": run}
 
 
 def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtype: str,
