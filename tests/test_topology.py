@@ -181,7 +181,11 @@ def test_two_processes_train_what_one_process_trains(reference, tmp_path):
     opened = {json.loads(line)["path"] for line in
               (writes / "process_1.jsonl").read_text().splitlines()}
     in_workdir = sorted(p for p in opened if p.startswith(str(workdir)))
-    assert [p for p in in_workdir if "/checkpoints/" not in p and "/best/" not in p] == []
+    # Every process proves the workdir writable at start-up with a probe of its own, deleted
+    # at once (run_dir.RunDirectory.ensure_writable); nothing else outside Orbax's writes.
+    assert [p for p in in_workdir if "/checkpoints/" not in p and "/best/" not in p
+            and p != str(workdir / ".write_test.1")] == []
+    assert not (workdir / ".write_test.1").exists()
     # The probe does see writes: process 0's list holds every file of the run directory.
     opened_by_0 = {json.loads(line)["path"] for line in
                    (writes / "process_0.jsonl").read_text().splitlines()}
