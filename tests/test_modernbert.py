@@ -438,12 +438,15 @@ def test_the_modernbert_conceptnet_config_masks_the_upper_half_of_modernbert_bas
 def test_train_and_evaluate_then_load_run_on_a_tiny_modernbert(lama_model, tmp_path):
     """train.py's run on a random ModernBERT (masks on its upper half, all four matrices, the
     frozen prefix cached), then the notebook API: predict with a relation's subnetwork, the
-    exported subnetwork in transformers' fill-mask, the bit-packed masks."""
+    exported subnetwork in transformers' fill-mask, the bit-packed masks; then evaluate and
+    the report."""
     from lamp_jax.api import load_run
     from lamp_jax.checkpoint import load_binary_masks
     from lamp_jax.configs import default
+    from lamp_jax.evaluate import reevaluate
     from lamp_jax.loop import train_and_evaluate
     from lamp_jax.masks import hard_mask
+    from lamp_jax.report import write_report
     from tests.test_export import assert_export_matches_predict
 
     directory, facts = lama_model
@@ -469,3 +472,8 @@ def test_train_and_evaluate_then_load_run_on_a_tiny_modernbert(lama_model, tmp_p
     for packed, logits in zip(jax.tree.leaves(bits), jax.tree.leaves(run.mask_logits),
                               strict=True):
         np.testing.assert_array_equal(packed, hard_mask(np.asarray(logits), 0.5))
+    # lamp_jax.evaluate and the report open it as they open a BERT run.
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    assert reevaluate(tmp_path / "run", log=quiet)["test"] == summary["test"]
+    index = write_report(tmp_path / "run", max_size=1, log=quiet) / "index.md"
+    assert "# lamp-jax report" in index.read_text()
