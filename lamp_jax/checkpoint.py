@@ -16,6 +16,8 @@ the devices that saved it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -38,9 +40,29 @@ from lamp_jax.step import TrainState
 CONCURRENT_GB = 1
 
 
-def _handler() -> ocp.StandardCheckpointHandler:
-    return ocp.StandardCheckpointHandler(save_concurrent_gb=CONCURRENT_GB,
-                                         restore_concurrent_gb=CONCURRENT_GB)
+def _handler() -> ocp.PyTreeCheckpointHandler:
+    # Uncompressed. Mask logits and Adam moments are float32 noise to zstd (a 12-run sweep
+    # group's state: 402 MB compressed, 433 MB not), and compressing them cost more than the
+    # rest of a save: that group trained in 133 s saving with zstd, 110 s without it, and 109 s
+    # saving nothing. Checkpoints written compressed by earlier versions still read.
+    return ocp.PyTreeCheckpointHandler(save_concurrent_gb=CONCURRENT_GB,
+                                       restore_concurrent_gb=CONCURRENT_GB,
+                                       use_compression=False)
+
+
+def _save(tree: Any) -> ocp.args.PyTreeSave:
+    return ocp.args.PyTreeSave(tree)
+
+
+def _restore(target: Any, strict: bool = True) -> ocp.args.PyTreeRestore:
+    """Restores into ``target``'s shapes, dtypes and shardings (numpy leaves: on the host);
+    ``strict=False`` truncates or zero-pads each array to the target's shape."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    if not strict:
+        restore_args = jax.tree.map(
+            lambda a: dataclasses.replace(a, strict=False) if hasattr(a, "strict") else a,
+            restore_args)
+    return ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
 
 
 def _to_saveable(state: TrainState) -> dict[str, Any]:
@@ -91,7 +113,7 @@ class StateCheckpoints:
             return None
         tree = _to_saveable(state)
         start = time.perf_counter()
-        self.manager.save(step, args=ocp.args.StandardSave(tree))
+        self.manager.save(step, args=_save(tree))
         return {"bytes": sum(x.nbytes for x in jax.tree.leaves(tree)),
                 "seconds": time.perf_counter() - start}
 
@@ -112,8 +134,7 @@ class StateCheckpoints:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 # strict=False: the relation axis is truncated or padded to this run's slots.
-                raw = self.manager.restore(step, args=ocp.args.StandardRestore(abstract,
-                                                                               strict=False))
+                raw = self.manager.restore(step, args=_restore(abstract, strict=False))
             except Exception as err:  # tensorstore/orbax raise many types for damaged files
                 reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                 failures.append((step, reason))
@@ -142,28 +163,49 @@ class BestMasks:
     def __init__(self, workdir: str | Path, background: bool = True):
         self.workdir = run_dir(workdir)
         self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
+        self._pending: tuple[int, float] | None = None  # a save started but not yet waited for
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max",
-            enable_async_checkpointing=background, multiprocessing_options=_barriers("best"))
+            enable_async_checkpointing=background,
+            # A sweep's runs save at once: barriers of one name in flight together fail.
+            multiprocessing_options=_barriers(
+                "best_" + hashlib.sha1(str(self.workdir).encode()).hexdigest()[:12]))
         self.manager = ocp.CheckpointManager(self.workdir / "best", options=options,
                                              item_handlers=_handler())
 
-    def save(self, step: int, mask_logits: Any, score: float) -> bool:
-        """Saves when ``score`` beats every earlier one; returns whether it did."""
+    def beats(self, score: float) -> bool:
+        """Whether ``score`` beats every earlier one (what :meth:`save` keeps)."""
         best = self.score()
-        if best is not None and score <= best:
+        return best is None or score > best
+
+    def save(self, step: int, mask_logits: Any, score: float, wait: bool = True) -> bool:
+        """Saves when ``score`` beats every earlier one; returns whether it did. ``wait=False``
+        returns once the write has started (a sweep starts every run's save, then waits for
+        all of them: one at a time, each run's wait was 30 ms of an idle CPU); the next call,
+        :meth:`commit` or :meth:`score` waits for it."""
+        if not self.beats(score):
             return False
         tree = {"mask_logits": mask_logits, "score": np.float64(score)}
-        self.manager.save(step, args=ocp.args.StandardSave(tree),
+        self.manager.save(step, args=_save(tree),
                           metrics={"score": float(score)}, force=True)
-        self.manager.wait_until_finished()
-        self._best = (step, float(score))
-        write_text(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))
+        self._pending = (step, float(score))
+        if wait:
+            self.commit()
         return True
+
+    def commit(self) -> None:
+        """Waits for a started save, then caches its score in ``best_score.json``."""
+        if self._pending is None:
+            return
+        self.manager.wait_until_finished()
+        step, score = self._pending
+        self._best, self._pending = self._pending, None
+        write_text(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))
 
     def score(self) -> float | None:
         """Score of the saved best masks. ``best_score.json`` is a cache: if a kill fell between
         saving the masks and writing it, the score is read back from the checkpoint itself."""
+        self.commit()
         step = self.manager.latest_step()
         if step is None:
             return None
@@ -174,17 +216,17 @@ class BestMasks:
         if cached.get("step") == step:
             score = float(cached["score"])
         else:
-            raw = self.manager.restore(step, args=ocp.args.StandardRestore(
-                _numpy_target(self.manager, step)))
+            raw = self.manager.restore(step, args=_restore(_numpy_target(self.manager, step)))
             score = float(raw["score"])
             write_text(path, json.dumps({"step": step, "score": score}))
         self._best = (step, score)
         return score
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.commit()
 
     def close(self) -> None:
+        self.commit()
         self.manager.close()
 
 
@@ -232,9 +274,8 @@ def _read_newest(directory: epath.Path, barriers: str, target: Any | None = None
         if step is None:
             raise FileNotFoundError(f"no checkpoint saved under {directory}")
         if target is not None:
-            return manager.restore(step, args=ocp.args.StandardRestore(target, strict=False))
-        return manager.restore(step, args=ocp.args.StandardRestore(
-            _numpy_target(manager, step)))
+            return manager.restore(step, args=_restore(target, strict=False))
+        return manager.restore(step, args=_restore(_numpy_target(manager, step)))
 
 
 def export_binary_masks(
