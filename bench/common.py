@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -51,6 +52,23 @@ def add_cpu_devices_argument(parser) -> None:
                         help="ours on a CPU: JAX devices to split the host into, relations "
                         "split over them as train.py does (0 = one per core, train.py's "
                         "default; 1 = one device using every core)")
+
+
+def add_peer_arguments(parser) -> None:
+    """The strong PyTorch peer's sides and settings (train and eval throughput)."""
+    parser.add_argument("--peer", choices=("both", "eager", "compiled", "none"), default="both",
+                        help="which sides of the strong PyTorch peer (peer_torch.py) to run")
+    parser.add_argument("--peer-compile-mode", default=None,
+                        help="torch.compile mode of the compiled peer (default: Inductor's "
+                        "default; e.g. max-autotune-no-cudagraphs, reduce-overhead)")
+    parser.add_argument("--peer-warm-cache", action="store_true",
+                        help="compiled peer: keep Inductor's persistent cache (default: a fresh "
+                        "one, so its first call is a cold compile)")
+    parser.add_argument("--peer-allocator", choices=("heap", "default"), default="heap",
+                        help="peer on a CPU: 'heap' keeps glibc malloc on one heap with no mmap "
+                        "or trimming (peer_torch.keep_one_heap: no page faults per step); "
+                        "'default': glibc's defaults")
+    parser.add_argument("--peer-compiled", action="store_true", help=argparse.SUPPRESS)
 
 
 def model_shape(size: dict) -> dict:

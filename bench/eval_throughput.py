@@ -29,6 +29,7 @@ from bench.common import (
     SIZES,
     CompileCounter,
     add_cpu_devices_argument,
+    add_peer_arguments,
     eval_flops_per_prompt,
     jax_device_summary,
     machine,
@@ -180,18 +181,7 @@ def main() -> None:
                         help="before each run, wait up to this many seconds for idle CPUs")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the reference re-creation (baseline_torch.py)")
-    parser.add_argument("--peer", choices=("both", "eager", "compiled", "none"), default="both",
-                        help="which sides of the strong PyTorch peer (peer_torch.py) to run")
-    parser.add_argument("--peer-compile-mode", default=None,
-                        help="torch.compile mode of the compiled peer (default: Inductor's)")
-    parser.add_argument("--peer-warm-cache", action="store_true",
-                        help="compiled peer: keep Inductor's persistent cache (default: a fresh "
-                        "one, so its first call is a cold compile)")
-    parser.add_argument("--peer-allocator", choices=("heap", "default"), default="heap",
-                        help="peer on a CPU: 'heap' keeps glibc malloc on one heap with no mmap "
-                        "or trimming (peer_torch.keep_one_heap: no page faults per step); "
-                        "'default': glibc's defaults")
-    parser.add_argument("--peer-compiled", action="store_true", help=argparse.SUPPRESS)
+    add_peer_arguments(parser)
     parser.add_argument("--side", choices=("both", "ours", "torch", "peer"), default="both")
     add_cpu_devices_argument(parser)
     args = parser.parse_args()
