@@ -66,17 +66,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lamp_jax.masks import MATRICES
+
 # The masked matrices of one layer, in the order of the flat buffer: Q, K and V side by side as
-# one [H, 3H] matrix, then the attention output and the FFN. Our names -> their path in
-# lamp-jax's parameter tree (``lamp_jax.masks.MATRICES``; the test checks they agree).
-MATRIX_PATHS: dict[str, tuple[str, ...]] = {
-    "query": ("attention", "query", "kernel"),
-    "key": ("attention", "key", "kernel"),
-    "value": ("attention", "value", "kernel"),
-    "attn_out": ("attention", "output", "kernel"),
-    "ffn_in": ("ffn_in", "kernel"),
-    "ffn_out": ("ffn_out", "kernel"),
-}
+# one [H, 3H] matrix, then the attention output and the FFN. Their paths in lamp-jax's
+# parameter tree, which the peer reads its weights from, are lamp-jax's own table.
 SEGMENTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 MODES = ("deterministic", "stochastic")
 
@@ -239,7 +233,7 @@ def flat_from_tree(tree: Mapping[str, Any], layers: Sequence[int]) -> np.ndarray
     (also for the noise ``u`` of the stochastic masks, drawn per leaf)."""
     def leaf(i: int, name: str) -> np.ndarray:
         node = tree[f"layer_{i}"]
-        for key in MATRIX_PATHS[name]:
+        for key in MATRICES[name]:
             node = node[key]
         return np.asarray(node, dtype=np.float32)
 
@@ -265,7 +259,7 @@ def tree_from_flat(flat: np.ndarray, layers: Sequence[int], shape: PeerShape
             names = {"qkv": ("query", "key", "value")}.get(seg, (seg,))
             for k, name in enumerate(names):
                 node = layer
-                *path, last = MATRIX_PATHS[name]
+                *path, last = MATRICES[name]
                 for key in path:
                     node = node.setdefault(key, {})
                 node[last] = block[..., k * h:(k + 1) * h] if seg == "qkv" else block

@@ -16,7 +16,6 @@ from tests.needs import require
 torch = require("torch")
 
 from bench.peer_torch import (  # noqa: E402
-    MATRIX_PATHS,
     PeerLAMP,
     PeerOptim,
     PeerShape,
@@ -26,7 +25,6 @@ from bench.peer_torch import (  # noqa: E402
 )
 from lamp_jax import threefry  # noqa: E402
 from lamp_jax.masks import (  # noqa: E402
-    MATRICES,
     MaskInit,
     MaskMode,
     MaskSpec,
@@ -137,7 +135,6 @@ def _lamp_noise(logits, rngs) -> np.ndarray:
 
 
 def test_layout_is_lamp_jax_tree():
-    assert MATRIX_PATHS == MATRICES
     rng = np.random.default_rng(0)
     flat = rng.normal(size=(R, SHAPE.masked_size(LAYERS))).astype(np.float32)
     tree = tree_from_flat(flat, LAYERS, SHAPE)
