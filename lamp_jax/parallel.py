@@ -236,7 +236,7 @@ def run_relation_chunk(requested: int, num_relations: int, mesh: Mesh,
     chunk costs a pass over its state (small config, 2-core AMD EPYC, 4 relations per device:
     chunks of 1 0.038 s per step, 2 0.036 s, all 4 at once 0.030 s). A sweep group on a CPU
     is the exception: its many slots per device run in chunks of one run's share
-    (:func:`lamp_jax.run_setup.setup_run`)."""
+    (:func:`lamp_jax.run_setup.relation_chunk_for`)."""
     if requested:
         return requested
     if not per_relation_bytes or budget is None:

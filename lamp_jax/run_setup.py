@@ -312,14 +312,8 @@ def setup_run(configs: Sequence[ml_collections.ConfigDict], log=print, *,
     length = data.splits[splits[0]].input_ids.shape[1]
     chunk = relation_chunk_for(config, mlm.config, len(configs) * len(relations), mesh, length,
                                mask_params, state_bytes, log if training else None,
-                               placed=False)
-    if len(configs) > 1 and not config.relation_chunk and jax.default_backend() == "cpu":
-        # A sweep group on a CPU runs its slots in chunks of one run's share of a device: the
-        # shapes train.py computes, so each run's masks come out as train.py's, byte for byte,
-        # and faster than all at once (12 runs x 8 relations on 2 cores: 48 slots per device at
-        # once 80 s of steps, in chunks of 4 66 s; bench/README.md).
-        one_run = relation_slots(len(relations), mesh) // mesh.shape[RELATION]
-        chunk = min(chunk or one_run, one_run)
+                               placed=False,
+                               relations_per_run=len(relations) if len(configs) > 1 else None)
 
     step_fn = None
     if training:
@@ -378,12 +372,19 @@ def frozen_prefix(model_config: Any, frozen: Any, encoded, start_layer: int, dty
 
 def relation_chunk_for(config, model_config: Any, num_relations: int,
                        mesh: jax.sharding.Mesh, length: int, mask_params: int,
-                       state_bytes: int, log=None, placed: bool = True) -> int | None:
+                       state_bytes: int, log=None, placed: bool = True,
+                       relations_per_run: int | None = None) -> int | None:
     """``config.relation_chunk``, or for 0 the automatic choice for batches of prompts padded
     to ``length`` (every split of a run shares it) and relations of ``mask_params`` mask
     weights, in the memory the devices have left beside a state of ``state_bytes`` (already
     on the devices, or with ``placed=False`` about to be). With ``log``: says when a larger
-    chunk would fit in free memory and run faster."""
+    chunk would fit in free memory and run faster.
+
+    ``relations_per_run``: the relations of one run, when the axis holds a sweep group's
+    runs. On a CPU such a group runs in chunks of one run's share of a device at most: the
+    shapes train.py computes, so each run's masks come out as train.py's, byte for byte, and
+    faster than all at once (12 runs x 8 relations on 2 cores: 48 slots per device at once
+    80 s of steps, in chunks of 4 66 s; bench/README.md)."""
     # ModernBERT's fused Wi gives [input | gate]: twice the FFN width.
     width = model_config.intermediate_size * (2 if model_config.family == "modernbert" else 1)
     size = activation_bytes(config.batch_size * length, width, model_config.hidden_size,
@@ -392,6 +393,9 @@ def relation_chunk_for(config, model_config: Any, num_relations: int,
     reserve = 0 if placed else state_bytes // mesh.devices.size
     budget = transient_budget(mesh, state_bytes, reserve)
     chunk = run_relation_chunk(config.relation_chunk, num_relations, mesh, per_relation, budget)
+    if relations_per_run and not config.relation_chunk and jax.default_backend() == "cpu":
+        one_run = relation_slots(relations_per_run, mesh) // mesh.shape[RELATION]
+        return min(chunk or one_run, one_run)  # larger chunks are slower here: no hint
     free = available_bytes(mesh)
     if log is None or config.relation_chunk or free is None:
         return chunk
