@@ -70,6 +70,8 @@ def _train_main(argv):
 
     with hosts.stop_with_peers():
         summary = train_and_evaluate(f.config, f.workdir)
+    if summary.get("preempted"):  # every process: the state is saved, a rerun resumes
+        sys.exit(hosts.PREEMPTED_EXIT)
     if not hosts.is_main():
         return
     if "stopped_at" in summary:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +41,8 @@ ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
 ENV_HEARTBEAT = "LAMP_JAX_HEARTBEAT_TIMEOUT"
 # Exit status of a process whose peer died (EX_TEMPFAIL: rerunning the command resumes).
 PEER_LOST_EXIT = 75
+# Exit status of a run that answered a preemption notice with a checkpoint (EX_TEMPFAIL too).
+PREEMPTED_EXIT = 75
 # What JAX says when a collective or the coordination service loses a process. Not every
 # barrier error: "barrier ... already ongoing" is a bug in this process, and must say so.
 _PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "heartbeat",
@@ -198,6 +202,64 @@ def is_peer_failure(err: BaseException) -> bool:
         return False
     text = str(err).lower()
     return any(sign in text for sign in _PEER_FAILURE_SIGNS)
+
+
+class PreemptionNotice:
+    """A preemption notice turned into a stop at a step that every process of the run agrees on.
+
+    SIGTERM is the notice: a preemptible (spot) VM's, a cluster scheduler's stop, a TPU pod's
+    maintenance event, a plain ``kill``. Without this the run dies at once and loses every step
+    since its last checkpoint (an epoch, by default). The training loop enters this around its
+    steps and asks :meth:`reached` after each one: True means save the state now and stop.
+
+    One process: a Python handler notes the signal (and the previous handler is back on exit).
+    Several: JAX's preemption service (``jax.distributed``, on by default) hears SIGTERM in
+    whichever process gets it and agrees with the others on the next step that all of them
+    reach (``multihost_utils.reached_preemption_sync_point``), so the collective save starts at
+    the same step everywhere, in processes that got no signal too. It needs :meth:`reached`
+    called at every step, from the same first step, by every process; the loop does that.
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = signum
+        self.received: int | None = None
+        self._installed = False
+        self._previous: Any = None
+        self._service = True  # jax_enable_preemption_service may have turned JAX's off
+
+    def __enter__(self) -> PreemptionNotice:
+        self.received = None
+        # Python handlers can only be set from the main thread (a loop in another thread
+        # keeps the default: SIGTERM stops the process at once, as before).
+        self._installed = (jax.process_count() == 1
+                           and threading.current_thread() is threading.main_thread())
+        if self._installed:
+            self._previous = signal.signal(self.signum, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is the best guess.
+            signal.signal(self.signum, signal.SIG_DFL if self._previous is None
+                          else self._previous)
+            self._installed, self._previous = False, None
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (the number of steps done)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        if not self._service:
+            return False
+        from jax.experimental import multihost_utils
+
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # the service is off: only kill -9 style interruptions remain
+            self._service = False
+            return False
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ a CPU each process gets ``--devices-per-process`` devices (default: the cores di
 the processes). Process 0's output is shown as is; the others' lines are prefixed with their
 index. When a process fails, the others are stopped after ``--grace`` seconds (they normally
 stop by themselves sooner, when the coordinator misses the dead process's heartbeats) and the
-launcher exits with the first failure's code.
+launcher exits with the first failure's code. A SIGTERM to the launcher (a scheduler's
+preemption notice) is passed on to every process: train.py and the sweep save their state at
+one step and exit with status 75, and so does the launcher.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import threading
 import time
 from collections.abc import Sequence
 
-from lamp_jax.hosts import ENV_ADDRESS, ENV_HEARTBEAT, ENV_PROCESS_ID, ENV_PROCESSES
+from lamp_jax.hosts import (
+    ENV_ADDRESS,
+    ENV_HEARTBEAT,
+    ENV_PROCESS_ID,
+    ENV_PROCESSES,
+    PREEMPTED_EXIT,
+)
 from lamp_jax.parallel import available_cores
 
 
@@ -80,6 +88,16 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int = 0,
         relays.append(relay)
     failure: tuple[int, int] | None = None
     failed_at = None
+
+    def forward(signum: int, frame) -> None:
+        # A scheduler's SIGTERM (a preemption notice) reaches every process of the run: each
+        # saves at the step they agree on and exits with hosts.PREEMPTED_EXIT.
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if on_main_thread else None
     try:
         while any(c.poll() is None for c in children):
             for index, child in enumerate(children):
@@ -100,13 +118,18 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int = 0,
         for child in children:
             child.wait()
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for relay in relays:
         relay.join(timeout=5)
     codes = [c.returncode for c in children]
     if failure is None:
         failure = next(((i, c) for i, c in enumerate(codes) if c), None)
     if failure is not None:
-        print(f"launch: failed; exit codes by process: "
+        resumable = all(c == PREEMPTED_EXIT for c in codes)  # every process said "rerun me"
+        verdict = ("stopped; run the same command again to resume" if resumable else "failed")
+        print(f"launch: {verdict}; exit codes by process: "
               f"{', '.join(f'{i}: {_describe(c)}' for i, c in enumerate(codes))}",
               file=sys.stderr, flush=True)
         return failure[1] if failure[1] > 0 else 128 - failure[1]

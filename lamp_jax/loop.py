@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lamp_jax.data import labels_entry, relation_display
-from lamp_jax.hosts import is_main, main_log, peak_rss_bytes, to_host
+from lamp_jax.hosts import PreemptionNotice, is_main, main_log, peak_rss_bytes, to_host
 from lamp_jax.masks import sparsity_stats
 from lamp_jax.parallel import use_cpu_devices
 from lamp_jax.ranking import RankingResult, specialization_matrices
@@ -36,7 +36,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     Resumes from ``workdir/checkpoints`` when a run was interrupted. Writes ``run.json``,
     ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics
-    (``{"stopped_at": step, ...}`` when ``config.stop_after`` stopped it first)."""
+    (``{"stopped_at": step, "preempted": bool, ...}`` when ``config.stop_after`` or a
+    preemption notice stopped it first)."""
     from lamp_jax.config_checks import validate_config
 
     validate_config(config)  # before anything is written
@@ -62,7 +63,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 def fit(run: RunSetup, keeper: Keeper, log=print, clock: PhaseClock | None = None) -> Any:
     """Trains every run on the relation axis to its end, evaluating on dev every
     ``run.eval_every`` steps; returns the best masks (``[slots, ...]`` on the mesh), or None
-    when ``config.stop_after`` stopped this invocation first (``keeper.stopped`` says where)."""
+    when ``config.stop_after`` or a preemption notice (SIGTERM, :class:`PreemptionNotice`)
+    stopped this invocation first, after saving the state (``keeper.stopped`` says where).
+    The notice that comes after the last step is left to the default handler: the final
+    checkpoint is written by then, and a rerun writes the reports from it."""
     clock = clock or PhaseClock()
     state = keeper.open(run, log)
     clock.lap("setup")
@@ -70,25 +74,32 @@ def fit(run: RunSetup, keeper: Keeper, log=print, clock: PhaseClock | None = Non
     bar = tqdm(range(first, run.num_steps), desc="training masks", unit="step", initial=first,
                total=run.num_steps, disable=not is_main())
     pending = metrics = None
-    for step in bar:
-        state, metrics = run.step_fn(state, run.frozen, run.train_batch(step))
-        done = step + 1
-        # Checked one step late, so the host never stalls the device queue to look.
-        if pending is not None:
-            check_finite(pending, done - 1, run, log)
-        pending = metrics
-        if done % run.eval_every == 0 or done == run.num_steps:
-            check_finite(pending, done, run, log)
-            pending = None
-            clock.lap("steps", state.mask_logits)
-            dev = run.scores(state.mask_logits, "dev")
-            bar.set_postfix(dev_macro_p1=f"{dev[0].macro(1):.3f}")
-            keeper.evaluated(done, state, dev, metrics, run, clock)
-        if (run.config.stop_after and done - first >= run.config.stop_after
-                and done < run.num_steps):
-            bar.close()
-            keeper.stopped = keeper.stop(state, done)
-            return None
+    # SIGTERM (a preemption notice) from here on saves the state at the next step and stops.
+    with PreemptionNotice() as notice:
+        for step in bar:
+            state, metrics = run.step_fn(state, run.frozen, run.train_batch(step))
+            done = step + 1
+            # Checked one step late, so the host never stalls the device queue to look.
+            if pending is not None:
+                check_finite(pending, done - 1, run, log)
+            pending = metrics
+            if done % run.eval_every == 0 or done == run.num_steps:
+                check_finite(pending, done, run, log)
+                pending = None
+                clock.lap("steps", state.mask_logits)
+                dev = run.scores(state.mask_logits, "dev")
+                bar.set_postfix(dev_macro_p1=f"{dev[0].macro(1):.3f}")
+                keeper.evaluated(done, state, dev, metrics, run, clock)
+            # Asked at every step, by every process (JAX's preemption protocol needs that).
+            preempted = notice.reached(done)
+            if done < run.num_steps and (preempted or (
+                    run.config.stop_after and done - first >= run.config.stop_after)):
+                bar.close()
+                keeper.stopped = keeper.stop(state, done, preempted=preempted)
+                if preempted:
+                    log(f"preemption notice (SIGTERM): saved the state at step {done}; run the "
+                        "same command again to resume")
+                return None
     bar.close()
     keeper.finish()
     clock.lap("checkpoints")

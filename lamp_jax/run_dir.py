@@ -308,11 +308,12 @@ class Keeper:
             history.append(record)
             directory.append_record(record)
 
-    def stop(self, state, step: int) -> dict[str, Any]:
-        """``config.stop_after``: saves the state and closes; rerunning resumes."""
+    def stop(self, state, step: int, preempted: bool = False) -> dict[str, Any]:
+        """``config.stop_after`` or a preemption notice: saves the state, waits for the save
+        and closes; rerunning resumes."""
         self.states.save(state)
         self.close()
-        return {"stopped_at": step, "history": self.history[0],
+        return {"stopped_at": step, "preempted": preempted, "history": self.history[0],
                 "resumed_from": self.runs[0].resumes()}
 
     def finish(self) -> None:

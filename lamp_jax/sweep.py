@@ -139,9 +139,10 @@ def plan_groups(base: ml_collections.ConfigDict, grid: dict[str, list[Any]], see
 
 
 def train_group(base: ml_collections.ConfigDict, workdir: str | Path, fixed: dict[str, Any],
-                runs: Sequence[Run], log=print) -> dict[str, Any] | None:
+                runs: Sequence[Run], log=print) -> dict[str, Any]:
     """Trains (or resumes) the runs of one group side by side, each into its own run
-    directory; None when ``config.stop_after`` stopped it first."""
+    directory; ``{"stopped": {"stopped_at": step, "preempted": bool, ...}}`` when
+    ``config.stop_after`` or a preemption notice (SIGTERM) stopped it first."""
     directories = [RunDirectory(run_dir(workdir) / "runs" / run.name) for run in runs]
     if all(d.metrics() is not None for d in directories):
         log(f"group {fixed or '(one)'}: its {len(runs)} runs finished earlier")
@@ -156,7 +157,7 @@ def train_group(base: ml_collections.ConfigDict, workdir: str | Path, fixed: dic
                       run_names=[run.label for run in runs], lap=clock.lap)
     best = fit(setup, keeper, log, clock)
     if best is None:
-        return None
+        return {"stopped": keeper.stopped}
     reports = final_report(setup, best, log)
     clock.lap("report")
     keeper.write_reports(setup, best, reports, {"steps": setup.num_steps,
@@ -270,9 +271,11 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
         start = time.perf_counter()
         group_base = with_overrides(base, fixed)
         trained = train_group(group_base, workdir, fixed, runs, log)
-        if trained is None:
-            log("stopped after config.stop_after steps; run the same command again to resume")
-            return {"stopped": True}
+        if "stopped" in trained:
+            if not trained["stopped"]["preempted"]:
+                log("stopped after config.stop_after steps; run the same command again to "
+                    "resume")
+            return {"stopped": True, "preempted": trained["stopped"]["preempted"]}
         group_seconds.append(time.perf_counter() - start)
         group_info.append(trained)
         records += [run_record(run, run.config(group_base),
@@ -376,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
         hosts.initialize_if_requested()  # started by lamp_jax.launch: every process takes part
         f = flags.FLAGS
         with hosts.stop_with_peers():
-            run_sweep(f.config, f.grid, f.seeds, f.workdir, f.compare_sequential)
+            out = run_sweep(f.config, f.grid, f.seeds, f.workdir, f.compare_sequential)
+        if out.get("preempted"):  # every process: the group's state is saved
+            sys.exit(hosts.PREEMPTED_EXIT)
 
     argv = sys.argv if argv is None else argv
     app.run(run, argv=resolve_config_argument(list(argv)))

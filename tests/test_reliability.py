@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from lamp_jax.hosts import PREEMPTED_EXIT, PreemptionNotice
 from lamp_jax.loop import train_and_evaluate
 from lamp_jax.models.params import load_mlm, save_mlm
 from lamp_jax.run_dir import RunDirectory
@@ -278,6 +280,71 @@ def test_kill_9_several_times_then_resume_gives_identical_masks(embedded_run_dir
     # Never a half-written checkpoint among the ones Orbax would resume from.
     assert all(p.name.isdigit() for p in (work / "checkpoints").iterdir()
                if not p.name.startswith("."))
+
+
+PREEMPTED_LINE = re.compile(r"^preemption notice \(SIGTERM\): saved the state at step (\d+); "
+                            r"run the same command again to resume$", re.MULTILINE)
+
+
+def _evaluated_steps(workdir: Path) -> list[int]:
+    """Steps of the evaluations in ``metrics.jsonl`` so far (a line being written is left)."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [h["step"] for h in map(json.loads, lines) if "event" not in h]
+
+
+def test_the_preemption_notice_hears_sigterm_only_while_entered():
+    """Inside, a SIGTERM is noted (and answered at the next step); outside, the handler is the
+    one from before, so a SIGTERM during the final report still stops the process."""
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionNotice() as notice:
+        assert not notice.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert notice.reached(2) and notice.reached(3)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with PreemptionNotice() as notice:  # a new loop starts without the old notice
+        assert not notice.reached(1)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_reached_and_the_rerun_ends_with_identical_masks(
+        embedded_run_dir, tmp_path):
+    """A preemption notice (SIGTERM) while training: the run saves its state at the step it
+    reached, between two evaluations (whose periodic checkpoints would lose the steps since the
+    last one), says so in one line and exits with status 75; the same command resumes from that
+    step and ends with the masks of the uninterrupted run."""
+    reference, work = embedded_run_dir, tmp_path / "preempted"
+    notices = 0
+    while True:  # until a notice lands between two evaluations (2 in 3 do)
+        before = _evaluated_steps(work)
+        log = tmp_path / f"notice_{notices}.log"  # a file: a full pipe would stall the run
+        proc = subprocess.Popen(_train_cmd(work), cwd=ROOT, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        # Training: an evaluation newer than the earlier invocations' is written.
+        while (proc.poll() is None and time.time() < deadline
+               and _evaluated_steps(work) == before):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        output = log.read_text()
+        notices += 1
+        assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+        assert "Traceback" not in output
+        step = int(PREEMPTED_LINE.search(output)[1])
+        assert _latest_step(work) == step  # the state of that very step
+        if step not in _evaluated_steps(work):
+            break
+        assert notices < 4, "four SIGTERMs all landed on evaluation steps"
+    total = json.loads((reference / "metrics.json").read_text())["steps"]
+    assert max(_evaluated_steps(work)) < step < total
+    done = subprocess.run(_train_cmd(work), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["resumed_from"][-1] == step and len(metrics["resumed_from"]) == notices
+    assert (work / "masks.npz").read_bytes() == (reference / "masks.npz").read_bytes()
+    assert metrics["test"] == json.loads((reference / "metrics.json").read_text())["test"]
 
 
 def _assert_the_default_run_shows_the_effect(summary: dict) -> None:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lamp_jax import loop
 from lamp_jax.configs import default
 from lamp_jax.step import slot_rngs
 from lamp_jax.sweep import Run, parse_grid, plan_groups, run_sweep, summarize
@@ -156,21 +157,48 @@ def test_every_run_of_a_sweep_is_a_run_directory(swept, tmp_path):
     assert "# lamp-jax report" in index
 
 
+class _NoticeAt:
+    """lamp_jax.hosts.PreemptionNotice with its SIGTERM answered at one step (the signal
+    itself: tests/test_reliability.py and tests/test_topology.py)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+    def reached(self, step: int) -> bool:
+        return step == self.step
+
+
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, tmp_path):
+def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, tmp_path,
+                                                                        monkeypatch):
+    """Stopped by config.stop_after at step 3, then by a preemption notice at step 5, then
+    resumed to the end: the same runs as an uninterrupted sweep."""
     workdir, out, _ = swept
     base = _sweep_base()
     base.stop_after = 3
     said: list[str] = []
     stopped = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
-    assert stopped == {"stopped": True} and not (tmp_path / "sweep.json").exists()
+    assert stopped == {"stopped": True, "preempted": False}
+    assert not (tmp_path / "sweep.json").exists()
     base.stop_after = 0
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "PreemptionNotice", lambda: _NoticeAt(5))
+        stopped = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
+    assert stopped == {"stopped": True, "preempted": True}
+    assert ("preemption notice (SIGTERM): saved the state at step 5; run the same command "
+            "again to resume") in said
     said.clear()
     again = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
-    assert "resumed from step 3" in said
+    assert "resumed from step 5" in said
     for name in RUNS:
         metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
-        assert metrics["resumed_from"] == [3] and metrics["steps"] == 6
+        assert metrics["resumed_from"] == [3, 5] and metrics["steps"] == 6
         assert ((tmp_path / "runs" / name / "masks.npz").read_bytes()
                 == (workdir / "runs" / name / "masks.npz").read_bytes())
     drop = ("sweep_seconds", "group_seconds", "groups", "sequential", "speedup")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lamp_jax.hosts import PEER_LOST_EXIT, is_peer_failure
+from lamp_jax.hosts import PEER_LOST_EXIT, PREEMPTED_EXIT, is_peer_failure
 from lamp_jax.launch import process_environments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,19 +273,45 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in found.split()]
 
 
-def test_kill_9_of_both_processes_then_relaunch_ends_with_the_same_masks(reference, tmp_path):
-    workdir = tmp_path / "killed"
+def _process_1(launcher: subprocess.Popen) -> int:
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    return next(pid for pid in workers
+                if "JAX_PROCESS_ID=1\0" in Path(f"/proc/{pid}/environ").read_text())
+
+
+def _latest_checkpoint(workdir: Path) -> int:
+    return max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+
+
+def test_a_preemption_notice_to_one_process_then_kill_9_of_all_then_relaunch_ends_the_same(
+        reference, tmp_path):
+    """Two interruptions of a 2-process run, then a relaunch that ends with the reference's
+    masks. First a preemption notice (SIGTERM) that reaches process 1 only, as when one VM of a
+    pod is preempted: both processes agree on a step, save it, and exit with status 75, and so
+    does the launcher. Then kill -9 of the launcher and both processes after a checkpoint."""
+    workdir = tmp_path / "interrupted"
     proc = _launch_in_background(workdir)
-    _wait_for_checkpoint(workdir, proc, min_step=6)
+    _wait_for_checkpoint(workdir, proc, min_step=3)
+    os.kill(_process_1(proc), signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert f"0: code {PREEMPTED_EXIT}, 1: code {PREEMPTED_EXIT}" in output, output[-3000:]
+    noticed_at = int(re.search(r"^preemption notice \(SIGTERM\): saved the state at step "
+                               r"(\d+); run the same command again to resume$", output,
+                               re.MULTILINE)[1])
+    assert 3 <= noticed_at < EPOCHS * 3 and _latest_checkpoint(workdir) == noticed_at
+
+    proc = _launch_in_background(workdir)
+    _wait_for_checkpoint(workdir, proc, min_step=noticed_at + 1)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes at once
     proc.wait()
-    killed_at = max(int(p.name) for p in (workdir / "checkpoints").glob("*")
-                    if p.name.isdigit())
-    assert 6 <= killed_at < EPOCHS * 3  # killed before the end
+    killed_at = _latest_checkpoint(workdir)
+    assert noticed_at < killed_at < EPOCHS * 3  # killed before the end
     output = _finish(_train("2 processes", workdir))
     assert f"resumed from step {killed_at}" in output.splitlines()
     summary = json.loads((workdir / "metrics.json").read_text())
-    assert summary["resumed_from"] == [killed_at]
+    assert summary["resumed_from"] == [noticed_at, killed_at]
     _assert_same_masks(reference, workdir)
     history = [json.loads(line)["step"] for line in
                (workdir / "metrics.jsonl").read_text().splitlines()
@@ -293,15 +319,32 @@ def test_kill_9_of_both_processes_then_relaunch_ends_with_the_same_masks(referen
     assert history == sorted(set(history)), "resumed steps were logged twice"
 
 
+def test_the_launcher_passes_a_sigterm_on_to_every_process_and_exits_with_theirs(tmp_path):
+    """A scheduler that signals the launcher (its only known process) reaches the run: each
+    process gets the SIGTERM, and the launcher returns what they return."""
+    child = ("import os, signal, sys, time\n"
+             "def stop(*_):\n"
+             "    print('SIGTERM in', os.environ['JAX_PROCESS_ID'], flush=True)\n"
+             "    sys.exit(75)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lamp_jax.launch", "--processes", "2", "--",
+                             sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ready = [proc.stdout.readline() for _ in range(2)]
+    assert sorted(ready) == ["[1] ready\n", "ready\n"], ready
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT, output
+    assert "SIGTERM in 0\n" in output and "[1] SIGTERM in 1\n" in output, output
+
+
 def test_when_one_process_dies_the_other_stops_promptly_with_a_clear_message(tmp_path):
     workdir = tmp_path / "peer"
     proc = _launch_in_background(workdir, grace=300)  # the launcher does not step in
     _wait_for_checkpoint(workdir, proc, min_step=3)
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    victim = next(pid for pid in workers
-                  if "JAX_PROCESS_ID=1\0" in Path(f"/proc/{pid}/environ").read_text())
-    os.kill(victim, signal.SIGKILL)
+    os.kill(_process_1(proc), signal.SIGKILL)
     killed_at = time.monotonic()
     output, _ = proc.communicate(timeout=120)
     waited = time.monotonic() - killed_at
