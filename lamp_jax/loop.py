@@ -65,8 +65,8 @@ def fit(run: RunSetup, keeper: Keeper, log=print, clock: PhaseClock | None = Non
     ``run.eval_every`` steps; returns the best masks (``[slots, ...]`` on the mesh), or None
     when ``config.stop_after`` or a preemption notice (SIGTERM, :class:`PreemptionNotice`)
     stopped this invocation first, after saving the state (``keeper.stopped`` says where).
-    The notice that comes after the last step is left to the default handler: the final
-    checkpoint is written by then, and a rerun writes the reports from it."""
+    A notice that comes after the last step is left to the default handler (it stops the
+    process at once): the final state is saved by then, and a rerun writes the reports."""
     clock = clock or PhaseClock()
     state = keeper.open(run, log)
     clock.lap("setup")
@@ -92,8 +92,9 @@ def fit(run: RunSetup, keeper: Keeper, log=print, clock: PhaseClock | None = Non
                 keeper.evaluated(done, state, dev, metrics, run, clock)
             # Asked at every step, by every process (JAX's preemption protocol needs that).
             preempted = notice.reached(done)
-            if done < run.num_steps and (preempted or (
-                    run.config.stop_after and done - first >= run.config.stop_after)):
+            drill = (run.config.stop_after and done - first >= run.config.stop_after
+                     and done < run.num_steps)
+            if preempted or drill:  # at the last step too: a rerun writes the reports
                 bar.close()
                 keeper.stopped = keeper.stop(state, done, preempted=preempted)
                 if preempted:

@@ -177,8 +177,9 @@ class _NoticeAt:
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, tmp_path,
                                                                         monkeypatch):
-    """Stopped by config.stop_after at step 3, then by a preemption notice at step 5, then
-    resumed to the end: the same runs as an uninterrupted sweep."""
+    """Stopped by config.stop_after at step 3, then by preemption notices at step 5 and at
+    the last step (6, before the reports), then resumed: the same runs as an uninterrupted
+    sweep."""
     workdir, out, _ = swept
     base = _sweep_base()
     base.stop_after = 3
@@ -187,18 +188,20 @@ def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, t
     assert stopped == {"stopped": True, "preempted": False}
     assert not (tmp_path / "sweep.json").exists()
     base.stop_after = 0
-    with monkeypatch.context() as patched:
-        patched.setattr(loop, "PreemptionNotice", lambda: _NoticeAt(5))
-        stopped = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
-    assert stopped == {"stopped": True, "preempted": True}
-    assert ("preemption notice (SIGTERM): saved the state at step 5; run the same command "
-            "again to resume") in said
+    for step in (5, 6):
+        with monkeypatch.context() as patched:
+            patched.setattr(loop, "PreemptionNotice", lambda step=step: _NoticeAt(step))
+            stopped = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
+        assert stopped == {"stopped": True, "preempted": True}
+        assert (f"preemption notice (SIGTERM): saved the state at step {step}; run the same "
+                "command again to resume") in said
+        assert not (tmp_path / "sweep.json").exists()
     said.clear()
     again = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
-    assert "resumed from step 5" in said
+    assert "resumed from step 6" in said
     for name in RUNS:
         metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
-        assert metrics["resumed_from"] == [3, 5] and metrics["steps"] == 6
+        assert metrics["resumed_from"] == [3, 5, 6] and metrics["steps"] == 6
         assert ((tmp_path / "runs" / name / "masks.npz").read_bytes()
                 == (workdir / "runs" / name / "masks.npz").read_bytes())
     drop = ("sweep_seconds", "group_seconds", "groups", "sequential", "speedup")
