@@ -153,6 +153,34 @@ def test_frozen_prefix_and_last_layer_rows_match_pytorch(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_hidden_states_and_attentions_match_pytorch(tmp_path, family):
+    """What the representation analysis reads (lamp_jax.analysis.representations): the
+    embeddings' and every layer's output, and every layer's attention probabilities."""
+    model = _hf_model(family)
+    _randomise_head_bias(model)
+    mlm = load_mlm(_save(model, tmp_path, "safetensors"), load_tokenizer=False)
+    ids, mask = _padded_batch(mlm.config.pad_token_id, 0 if family == "roberta" else 2, 3)
+    model.eval()
+    model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       output_hidden_states=True, output_attentions=True)
+    ours = mlm.forward(jnp.asarray(ids), jnp.asarray(mask), output_hidden_states=True,
+                       output_attentions=True)
+    real = mask.astype(bool)  # padded positions are garbage in both implementations
+    assert len(ours["hidden_states"]) == len(theirs.hidden_states) == 3
+    for layer, (a, b) in enumerate(zip(ours["hidden_states"], theirs.hidden_states,
+                                       strict=True)):
+        np.testing.assert_allclose(np.asarray(a)[real], b.numpy()[real], atol=1e-4,
+                                   err_msg=f"hidden state {layer}")
+    assert len(ours["attentions"]) == len(theirs.attentions) == 2
+    for layer, (a, b) in enumerate(zip(ours["attentions"], theirs.attentions, strict=True)):
+        np.testing.assert_allclose(np.asarray(a).transpose(0, 2, 1, 3)[real],
+                                   b.numpy().transpose(0, 2, 1, 3)[real], atol=1e-5,
+                                   err_msg=f"attention {layer}")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_padding_does_not_change_real_tokens(tmp_path, family):
     mlm = load_mlm(_save(_hf_model(family), tmp_path, "safetensors"), load_tokenizer=False)
     pad = mlm.config.pad_token_id

@@ -137,6 +137,28 @@ def test_logits_match_pytorch_for_every_switch(tmp_path, name):
     assert _largest_gap(_ours(mlm, ids, mask), expected, mask) < 1e-4
 
 
+def test_hidden_states_and_attentions_equal_transformers(base):
+    """What the representation analysis reads (lamp_jax.analysis.representations): every
+    layer's hidden states and attention probabilities, as transformers returns them. The last
+    hidden state is the final norm's output (``last_hidden_state``), what the head sees."""
+    model, mlm = base
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       output_hidden_states=True, output_attentions=True)
+    ours = mlm_forward(mlm.params, jnp.asarray(ids), jnp.asarray(mask), config=mlm.config,
+                       output_hidden_states=True, output_attentions=True)
+    assert len(ours["hidden_states"]) == len(theirs.hidden_states) == len(LAYER_TYPES) + 1
+    for layer, (a, b) in enumerate(zip(ours["hidden_states"], theirs.hidden_states,
+                                       strict=True)):
+        assert _largest_gap(np.asarray(a), b.numpy(), mask) < 1e-4, f"hidden state {layer}"
+    for layer, (a, b) in enumerate(zip(ours["attentions"], theirs.attentions, strict=True)):
+        real = mask.astype(bool)  # queries of real tokens; keys of padding get 0 in both
+        np.testing.assert_allclose(np.asarray(a).transpose(0, 2, 1, 3)[real],
+                                   b.numpy().transpose(0, 2, 1, 3)[real], atol=1e-5,
+                                   err_msg=f"attention {layer}")
+
+
 def test_the_hub_checkpoints_config_layout_loads_too(tmp_path):
     """answerdotai/ModernBERT-base's config.json predates layer_types and rope_parameters: it
     has global_attn_every_n_layers and global/local_rope_theta. transformers and we must read

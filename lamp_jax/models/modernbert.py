@@ -386,15 +386,20 @@ class MaskedLM(nn.Module):
             attentions.append(probs)
         if stop_layer is not None:
             return {"hidden": x}
+        last = x
         if positions is not None:
             if not gathered:
                 x = _take_rows(x, positions)
             if jnp.ndim(output_positions) == 1:
                 x = x[:, 0]
-        x = _norm(c, self.dtype, "final_norm")(x)
+        final_norm = _norm(c, self.dtype, "final_norm")
+        x = final_norm(x)
         word_embeddings = self.variables["params"]["embeddings"]["tok_embeddings"]["embedding"]
         out = {"logits": MLMHead(c, self.dtype, name="mlm_head")(x, word_embeddings)}
         if output_hidden_states:
+            # As transformers: the last hidden state is the final norm's output, the state
+            # the head reads (x holds only output_positions' rows when those were given).
+            hidden_states[-1] = x if positions is None else final_norm(last)
             out["hidden_states"] = tuple(hidden_states)
         if output_attentions:
             out["attentions"] = tuple(attentions)
