@@ -217,3 +217,40 @@ def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, t
 def test_run_labels_name_the_grid_values():
     assert Run((("optim.learning_rate", 0.1),), 0).label == "optim.learning_rate=0.1"
     assert Run((), 2).label == "base config"
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_the_sweep_command_with_status_75_after_saving(tmp_path):
+    """``python -m lamp_jax.sweep`` as a job runs it: a SIGTERM while a group trains saves
+    the group's state, says so in one line and exits with status 75 (rerun: resumed, as
+    test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json shows)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lamp_jax.hosts import PREEMPTED_EXIT
+
+    repo = Path(__file__).resolve().parents[1]
+    log = tmp_path / "sweep.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamp_jax.sweep", "--grid", "optim.learning_rate=0.5,1.0",
+         "--seeds", "1", f"--workdir={tmp_path / 'sweep'}", "--config.epochs=20",
+         "--config.plots=False", "--config.specialization=False"],
+        cwd=repo, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    records = tmp_path / "sweep" / "runs" / "optim.learning_rate=0.5,seed=0" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline and not (
+            records.exists() and records.read_text().endswith("\n")):
+        time.sleep(0.02)  # until the group trains: its first evaluation is written
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    output = log.read_text()
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    step = int(re.search(r"^preemption notice \(SIGTERM\): saved the state at step (\d+); "
+                         r"run the same command again to resume$", output, re.MULTILINE)[1])
+    checkpoints = tmp_path / "sweep" / "groups" / "base" / "checkpoints"
+    assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == step
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
