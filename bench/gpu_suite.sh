@@ -21,7 +21,7 @@
 #   chunk_sweep      what bounding memory costs: the bfloat16 step at relation chunks 1, 2, 4.
 # All parts together take longer than one 10-minute command on a lent machine: pick them with
 # SUITE_PARTS (the peer's figures: "throughput_bf16 eval_bf16", about 8 minutes).
-# A missing Python package (the GPU image has no ml_collections or tensorboardX) is installed
+# A missing Python package (the GPU image has no ml_collections) is installed
 # from wheels in .whl/ when that folder exists (bench/README.md says how to fetch them).
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_suite}}

@@ -14,6 +14,7 @@ import pytest
 from lamp_jax.api import load_run
 from lamp_jax.masks import MaskSpec, pruned_fraction, sparsity_stats
 from lamp_jax.run_dir import RunDirectory
+from lamp_jax.summaries import ScalarWriter, event_bytes, event_record
 
 
 def crc32c(data: bytes) -> int:
@@ -31,24 +32,30 @@ def masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of every event file in ``directory``: ``{tag: {step: value}}``."""
+def read_events(path: Path) -> list:
+    """The events of one file, each record's checksums checked, decoded by the protobuf
+    library (tensorboardX's compiled event.proto)."""
     from tensorboardX.proto.event_pb2 import Event
 
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        header = data[offset:offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (length_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+        assert length_crc == masked_crc(header), f"{path}: bad length checksum"
+        record = data[offset + 12:offset + 12 + length]
+        (record_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+        assert record_crc == masked_crc(record), f"{path}: bad record checksum"
+        offset += 16 + length
+        events.append(Event.FromString(record))
+    return events
+
+
+def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of every event file in ``directory``: ``{tag: {step: value}}``."""
     scalars: dict[str, dict[int, float]] = {}
     for path in sorted(directory.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):
-            header = data[offset:offset + 8]
-            (length,) = struct.unpack("<Q", header)
-            (length_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
-            assert length_crc == masked_crc(header), f"{path}: bad length checksum"
-            record = data[offset + 12:offset + 12 + length]
-            (record_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
-            assert record_crc == masked_crc(record), f"{path}: bad record checksum"
-            offset += 16 + length
-            event = Event.FromString(record)
+        for event in read_events(path):
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars
@@ -56,6 +63,47 @@ def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
 
 def test_crc32c_known_answer():
     assert crc32c(b"123456789") == 0xE3069283
+
+
+def test_events_are_byte_for_byte_what_tensorboardx_protobuf_encodes():
+    """Our hand-encoded Event protos equal the protobuf library's encoding (tensorboardX's
+    compiled event.proto), field by field: scalars (ASCII and not, large steps), the file
+    version, and the session start a resumed run begins with."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    cases = [
+        (event_bytes(1733350000.25, 0, file_version="brain.Event:2"),
+         Event(wall_time=1733350000.25, step=0, file_version="brain.Event:2")),
+        (event_bytes(12.5, 3, scalar=("dev/macro_P1", 0.625)),
+         Event(wall_time=12.5, step=3, summary=Summary(value=[
+             Summary.Value(tag="dev/macro_P1", simple_value=0.625)]))),
+        (event_bytes(7.0, 2 ** 40 + 5, scalar=("dev_P1/P19 (place of birth) é", -1.5e-8)),
+         Event(wall_time=7.0, step=2 ** 40 + 5, summary=Summary(value=[
+             Summary.Value(tag="dev_P1/P19 (place of birth) é", simple_value=-1.5e-8)]))),
+        (event_bytes(9.0, 12, session_start=True),
+         Event(wall_time=9.0, step=12, session_log=SessionLog(status=SessionLog.START))),
+    ]
+    for ours, theirs in cases:
+        assert ours == theirs.SerializeToString()
+    record = event_record(cases[1][0])
+    assert struct.unpack("<Q", record[:8])[0] == len(cases[1][0])
+    assert struct.unpack("<I", record[8:12])[0] == masked_crc(record[:8])
+    assert struct.unpack("<I", record[-4:])[0] == masked_crc(cases[1][0])
+
+
+def test_a_resumed_writer_starts_its_file_with_a_session_start_at_its_step(tmp_path):
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    writer = ScalarWriter(tmp_path, start_step=12)
+    writer.write(15, {"dev/macro_P1": 0.5, "train/ce": None})
+    writer.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    events = read_events(path)
+    assert events[0].file_version == "brain.Event:2"
+    assert (events[1].step, events[1].session_log.status) == (12, SessionLog.START)
+    assert [(e.step, [(v.tag, v.simple_value) for v in e.summary.value])
+            for e in events[2:]] == [(15, [("dev/macro_P1", 0.5)])]
 
 
 @pytest.fixture(scope="module")
