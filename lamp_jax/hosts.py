@@ -225,10 +225,12 @@ class PreemptionNotice:
         self.received: int | None = None
         self._installed = False
         self._previous: Any = None
+        self._calls = 0  # reached() calls since entering (JAX's sync point counts them)
         self._service = True  # jax_enable_preemption_service may have turned JAX's off
 
     def __enter__(self) -> PreemptionNotice:
         self.received = None
+        self._calls = 0
         # Python handlers can only be set from the main thread (a loop in another thread
         # keeps the default: SIGTERM stops the process at once, as before).
         self._installed = (jax.process_count() == 1
@@ -249,6 +251,7 @@ class PreemptionNotice:
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (the number of steps done)."""
+        self._calls += 1
         if jax.process_count() == 1:
             return self.received is not None
         if not self._service:
@@ -256,7 +259,11 @@ class PreemptionNotice:
         from jax.experimental import multihost_utils
 
         try:
-            return multihost_utils.reached_preemption_sync_point(step)
+            # JAX numbers the sync point from the calls it has seen: a notice that came before
+            # the first call (during set-up) is due at call 1. So the calls are counted from 1
+            # in every invocation, not by the run's step: a resumed run's first step (say 13)
+            # would never meet that notice, and the run would train on to its end.
+            return multihost_utils.reached_preemption_sync_point(self._calls)
         except RuntimeError:  # the service is off: only kill -9 style interruptions remain
             self._service = False
             return False

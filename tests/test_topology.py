@@ -284,34 +284,41 @@ def _latest_checkpoint(workdir: Path) -> int:
     return max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
 
 
-def test_a_preemption_notice_to_one_process_then_kill_9_of_all_then_relaunch_ends_the_same(
+def test_kill_9_of_all_then_a_preemption_notice_to_one_process_then_relaunch_ends_the_same(
         reference, tmp_path):
     """Two interruptions of a 2-process run, then a relaunch that ends with the reference's
-    masks. First a preemption notice (SIGTERM) that reaches process 1 only, as when one VM of a
-    pod is preempted: both processes agree on a step, save it, and exit with status 75, and so
-    does the launcher. Then kill -9 of the launcher and both processes after a checkpoint."""
+    masks. First kill -9 of the launcher and both processes after a checkpoint. Then, while
+    the relaunch resumes (set-up: before its first step), a preemption notice (SIGTERM) that
+    reaches process 1 only, as when one VM of a pod is preempted: both processes stop at the
+    first step, save it, and exit with status 75, and so does the launcher."""
     workdir = tmp_path / "interrupted"
     proc = _launch_in_background(workdir)
     _wait_for_checkpoint(workdir, proc, min_step=3)
-    os.kill(_process_1(proc), signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
-    assert f"0: code {PREEMPTED_EXIT}, 1: code {PREEMPTED_EXIT}" in output, output[-3000:]
-    noticed_at = int(re.search(r"^preemption notice \(SIGTERM\): saved the state at step "
-                               r"(\d+); run the same command again to resume$", output,
-                               re.MULTILINE)[1])
-    assert 3 <= noticed_at < EPOCHS * 3 and _latest_checkpoint(workdir) == noticed_at
-
-    proc = _launch_in_background(workdir)
-    _wait_for_checkpoint(workdir, proc, min_step=noticed_at + 1)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes at once
     proc.wait()
     killed_at = _latest_checkpoint(workdir)
-    assert noticed_at < killed_at < EPOCHS * 3  # killed before the end
-    output = _finish(_train("2 processes", workdir))
+    assert 3 <= killed_at < EPOCHS * 3 - 1  # killed before the end
+
+    proc = _launch_in_background(workdir)
+    seen = []
+    for line in proc.stdout:  # set up: both processes have joined (and hear SIGTERM)
+        seen.append(line)
+        if "relation slots" in line:
+            break
+    os.kill(_process_1(proc), signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert f"0: code {PREEMPTED_EXIT}, 1: code {PREEMPTED_EXIT}" in output, output[-3000:]
     assert f"resumed from step {killed_at}" in output.splitlines()
+    # The notice came before the first step of a resumed run: it is due at that step.
+    assert (f"preemption notice (SIGTERM): saved the state at step {killed_at + 1}; run the "
+            "same command again to resume") in output.splitlines(), output[-3000:]
+    assert _latest_checkpoint(workdir) == killed_at + 1
+
+    output = _finish(_train("2 processes", workdir))
+    assert f"resumed from step {killed_at + 1}" in output.splitlines()
     summary = json.loads((workdir / "metrics.json").read_text())
-    assert summary["resumed_from"] == [noticed_at, killed_at]
+    assert summary["resumed_from"] == [killed_at, killed_at + 1]
     _assert_same_masks(reference, workdir)
     history = [json.loads(line)["step"] for line in
                (workdir / "metrics.jsonl").read_text().splitlines()
