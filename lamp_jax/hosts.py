@@ -21,6 +21,7 @@ SLURM, Open MPI, ..., or from an explicit coordinator address, process count and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -204,6 +205,14 @@ def is_peer_failure(err: BaseException) -> bool:
     return any(sign in text for sign in _PEER_FAILURE_SIGNS)
 
 
+# The ids this process passes to JAX's preemption sync point, one per call, increasing over the
+# process's life as JAX's (process-wide) sync manager counts them: a notice heard between two
+# calls is due at the id after the last one seen. The run's step would not do: a notice during
+# the set-up of a resumed run (first step 13) was due at 1 and never met, and that run trained
+# on to its end; nor would a count per loop (a sweep's next group would start again at 1).
+_SYNC_POINT_CALLS = itertools.count(1)
+
+
 class PreemptionNotice:
     """A preemption notice turned into a stop at a step that every process of the run agrees on.
 
@@ -216,8 +225,9 @@ class PreemptionNotice:
     Several: JAX's preemption service (``jax.distributed``, on by default) hears SIGTERM in
     whichever process gets it and agrees with the others on the next step that all of them
     reach (``multihost_utils.reached_preemption_sync_point``), so the collective save starts at
-    the same step everywhere, in processes that got no signal too. It needs :meth:`reached`
-    called at every step, from the same first step, by every process; the loop does that.
+    the same step everywhere, in processes that got no signal too; a notice during set-up
+    (once the processes have joined) is due at the first step. Every process must ask at every
+    step of the loop, as the loop does.
     """
 
     def __init__(self, signum: int = signal.SIGTERM):
@@ -225,12 +235,10 @@ class PreemptionNotice:
         self.received: int | None = None
         self._installed = False
         self._previous: Any = None
-        self._calls = 0  # reached() calls since entering (JAX's sync point counts them)
         self._service = True  # jax_enable_preemption_service may have turned JAX's off
 
     def __enter__(self) -> PreemptionNotice:
         self.received = None
-        self._calls = 0
         # Python handlers can only be set from the main thread (a loop in another thread
         # keeps the default: SIGTERM stops the process at once, as before).
         self._installed = (jax.process_count() == 1
@@ -251,7 +259,6 @@ class PreemptionNotice:
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (the number of steps done)."""
-        self._calls += 1
         if jax.process_count() == 1:
             return self.received is not None
         if not self._service:
@@ -259,11 +266,7 @@ class PreemptionNotice:
         from jax.experimental import multihost_utils
 
         try:
-            # JAX numbers the sync point from the calls it has seen: a notice that came before
-            # the first call (during set-up) is due at call 1. So the calls are counted from 1
-            # in every invocation, not by the run's step: a resumed run's first step (say 13)
-            # would never meet that notice, and the run would train on to its end.
-            return multihost_utils.reached_preemption_sync_point(self._calls)
+            return multihost_utils.reached_preemption_sync_point(next(_SYNC_POINT_CALLS))
         except RuntimeError:  # the service is off: only kill -9 style interruptions remain
             self._service = False
             return False
