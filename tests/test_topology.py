@@ -326,6 +326,35 @@ def test_kill_9_of_all_then_a_preemption_notice_to_one_process_then_relaunch_end
     assert history == sorted(set(history)), "resumed steps were logged twice"
 
 
+def test_a_notice_while_a_sweeps_second_group_sets_up_stops_that_group_at_its_first_step(
+        tmp_path):
+    """Two processes, a sweep of two groups (one per mask mode, each a loop of its own): a
+    SIGTERM to process 1 while the second group sets up stops that group at its first step,
+    after the first group finished. JAX's preemption sync ids go on increasing from one loop to
+    the next, as its process-wide sync manager counts them (a count per loop never met it)."""
+    workdir = tmp_path / "sweep"
+    command, env = _command("2 processes", [
+        "-m", "lamp_jax.sweep", "--grid", "mask.mode=stochastic,deterministic", "--seeds", "1",
+        f"--workdir={workdir}", "--config.epochs=2", "--config.plots=False",
+        "--config.specialization=False", f"--config.data.relations={','.join(RELATIONS)}"])
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # the second group sets up: both processes are past the first
+        seen.append(line)
+        if line.startswith("group {'mask.mode': 'deterministic'}"):
+            break
+    os.kill(_process_1(proc), signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=180)[0]
+    assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert ("preemption notice (SIGTERM): saved the state at step 1; run the same command "
+            "again to resume") in output.splitlines(), output[-3000:]
+    runs = workdir / "runs"
+    assert (runs / "mask.mode=stochastic,seed=0" / "metrics.json").exists()
+    assert not (runs / "mask.mode=deterministic,seed=0" / "metrics.json").exists()
+    assert _latest_checkpoint(workdir / "groups" / "mask.mode=deterministic") == 1
+
+
 def test_the_launcher_passes_a_sigterm_on_to_every_process_and_exits_with_theirs(tmp_path):
     """A scheduler that signals the launcher (its only known process) reaches the run: each
     process gets the SIGTERM, and the launcher returns what they return."""
