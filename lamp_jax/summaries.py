@@ -11,9 +11,10 @@ The event files are written here, by :func:`event_record`: TensorBoard's format 
 file of ``Event`` protocol buffers, and the few fields scalars need (wall time, step, a tag and
 a float, the file version, a session start) take a dozen lines to encode. ``tf.summary`` and
 flax's ``clu.metric_writers`` need TensorFlow, hundreds of MB that nothing else here uses;
-tensorboardX, used before, imports torch wherever torch is installed (1 s and 190 MB more in
-every process). Each write is in the file when it returns (flushed; tensorboardX's
-``SummaryWriter.flush()`` did not drain its writer thread's queue). A resumed run starts its
+tensorboardX, used before, imports torch wherever torch is installed (about 1 s of import
+time in every process, measured with ``python -X importtime``). Each write is in the file
+when it returns (flushed; tensorboardX's ``SummaryWriter.flush()`` did not drain its writer
+thread's queue). A resumed run starts its
 file with a session start at the resumed step, as ``SummaryWriter(purge_step=...)`` did, so
 TensorBoard drops the events the interrupted run logged past its last checkpoint.
 

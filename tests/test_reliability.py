@@ -161,7 +161,11 @@ def _damage(checkpoint: Path) -> int:
 
 
 def _checkpoint_steps(workdir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    """The steps of the state checkpoints under ``workdir/checkpoints`` (none yet: [])."""
+    directory = workdir / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def _snapshot(workdir: Path) -> dict[str, tuple[bytes, int]]:
@@ -361,11 +365,8 @@ def _assert_the_default_run_shows_the_effect(summary: dict) -> None:
 
 
 def _latest_step(workdir: Path) -> int:
-    directory = workdir / "checkpoints"
-    if not directory.exists():
-        return -1
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-    return max(steps, default=-1)
+    """The newest state checkpoint's step under ``workdir/checkpoints`` (none yet: -1)."""
+    return max(_checkpoint_steps(workdir), default=-1)
 
 
 def test_allocator_hint_only_for_large_masks_on_a_linux_cpu_with_glibc_defaults():

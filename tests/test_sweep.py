@@ -232,6 +232,7 @@ def test_a_sigterm_stops_the_sweep_command_with_status_75_after_saving(tmp_path)
     from pathlib import Path
 
     from lamp_jax.hosts import PREEMPTED_EXIT
+    from tests.test_reliability import _latest_step
 
     repo = Path(__file__).resolve().parents[1]
     log = tmp_path / "sweep.log"
@@ -251,6 +252,5 @@ def test_a_sigterm_stops_the_sweep_command_with_status_75_after_saving(tmp_path)
     assert proc.returncode == PREEMPTED_EXIT, output[-3000:]
     step = int(re.search(r"^preemption notice \(SIGTERM\): saved the state at step (\d+); "
                          r"run the same command again to resume$", output, re.MULTILINE)[1])
-    checkpoints = tmp_path / "sweep" / "groups" / "base" / "checkpoints"
-    assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == step
+    assert _latest_step(tmp_path / "sweep" / "groups" / "base") == step
     assert not (tmp_path / "sweep" / "sweep.json").exists()

@@ -35,6 +35,7 @@ import pytest
 
 from lamp_jax.hosts import PEER_LOST_EXIT, PREEMPTED_EXIT, is_peer_failure
 from lamp_jax.launch import process_environments
+from tests.test_reliability import _latest_step
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, STOP_AFTER = 8, 12  # 24 steps in all; interrupted runs stop after 12 (4 epochs)
@@ -260,8 +261,7 @@ def _launch_in_background(workdir: Path, grace: float = 60) -> subprocess.Popen:
 def _wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-        if steps and max(steps) >= min_step:
+        if _latest_step(workdir) >= min_step:
             return
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.1)
@@ -280,10 +280,6 @@ def _process_1(launcher: subprocess.Popen) -> int:
                 if "JAX_PROCESS_ID=1\0" in Path(f"/proc/{pid}/environ").read_text())
 
 
-def _latest_checkpoint(workdir: Path) -> int:
-    return max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
-
-
 def test_kill_9_of_all_then_a_preemption_notice_to_one_process_then_relaunch_ends_the_same(
         reference, tmp_path):
     """Two interruptions of a 2-process run, then a relaunch that ends with the reference's
@@ -296,7 +292,7 @@ def test_kill_9_of_all_then_a_preemption_notice_to_one_process_then_relaunch_end
     _wait_for_checkpoint(workdir, proc, min_step=3)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes at once
     proc.wait()
-    killed_at = _latest_checkpoint(workdir)
+    killed_at = _latest_step(workdir)
     assert 3 <= killed_at < EPOCHS * 3 - 1  # killed before the end
 
     proc = _launch_in_background(workdir)
@@ -313,7 +309,7 @@ def test_kill_9_of_all_then_a_preemption_notice_to_one_process_then_relaunch_end
     # The notice came before the first step of a resumed run: it is due at that step.
     assert (f"preemption notice (SIGTERM): saved the state at step {killed_at + 1}; run the "
             "same command again to resume") in output.splitlines(), output[-3000:]
-    assert _latest_checkpoint(workdir) == killed_at + 1
+    assert _latest_step(workdir) == killed_at + 1
 
     output = _finish(_train("2 processes", workdir))
     assert f"resumed from step {killed_at + 1}" in output.splitlines()
@@ -352,7 +348,7 @@ def test_a_notice_while_a_sweeps_second_group_sets_up_stops_that_group_at_its_fi
     runs = workdir / "runs"
     assert (runs / "mask.mode=stochastic,seed=0" / "metrics.json").exists()
     assert not (runs / "mask.mode=deterministic,seed=0" / "metrics.json").exists()
-    assert _latest_checkpoint(workdir / "groups" / "mask.mode=deterministic") == 1
+    assert _latest_step(workdir / "groups" / "mask.mode=deterministic") == 1
 
 
 def test_the_launcher_passes_a_sigterm_on_to_every_process_and_exits_with_theirs(tmp_path):

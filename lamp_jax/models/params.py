@@ -524,11 +524,12 @@ def load_mlm(
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} has no config.json")
-    config = config_from_hf_dict(json.loads(config_path.read_text()))
+    hf_config = json.loads(config_path.read_text())
+    config = config_from_hf_dict(hf_config)
     state_dict, source = read_state_dict(directory)
     params = convert_state_dict(state_dict, config, strict=strict, source=source)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
-    tokenizer = load_tokenizer_of(directory) if load_tokenizer else None
+    tokenizer = load_tokenizer_of(directory, hf_config) if load_tokenizer else None
     return LoadedMLM(params, config, tokenizer, str(name_or_path), dtype)
 
 
@@ -539,16 +540,18 @@ TOKENIZER_CLASSES = {"bert": "BertTokenizer", "roberta": "RobertaTokenizer",
                      "distilbert": "BertTokenizer", "modernbert": "TokenizersBackend"}
 
 
-def load_tokenizer_of(directory: str | Path) -> Any:
+def load_tokenizer_of(directory: str | Path, hf_config: dict[str, Any] | None = None) -> Any:
     """The transformers tokenizer of a checkpoint directory, the one ``AutoTokenizer`` picks:
     the class its ``tokenizer_config.json`` names, else its ``config.json``, else the family's
     (:data:`TOKENIZER_CLASSES`), imported alone. ``AutoTokenizer`` itself imports transformers'
     model code and, where torch is installed, torch: 1.6 s and 190 MB more in every process
-    (measured on the embedded model), for a tokenizer that needs neither."""
+    (measured on the embedded model), for a tokenizer that needs neither. ``hf_config``: the
+    directory's ``config.json``, when the caller has read it already."""
     import transformers
 
     directory = Path(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
+    if hf_config is None:
+        hf_config = json.loads((directory / "config.json").read_text())
     named = [hf_config.get("tokenizer_class"), TOKENIZER_CLASSES.get(hf_config.get("model_type"))]
     tokenizer_config = directory / "tokenizer_config.json"
     if tokenizer_config.exists():
