@@ -21,8 +21,7 @@ import numpy as np
 from etils import epath
 
 from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks, sparsity_stats
-from lamp_jax.models.bert import mlm_forward
-from lamp_jax.models.params import LoadedMLM, load_mlm, save_mlm
+from lamp_jax.models import LoadedMLM, load_mlm, mlm_forward, save_mlm
 from lamp_jax.paths import as_path
 from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
 from lamp_jax.run_dir import RunDirectory

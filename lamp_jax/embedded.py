@@ -23,8 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lamp_jax import world
-from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
-from lamp_jax.models.params import save_mlm
+from lamp_jax.models import ModelConfig, init_params, mlm_forward, save_mlm
 
 EMBEDDED_ASSET_DIR = Path(__file__).parent / "assets" / "embedded_mlm"
 CACHE_DIR = Path("~/.cache/lamp_jax/embedded_mlm").expanduser()

@@ -27,8 +27,7 @@ import numpy as np
 
 from lamp_jax import threefry
 from lamp_jax.hosts import to_host
-from lamp_jax.models.bert import ModelConfig
-from lamp_jax.models.modernbert import ModernBertConfig
+from lamp_jax.models import ModelConfig, ModernBertConfig
 
 # Short names of the maskable matrices of the BERT family (BERT, RoBERTa, DistilBERT) -> their
 # path inside a layer's params. Also the default matrices of a MaskSpec.

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lamp_jax.hosts import to_host
-from lamp_jax.models.bert import ModelConfig, encode_prefix
+from lamp_jax.models import ModelConfig, encode_prefix
 from lamp_jax.parallel import put_global
 
 

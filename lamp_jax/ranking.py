@@ -24,7 +24,7 @@ import numpy as np
 
 from lamp_jax.hosts import to_host
 from lamp_jax.masks import MaskMode, apply_masks
-from lamp_jax.models.bert import ModelConfig, mlm_forward
+from lamp_jax.models import ModelConfig, mlm_forward
 from lamp_jax.parallel import map_relations
 from lamp_jax.prefix import check_start_layer
 

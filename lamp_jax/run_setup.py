@@ -37,7 +37,7 @@ from lamp_jax.data import RelationBatcher
 from lamp_jax.data.prepare import PreparedData, prepare_data, resolve_sources
 from lamp_jax.hosts import is_main, use_compile_cache
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, insert_path, logit
-from lamp_jax.models.params import LoadedMLM, load_mlm
+from lamp_jax.models import LoadedMLM, load_mlm
 from lamp_jax.parallel import (
     ACCELERATOR_SHARE,
     DATA,

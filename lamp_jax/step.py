@@ -24,7 +24,7 @@ import optax
 
 from lamp_jax import threefry
 from lamp_jax.masks import MaskMode, apply_masks, expected_density, sparsity_penalty
-from lamp_jax.models.bert import ModelConfig, mlm_forward
+from lamp_jax.models import ModelConfig, mlm_forward
 from lamp_jax.parallel import RELATION, map_relations, put_global, relation_sharding, replicated
 from lamp_jax.prefix import check_start_layer
 

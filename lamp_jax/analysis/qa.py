@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lamp_jax.models.bert import mlm_forward
+from lamp_jax.models import mlm_forward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lamp_jax.masks import MaskMode, apply_masks
-from lamp_jax.models.bert import mlm_forward
+from lamp_jax.models import mlm_forward
 
 
 def silhouette_score(points: np.ndarray, labels: np.ndarray) -> float:
