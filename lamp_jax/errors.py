@@ -1,0 +1,19 @@
+"""The one exception type for mistakes in what a user asked for.
+
+A missing file, a bad config value, a model directory that is not one, an unknown relation, a
+prompt without ``[MASK]``: raise :class:`UsageError` (or :class:`MissingFileError`) with a
+message that names the file, line, field or relation, and what would be right. The command
+line (:mod:`lamp_jax.cli`) prints ``error: <message>`` and exits with status 2, without a
+traceback; everything else is a bug and keeps its traceback. Both subclass the built-in types
+that code and tests already catch (``ValueError``, ``FileNotFoundError``).
+"""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input: the message alone says what is wrong and where."""
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file or directory the user named does not exist (or is not what it should be)."""
