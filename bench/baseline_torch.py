@@ -108,7 +108,7 @@ def hf_linear_warmup_decay(total: int, warmup_fraction: float) -> Callable[[int]
 
 
 def lamp_jax_warmup_decay(total: int, warmup_fraction: float) -> Callable[[int], float]:
-    """lamp_jax.step.linear_warmup_decay as a LambdaLR factor (for the equivalence test:
+    """lamp_jax.optim.linear_warmup_decay as a LambdaLR factor (for the equivalence test:
     Hugging Face's schedule spends its first update at lr 0, ours does not)."""
     warmup = max(math.ceil(warmup_fraction * total), 1)
     decay = max(total - warmup, 1)

@@ -48,12 +48,13 @@ def measure(args, chunk: int) -> tuple[float, float, int, int]:
 
     built = setup_step(SIZES[args.size], args.relations, args.batch, args.length, args.dtype,
                        args.mode, chunk or None, True, None, args.moment_dtype)
-    step, params, data, state = (built[k] for k in ("step", "params", "data", "state"))
+    step, params, data, state, lr = (built[k] for k in ("step", "params", "data", "state",
+                                                         "lr"))
     base = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state, params)))
-    stats = step.lower(state, params, data).compile().memory_analysis()
+    stats = step.lower(state, params, data, lr).compile().memory_analysis()
     peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-    seconds, first_s = time_steps(step, state, params, data, args.repeats, warmup=1)
+    seconds, first_s = time_steps(step, state, (params, data, lr), args.repeats, warmup=1)
     return seconds, first_s, peak, base
 
 if __name__ == "__main__":

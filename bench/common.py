@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lamp_jax.hosts import peak_rss_bytes
-from lamp_jax.parallel import available_cores
+from lamp_jax.placement import available_cores
 
 SIZES = {
     # About a minute for train_throughput (both sides, three rounds) on a 2-core CPU.
@@ -91,7 +91,7 @@ def synthetic_run(size: dict, relations: int, batch: int, length: int, dtype: st
                   mode: str = "deterministic", relation_chunk: int | None = None,
                   cache_prefix: bool = True, relation_parallelism: int | None = None,
                   moment_dtype: str = "float32", seed: int = 0):
-    """train.py's own setup (:func:`lamp_jax.run_setup.setup_run`) of a random model of
+    """train.py's own setup (:func:`lamp_jax.setup.setup_training`) of a random model of
     ``size`` and ``relations`` x ``batch`` random prompts of ``length`` tokens per split: the
     benchmarks time the step, ranking and placement a run would use, not a copy of them.
     ``relation_chunk``: relations per device at a time (None: all at once, as on a device
@@ -104,7 +104,7 @@ def synthetic_run(size: dict, relations: int, batch: int, length: int, dtype: st
     from lamp_jax.data.prepare import PreparedData
     from lamp_jax.models.bert import ModelConfig, init_params
     from lamp_jax.models.params import LoadedMLM
-    from lamp_jax.run_setup import setup_run
+    from lamp_jax.setup import setup_training
 
     model = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -132,8 +132,8 @@ def synthetic_run(size: dict, relations: int, batch: int, length: int, dtype: st
     # None: all at once (a chunk as large as the axis), whatever the memory rule would pick.
     config.relation_chunk = relation_chunk or 2**20
     config.cpu_devices = 0  # set by the caller's use_cpu_devices, before JAX starts
-    return setup_run([config], log=lambda *_: None, mlm=mlm,
-                     data=PreparedData(names, splits, {k: [] for k in splits}))
+    return setup_training(config, log=lambda *_: None, mlm=mlm,
+                          data=PreparedData(names, splits, {k: [] for k in splits}))
 
 
 class CompileCounter:
@@ -172,22 +172,23 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
-def time_steps(step: Callable, state: Any, params: Any, data: Any, repeats: int,
+def time_steps(step: Callable, state: Any, inputs: tuple, repeats: int,
                warmup: int = 0, during: Any = None) -> tuple[float, float]:
-    """Times a jitted training step fed its own new state: ``(median seconds of `repeats`
-    steps, seconds of the first call)``. The first call compiles the step (unless it was
+    """Times a jitted training step ``step(state, *inputs)`` (inputs: frozen params, batch,
+    peak learning rate) fed its own new state: ``(median seconds of `repeats` steps, seconds
+    of the first call)``. The first call compiles the step (unless it was
     compiled before); ``warmup`` untimed steps follow it, then the timed ones, all inside the
     context manager ``during`` (e.g. a :class:`CompileCounter`) when one is given."""
     import jax
 
     start = time.perf_counter()
-    state, _ = step(state, params, data)
+    state, _ = step(state, *inputs)
     jax.block_until_ready(state)
     first_s = time.perf_counter() - start
 
     def one():
         nonlocal state
-        state, _ = step(state, params, data)
+        state, _ = step(state, *inputs)
         jax.block_until_ready(state.mask_logits)
 
     with during if during is not None else contextlib.nullcontext():

@@ -49,7 +49,7 @@ def ours(size: dict, relations: int, prompts: int, batch: int, length: int, repe
          dtype: str, cpu_devices: int) -> dict:
     import time
 
-    from lamp_jax.parallel import use_cpu_devices
+    from lamp_jax.placement import use_cpu_devices
     from lamp_jax.prefix import batch_prefix_hidden_states
     from lamp_jax.ranking import evaluate
 

@@ -28,7 +28,7 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
     """Our jitted step for abstract inputs, and ``init(rng) -> (frozen params, state)``, a pure
     function whose shapes ``jax.eval_shape`` gives without allocating anything. The step is
     :func:`lamp_jax.step.jit_train_step` with the loss and optimizer train.py's setup builds
-    (:mod:`lamp_jax.run_setup`, which allocates the model; the benchmarks that run steps use
+    (:mod:`lamp_jax.setup`, which allocates the model; the benchmarks that run steps use
     it, :func:`bench.common.synthetic_run`). ``slots`` > ``relations``: inert relations pad
     the relation axis, as a run pads it to a multiple of its relation devices."""
     import jax
@@ -36,14 +36,9 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
 
     from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
     from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.step import (
-        LossConfig,
-        OptimConfig,
-        init_train_state,
-        jit_train_step,
-        make_optimizer,
-        state_shardings,
-    )
+    from lamp_jax.optim import OptimConfig, make_optimizer
+    from lamp_jax.placement import state_shardings
+    from lamp_jax.step import LossConfig, init_train_state, jit_train_step
 
     config = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -86,6 +81,7 @@ def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "floa
          moment_dtype: str = "float32") -> dict:
     """XLA's memory plan of our step (bytes), and the size of the training state."""
     import jax
+    import jax.numpy as jnp
 
     step, init, config, compute, start_layer = build_step(
         size, relations, length, dtype, mode, relation_chunk, cache_prefix, donate,
@@ -96,7 +92,8 @@ def plan(size: dict, relations: int, batch: int, length: int, dtype: str = "floa
     if start_layer:
         data["hidden"] = jax.ShapeDtypeStruct((relations, batch, length, config.hidden_size),
                                               compute)
-    stats = step.lower(state, params, data).compile().memory_analysis()
+    stats = step.lower(state, params, data, jax.ShapeDtypeStruct((), jnp.float32)).compile(
+    ).memory_analysis()
     if stats is None:
         raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
     arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
@@ -114,18 +111,18 @@ def automatic_chunk(size: dict, relations: int, batch: int, length: int, dtype: 
                     mode: str, moment_dtype: str, device_bytes: int) -> tuple[int | None, int]:
     """The relation chunk train.py picks on one accelerator of ``device_bytes`` (what its
     allocator may use): all relations at once when XLA's plan of that step fits in 80% of it
-    (:func:`lamp_jax.run_setup.fastest_fitting_chunk`), else the memory-first estimate's;
+    (:func:`lamp_jax.placement.fastest_fitting_chunk`), else the memory-first estimate's;
     and the bytes the state and frozen weights leave for transients."""
     import jax
     import jax.numpy as jnp
 
-    from lamp_jax.parallel import (
+    from lamp_jax.placement import (
         activation_bytes,
         budget_for,
+        fastest_fitting_chunk,
         memory_relation_chunk,
         transient_bytes_per_relation,
     )
-    from lamp_jax.run_setup import fastest_fitting_chunk
 
     _, init, *_ = build_step(size, relations, length, dtype, mode, None, True,
                              moment_dtype=moment_dtype)

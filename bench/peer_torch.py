@@ -468,7 +468,7 @@ def embed(input_ids: torch.Tensor, fw: PeerWeights) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class PeerOptim:
-    """lamp_jax.step.OptimConfig's fields the peer implements (no weight decay, float32
+    """lamp_jax.optim.OptimConfig's fields the peer implements (no weight decay, float32
     moments)."""
 
     learning_rate: float = 3e-4

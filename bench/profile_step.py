@@ -104,23 +104,24 @@ def main() -> None:
 
     import jax
 
-    from lamp_jax.parallel import use_cpu_devices
+    from lamp_jax.placement import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)  # as train.py does, before JAX starts
 
     built = setup_step(SIZES[args.size], args.relations, args.batch, args.length, args.dtype,
                        "deterministic", None, cache_prefix=True)
-    step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
+    step, state, params, data, lr = (built[k] for k in ("step", "state", "params", "data",
+                                                         "lr"))
 
     def one():
         nonlocal state
-        state, _ = step(state, params, data)
+        state, _ = step(state, params, data, lr)
         jax.block_until_ready(state)
 
     for _ in range(WARMUP_STEPS):  # compiling, then first-touch page faults
         one()
     wall = median_time(one, 20)
-    hlo_text = step.lower(state, params, data).compile().as_text()
+    hlo_text = step.lower(state, params, data, lr).compile().as_text()
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(args.steps):

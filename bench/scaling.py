@@ -29,8 +29,8 @@ def step_time(shape: dict, layers: tuple[int, ...], relations: int, batch: int, 
     is measured, on one device (``cpu_devices=1``: the relation count is the variable)."""
     run = synthetic_run({**shape, "layers": layers}, relations, batch, length,
                         cache_prefix=False, relation_parallelism=1)
-    return time_steps(run.step_fn, run.init_state(log=lambda *_: None), run.frozen,
-                      run.train_batch(0), repeats)
+    return time_steps(run.step_fn, run.init_state(log=lambda *_: None),
+                      (run.frozen, run.train_batch(0), run.learning_rate), repeats)
 
 
 def main() -> None:

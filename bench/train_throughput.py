@@ -78,7 +78,8 @@ def setup_step(size: dict, relations: int, batch: int, length: int, dtype: str, 
         prefix_s = median_time(encode, 3)
     local = run.slots // run.mesh.shape["relation"]
     return {"step": run.step_fn, "state": run.init_state(log=lambda *_: None),
-            "params": run.frozen, "data": run.train_batch(0), "prefix_s": prefix_s,
+            "params": run.frozen, "data": run.train_batch(0), "lr": run.learning_rate,
+            "prefix_s": prefix_s,
             "mesh": run.mesh, "slots": run.slots,
             "relation_chunk": run.chunk if run.chunk and run.chunk < local else None,
             "run": run}
@@ -89,18 +90,19 @@ def ours(size: dict, relations: int, batch: int, length: int, repeats: int, dtyp
          relation_parallelism: int | None = None, moment_dtype: str = "float32") -> dict:
 
 
-    from lamp_jax.parallel import use_cpu_devices
+    from lamp_jax.placement import use_cpu_devices
 
     use_cpu_devices(cpu_devices)  # as train.py does, before JAX starts
 
     built = setup_step(size, relations, batch, length, dtype, mode, relation_chunk, cache_prefix,
                        relation_parallelism, moment_dtype)
-    step, state, params, data = (built[k] for k in ("step", "state", "params", "data"))
+    step, state, params, data, lr = (built[k] for k in ("step", "state", "params", "data",
+                                                         "lr"))
     prefix_s = built["prefix_s"]
 
     # The first steps after compiling fault in memory: WARMUP_STEPS - 1 more go untimed.
     compiles = CompileCounter()
-    seconds, compile_s = time_steps(step, state, params, data, repeats,
+    seconds, compile_s = time_steps(step, state, (params, data, lr), repeats,
                                     warmup=WARMUP_STEPS - 1, during=compiles)
     summary = jax_device_summary()
     return {"step_s": seconds, "mesh": dict(built["mesh"].shape), "slots": built["slots"],

@@ -25,7 +25,7 @@ from lamp_jax.models import LoadedMLM, load_mlm, mlm_forward, save_mlm
 from lamp_jax.paths import as_path
 from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
 from lamp_jax.run_dir import RunDirectory
-from lamp_jax.run_setup import DTYPES
+from lamp_jax.setup import DTYPES
 
 
 @dataclasses.dataclass
@@ -58,11 +58,11 @@ class Run:
             from lamp_jax.data import RelationBatcher
             from lamp_jax.data.prepare import prepare_data
 
-            info = RunDirectory(self.workdir).info()
-            data = prepare_data(info.config, self.mlm.tokenizer, Path(info.data),
+            manifest = RunDirectory(self.workdir).manifest()
+            data = prepare_data(manifest.config, self.mlm.tokenizer, Path(manifest.data),
                                 log=lambda *_: None)
             for name, encoded in data.splits.items():
-                self._batches[name] = list(RelationBatcher(encoded, info.config.batch_size)
+                self._batches[name] = list(RelationBatcher(encoded, manifest.config.batch_size)
                                            .eval_batches())
         return self._batches[split]
 
@@ -151,7 +151,7 @@ def load_run(workdir: str | Path, model: str | None = None) -> Run:
     where the frozen model is loaded from (e.g. a local copy of the hub checkpoint on an
     offline machine)."""
     directory = RunDirectory(workdir)
-    info = directory.info()
-    mlm = load_mlm(model or info.model, dtype=DTYPES[info.dtype])
-    return Run(as_path(workdir), mlm, info.relations, info.spec, info.eval_mode,
-               directory.best_masks(), directory.metrics(), info.labels)
+    manifest = directory.manifest()
+    mlm = load_mlm(model or manifest.model, dtype=DTYPES[manifest.dtype])
+    return Run(as_path(workdir), mlm, manifest.relations, manifest.spec, manifest.eval_mode,
+               directory.best_masks(), directory.metrics(), manifest.labels)

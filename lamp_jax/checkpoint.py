@@ -7,7 +7,7 @@ What they are in a run directory (``workdir``; :mod:`lamp_jax.run_dir` owns its 
     masks.npz             bit-packed hard masks of the best logits, one bit per weight
 
 Checkpoints open on any topology. Per-relation arrays are saved with the relation axis the
-saving mesh had, inert slots included (:func:`lamp_jax.parallel.relation_slots`; they always
+saving mesh had, inert slots included (:func:`lamp_jax.placement.relation_slots`; they always
 come last). A restore names the shapes and shardings it wants: the reading process's own
 devices (1 in a notebook, 8 on a host, several processes), the relation axis truncated or
 zero-padded to its own slot count (inert slots hold nothing worth keeping). Nothing refers to
@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from etils import epath
 
 from lamp_jax.hosts import is_main, to_host, write_text
 from lamp_jax.masks import MATRIX_PATHS, MaskSpec, hard_mask, insert_path, iter_masks
-from lamp_jax.paths import as_path, load_npz, run_dir, save_npz
+from lamp_jax.paths import absolute, as_path, load_npz, save_npz
 from lamp_jax.step import TrainState
 
 # Gigabytes Orbax serialises at once. Each array in flight costs a host copy (compression
@@ -66,10 +67,17 @@ def _restore(target: Any, strict: bool = True) -> ocp.args.PyTreeRestore:
 
 
 def _to_saveable(state: TrainState) -> dict[str, Any]:
-    # Typed PRNG keys are stored as their raw key data.
+    """The state as Orbax stores it: typed PRNG keys as their raw key data. ``state`` may be
+    abstract (``jax.ShapeDtypeStruct`` leaves with shardings: a restore target)."""
+    rng = state.rng
+    if isinstance(rng, jax.ShapeDtypeStruct):
+        data = jax.eval_shape(jax.random.key_data, rng)
+        rng = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=rng.sharding)
+    else:
+        rng = jax.random.key_data(rng)
     return {"mask_logits": state.mask_logits, "opt_state": state.opt_state,
             "relation_steps": state.relation_steps, "total_steps": state.total_steps,
-            "step": state.step, "rng": jax.random.key_data(state.rng)}
+            "step": state.step, "rng": rng}
 
 
 class UnreadableCheckpointsError(RuntimeError):
@@ -94,7 +102,7 @@ class StateCheckpoints:
     def __init__(self, directory: str | Path, keep: int = 2, background: bool = True):
         """``background``: saves return at once and write while training goes on (after a
         copy of the state to the host); else they write before returning."""
-        self.directory = run_dir(directory)  # a local path or a URL (lamp_jax.paths)
+        self.directory = absolute(directory)  # a local path or a URL (lamp_jax.paths)
         # Each manager names its cross-process barriers with its own prefix: the latest state
         # saves in the background while the best masks save, and two barriers of one name in
         # flight at once fail ("Barrier ...set_value_start is already ongoing"; seen with 2
@@ -105,10 +113,9 @@ class StateCheckpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=_handler())
 
-    def save(self, state: TrainState) -> dict[str, float] | None:
-        """Saves the state of this step (once); returns its bytes and the seconds the call
-        took (in the background, the copy to the host; else the whole write)."""
-        step = int(state.step)
+    def save(self, state: TrainState, step: int) -> dict[str, float] | None:
+        """Saves the state as that of ``step`` (once); returns its bytes and the seconds the
+        call took (in the background, the copy to the host; else the whole write)."""
         if step in self.manager.all_steps():
             return None
         tree = _to_saveable(state)
@@ -153,7 +160,29 @@ class StateCheckpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        self.manager.wait_until_finished()
         self.manager.close()
+
+
+def open_state_checkpoints(directory: str | Path, template: TrainState, *, background: bool,
+                           on_unreadable: str, start_over: Callable[[], None], log=print
+                           ) -> tuple[StateCheckpoints, TrainState | None]:
+    """The checkpoints under ``directory`` and the newest state they hold, laid out like
+    ``template`` (None: nothing saved yet). When checkpoints exist and none can be read,
+    ``on_unreadable`` says what to do: "stop" raises :class:`UnreadableCheckpointsError` and
+    changes nothing; "start_over" calls ``start_over()`` (which deletes them and every record
+    of the training that made them) and starts from nothing."""
+    states = StateCheckpoints(directory, background=background)
+    try:
+        return states, states.restore_latest(template, log)
+    except UnreadableCheckpointsError as err:
+        if on_unreadable != "start_over":
+            raise
+        log(f"warning: {str(err).splitlines()[0]}; starting over, as "
+            "config.on_unreadable_checkpoints='start_over' asks")
+        states.close()
+        start_over()
+        return StateCheckpoints(directory, background=background), None
 
 
 class BestMasks:
@@ -161,7 +190,7 @@ class BestMasks:
     (``<workdir>/best/<step>/``; ``best_score.json`` caches the score)."""
 
     def __init__(self, workdir: str | Path, background: bool = True):
-        self.workdir = run_dir(workdir)
+        self.workdir = absolute(workdir)
         self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
         self._pending: tuple[int, float] | None = None  # a save started but not yet waited for
         options = ocp.CheckpointManagerOptions(
@@ -252,14 +281,14 @@ def restore_best_masks(workdir: str | Path, num_relations: int | None = None, *,
     if template_logits is not None:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                               {"mask_logits": template_logits, "score": np.float64(0)})
-    logits = _read_newest(run_dir(workdir) / "best", "read_best", target)["mask_logits"]
+    logits = _read_newest(absolute(workdir) / "best", "read_best", target)["mask_logits"]
     return logits if target is not None else jax.tree.map(lambda g: g[:num_relations], logits)
 
 
 def restore_latest_masks(workdir: str | Path, num_relations: int | None = None) -> Any:
     """The mask logits of a run's newest training state (the last checkpoint, not the best
     masks), as numpy arrays ``[num_relations, ...]`` on the host, inert slots dropped."""
-    logits = _read_newest(run_dir(workdir) / "checkpoints", "read_latest")["mask_logits"]
+    logits = _read_newest(absolute(workdir) / "checkpoints", "read_latest")["mask_logits"]
     return jax.tree.map(lambda g: g[:num_relations], logits)
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import jax
 
 from lamp_jax.hosts import initialize_if_requested, is_main, main_log, stop_with_peers
-from lamp_jax.loop import final_report
-from lamp_jax.parallel import use_cpu_devices
 from lamp_jax.paths import as_path
+from lamp_jax.placement import use_cpu_devices
+from lamp_jax.results import final_report, log_report
 from lamp_jax.run_dir import RunDirectory
-from lamp_jax.run_setup import setup_run
+from lamp_jax.setup import setup_evaluation
 
 
 def reevaluate(workdir: str | os.PathLike, split: str = "test", model: str | None = None,
@@ -30,13 +30,14 @@ def reevaluate(workdir: str | os.PathLike, split: str = "test", model: str | Non
     (keyed by the split: ``--split dev`` reports dev as dev)."""
     log = main_log(log)
     directory = RunDirectory(workdir)
-    info = directory.info()
-    run = setup_run([info.config], log, training=False, report_split=split,
-                    sources=(model or info.model, Path(info.data)))
-    if run.relations != info.relations:
-        raise ValueError(f"the data now yields relations {list(run.relations)}, the run has "
-                         f"{list(info.relations)}")
-    (report,) = final_report(run, directory.best_masks(run.mask_layout), log)
+    manifest = directory.manifest()
+    setup = setup_evaluation(manifest.config, log, splits=(split,),
+                             sources=(model or manifest.model, Path(manifest.data)))
+    if setup.relations != manifest.relations:
+        raise ValueError(f"the data now yields relations {list(setup.relations)}, the run has "
+                         f"{list(manifest.relations)}")
+    report = final_report(setup, directory.best_masks(setup.mask_layout), split)
+    log_report(report, split, manifest.config.seed, log)
     directory.write_metrics(report.summary, f"eval_{split}.json")
     return report.summary
 

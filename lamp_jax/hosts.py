@@ -143,6 +143,19 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(fetch, tree)
 
 
+def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Places an array (identical on every process) as a global array with ``sharding``; each
+    process materialises only the shards of its own devices."""
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put_global(jax.random.key_data(x), sharding))
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        x = to_host(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def sync(name: str) -> None:
     """Waits until every process gets here (no-op with one process)."""
     if jax.process_count() > 1:

@@ -34,7 +34,7 @@ from lamp_jax.hosts import (
     ENV_PROCESSES,
     PREEMPTED_EXIT,
 )
-from lamp_jax.parallel import available_cores
+from lamp_jax.placement import available_cores
 
 
 def free_port() -> int:

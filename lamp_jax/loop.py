@@ -1,17 +1,15 @@
-"""The training loop, once: ``train_and_evaluate`` = setup -> fit -> final report.
+"""The training loop of one run, top to bottom: set up, restore or init, step, evaluate, save,
+report.
 
     summary = train_and_evaluate(config, workdir)    # what train.py runs
 
-:func:`fit` is the only training loop of lamp-jax: ``train.py`` hands it one run and a
-:class:`~lamp_jax.run_dir.Keeper` of one run directory, a sweep hands it a group of runs side
-by side and one run directory per run (:mod:`lamp_jax.sweep`). Everything numeric is a call
-into the pure functions of :mod:`lamp_jax.step`, :mod:`lamp_jax.ranking` and
-:mod:`lamp_jax.masks`; what is written, and where, is the keeper's.
+Everything numeric is a call into the pure functions of :mod:`lamp_jax.step`,
+:mod:`lamp_jax.ranking` and :mod:`lamp_jax.masks`; the files are the run directory's
+(:mod:`lamp_jax.run_dir`), the checkpoints Orbax's (:mod:`lamp_jax.checkpoint`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +19,24 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lamp_jax.data import labels_entry, relation_display
-from lamp_jax.hosts import PreemptionNotice, is_main, main_log, peak_rss_bytes, to_host
-from lamp_jax.masks import sparsity_stats
-from lamp_jax.parallel import use_cpu_devices
-from lamp_jax.ranking import RankingResult, specialization_matrices
-from lamp_jax.run_dir import Keeper
-from lamp_jax.run_setup import RunSetup, setup_run
+from lamp_jax import placement, plots
+from lamp_jax.checkpoint import BestMasks, open_state_checkpoints
+from lamp_jax.config_checks import validate_config
+from lamp_jax.hosts import (
+    PreemptionNotice,
+    is_main,
+    main_log,
+    peak_rss_bytes,
+    return_free_memory,
+    sync,
+    to_host,
+)
+from lamp_jax.masks import pruned_fraction
+from lamp_jax.ranking import RankingResult
+from lamp_jax.results import final_report, log_report
+from lamp_jax.run_dir import RunDirectory, manifest
+from lamp_jax.setup import setup_training
+from lamp_jax.summaries import ScalarWriter
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -38,158 +47,157 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics
     (``{"stopped_at": step, "preempted": bool, ...}`` when ``config.stop_after`` or a
     preemption notice stopped it first)."""
-    from lamp_jax.config_checks import validate_config
-
     validate_config(config)  # before anything is written
     # Before JAX starts its backends (a no-op once they have, e.g. later in a notebook).
-    use_cpu_devices(config.cpu_devices)
+    placement.use_cpu_devices(config.cpu_devices)
     log, clock = main_log(log), PhaseClock()
-    keeper = Keeper.for_run(workdir)
-    keeper.prepare()
-    run = setup_run([config], log, lap=clock.lap)
-    best = fit(run, keeper, log, clock)
-    if best is None:
-        return keeper.stopped
-    (report,) = final_report(run, best, log)
-    clock.lap("report")
-    trained = sum(clock.seconds.get(k, 0.0) for k in ("steps", "evaluation", "checkpoints"))
-    keeper.write_reports(run, best, [report], {
-        "train_seconds": trained, "steps": run.num_steps, "resources": clock.resources()})
-    log(clock.summary())
-    keeper.close()
-    return report.summary
+    directory = RunDirectory(workdir)
+    directory.ensure_writable()  # fail now, not at the first checkpoint
+    setup = setup_training(config, log, lap=clock.lap)
 
-
-def fit(run: RunSetup, keeper: Keeper, log=print, clock: PhaseClock | None = None) -> Any:
-    """Trains every run on the relation axis to its end, evaluating on dev every
-    ``run.eval_every`` steps; returns the best masks (``[slots, ...]`` on the mesh), or None
-    when ``config.stop_after`` or a preemption notice (SIGTERM, :class:`PreemptionNotice`)
-    stopped this invocation first, after saving the state (``keeper.stopped`` says where).
-    A notice that comes after the last step is left to the default handler (it stops the
-    process at once): the final state is saved by then, and a rerun writes the reports."""
-    clock = clock or PhaseClock()
-    state = keeper.open(run, log)
-    clock.lap("setup")
+    # Restore or init. Nothing is written before a refused resume could stop the run.
+    run_json = manifest(setup)
+    directory.check_resumable(run_json)
+    background = placement.saves_in_background(setup.state_bytes)
+    states, restored = open_state_checkpoints(
+        directory.path / "checkpoints", setup.state_layout(), background=background,
+        on_unreadable=config.on_unreadable_checkpoints, start_over=directory.start_over, log=log)
+    state = restored if restored is not None else setup.init_state(log)
+    best = BestMasks(directory.path, background=background)
+    sync("run directory checked")  # before process 0 replaces run.json
+    directory.write_manifest(run_json, setup.data.facts_by_split)
     first = int(state.step)
-    bar = tqdm(range(first, run.num_steps), desc="training masks", unit="step", initial=first,
-               total=run.num_steps, disable=not is_main())
+    history = directory.keep_records_until(first)
+    if restored is not None:
+        log(f"resumed from step {first}")
+        directory.append_record({"step": first, "event": "resumed"})
+    scalars = ScalarWriter(directory.path, first)
+    clock.lap("setup")
+
+    bar = tqdm(range(first, setup.num_steps), desc="training masks", unit="step",
+               initial=first, total=setup.num_steps, disable=not is_main())
     pending = metrics = None
     # SIGTERM (a preemption notice) from here on saves the state at the next step and stops.
     with PreemptionNotice() as notice:
         for step in bar:
-            state, metrics = run.step_fn(state, run.frozen, run.train_batch(step))
+            state, metrics = setup.step_fn(state, setup.frozen, setup.train_batch(step),
+                                           setup.learning_rate)
             done = step + 1
             # Checked one step late, so the host never stalls the device queue to look.
             if pending is not None:
-                check_finite(pending, done - 1, run, log)
+                check_finite(pending, done - 1, setup.relations, config.on_nonfinite, log)
             pending = metrics
-            if done % run.eval_every == 0 or done == run.num_steps:
-                check_finite(pending, done, run, log)
+            if done % setup.eval_every == 0 or done == setup.num_steps:
+                check_finite(pending, done, setup.relations, config.on_nonfinite, log)
                 pending = None
                 clock.lap("steps", state.mask_logits)
-                dev = run.scores(state.mask_logits, "dev")
-                bar.set_postfix(dev_macro_p1=f"{dev[0].macro(1):.3f}")
-                keeper.evaluated(done, state, dev, metrics, run, clock)
-            # Asked at every step, by every process (JAX's preemption protocol needs that).
-            preempted = notice.reached(done)
-            drill = (run.config.stop_after and done - first >= run.config.stop_after
-                     and done < run.num_steps)
-            if preempted or drill:  # at the last step too: a rerun writes the reports
+                dev = setup.scores(state.mask_logits, "dev")
+                bar.set_postfix(dev_macro_p1=f"{dev.macro(1):.3f}")
+                record = evaluation_record(done, metrics, dev)
+                scalars.write(done, evaluation_scalars(
+                    record, dev, to_host(pruned_fraction(state.mask_logits,
+                                                         setup.mode.threshold))))
+                clock.lap("evaluation")
+                if best.save(done, state.mask_logits, dev.macro(1)):
+                    record["best"] = True
+                record.update(checkpoint_fields(states.save(state, done)))
+                if not background:
+                    # The save's and the evaluation's host buffers are free now, but glibc
+                    # kept them mapped: bert-base x 16 relations crept from 9.2 to 10.5 GiB
+                    # between two steps on a CPU (bench/README.md, memory).
+                    return_free_memory()
+                clock.lap("checkpoints")
+                history.append(record)
+                directory.append_record(record)
+            preempted, stop = stop_now(notice, done, first, setup.num_steps, config.stop_after)
+            if stop:  # at the last step too: a rerun writes the reports
                 bar.close()
-                keeper.stopped = keeper.stop(state, done, preempted=preempted)
+                states.save(state, done)
+                for closing in (scalars, states, best):
+                    closing.close()
                 if preempted:
                     log(f"preemption notice (SIGTERM): saved the state at step {done}; run the "
                         "same command again to resume")
-                return None
+                return {"stopped_at": done, "preempted": preempted, "history": history,
+                        "resumed_from": directory.resumes()}
     bar.close()
-    keeper.finish()
+    scalars.close()
+    states.wait()
     clock.lap("checkpoints")
-    # The best masks replace the training state (bert-base x 16 relations: 8 GB freed before
-    # the final evaluations).
+
+    # Report. The best masks replace the training state (bert-base x 16 relations: 8 GB freed
+    # before the final evaluations).
     del state, metrics, pending
-    return keeper.best_masks(run)
+    best_masks = directory.best_masks(setup.mask_layout)
+    report = final_report(setup, best_masks, "test")
+    log_report(report, "test", config.seed, log)
+    clock.lap("report")
+    trained = sum(clock.seconds.get(k, 0.0) for k in ("steps", "evaluation", "checkpoints"))
+    summary = dict(report.summary, history=history, best_dev_macro_P1=best.score(),
+                   resumed_from=directory.resumes(), train_seconds=trained,
+                   steps=setup.num_steps, resources=clock.resources())
+    directory.write_masks(best_masks, setup.spec, setup.relations, setup.mode.threshold)
+    if config.plots and is_main():
+        plots.write_run_plots(directory.path / "plots", report.shown_relations, report.full,
+                              report.pruned, report.sparsity, setup.spec, report.specialization)
+    directory.write_metrics(summary)
+    log(clock.summary())
+    states.close()
+    best.close()
+    return summary
 
 
-@dataclasses.dataclass
-class RunReport:
-    """One run's final report: ``summary`` (what metrics.json holds) and what its plots need."""
-
-    summary: dict[str, Any]
-    full: RankingResult
-    pruned: RankingResult
-    sparsity: dict[str, np.ndarray]
-    specialization: np.ndarray | None
-    shown_relations: tuple[str, ...]  # as tables and plots name them: "P19 (place of birth)"
-
-
-def final_report(run: RunSetup, best: Any, log=print) -> list[RunReport]:
-    """Per run: the subnetworks (the run's inference kind and the other one) and the full
-    model on ``run.report_split``, the best masks on dev, sparsity, and the specialization
-    matrix (``config.specialization``)."""
-    split, kind = run.report_split, run.eval_mode.kind
-    other = "expectation" if kind == "threshold" else "threshold"
-    pruned, full = run.scores(best, split), run.scores(None, split)
-    # The other inference kind too: binary subnetwork vs soft sigmoid(G) multipliers.
-    soft_or_binary = run.scores(best, split, other)
-    on_dev = ((run.scores(best, "dev"), run.scores(best, "dev", other))
-              if split != "dev" and "dev" in run.eval_sets else None)
-    num, relations = len(run.relations), run.relations
-    stats = sparsity_stats(best, run.spec, run.mode.threshold)
-    matrices = (specialization_matrices(run.rank_fn(kind), best, run.frozen,
-                                        run.eval_sets[split], relations, run.put, run.num_runs)
-                if run.config.specialization else None)
-    shown = relation_display(relations, run.data.labels)
-    reports = []
-    for v, config in enumerate(run.configs):
-        sparsity = {k: x[v * num:(v + 1) * num] for k, x in stats.items()}
-        summary = {split: {"pruned": pruned[v].summary(), "full": full[v].summary(),
-                           f"pruned_{other}": soft_or_binary[v].summary()},
-                   "split": config.data.split,
-                   "sparsity": {k: x.tolist() for k, x in sparsity.items()},
-                   "relations": list(relations), **labels_entry(relations, run.data.labels)}
-        if on_dev is not None:
-            summary["dev"] = {"pruned": on_dev[0][v].summary(),
-                              f"pruned_{other}": on_dev[1][v].summary()}
-        if matrices is not None:
-            summary["specialization"] = matrices[v].tolist()
-        reports.append(RunReport(summary, full[v], pruned[v], sparsity,
-                                 None if matrices is None else matrices[v], shown))
-    if run.num_runs == 1:
-        _log_report(reports[0], split, run.config.seed, log)
-    return reports
+def stop_now(notice: PreemptionNotice, done: int, first: int, num_steps: int,
+             stop_after: int) -> tuple[bool, bool]:
+    """``(preempted, stop)`` after ``done`` steps of a loop that began at ``first``: stop when
+    a preemption notice came (asked at every step, by every process: JAX's preemption protocol
+    needs that) or after ``stop_after`` steps of this invocation (a drill), but before the
+    end."""
+    preempted = notice.reached(done)
+    drill = bool(stop_after) and done - first >= stop_after and done < num_steps
+    return preempted, preempted or drill
 
 
-def _log_report(report: RunReport, split: str, seed: int, log) -> None:
-    full, pruned = report.full, report.pruned
-    width = max([18, *(len(r) + 2 for r in report.shown_relations)])
-    lines = [f"{'relation':<{width}}{'prompts':>8}{'full P@1':>10}{'pruned P@1':>12}"
-             f"{'sparsity':>10}"]
-    for i, r in enumerate(report.shown_relations):
-        lines.append(f"{r:<{width}}{int(pruned.count[i]):>8}{full.precision_at(1)[i]:>10.3f}"
-                     f"{pruned.precision_at(1)[i]:>12.3f}{report.sparsity['total'][i]:>10.3f}")
-    log("\n".join(lines))
-    log(f"{split} macro P@1: full {full.macro(1):.3f} -> pruned {pruned.macro(1):.3f}; "
-        f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f} (one run, seed "
-        f"{seed}; mean +- std over seeds: python -m lamp_jax.sweep --seeds 3)")
-    matrix = report.specialization
-    if matrix is not None:
-        off = matrix[~np.eye(len(matrix), dtype=bool)].reshape(len(matrix), -1)
-        log(f"specialization: own mask P@1 {np.nanmean(np.diag(matrix)):.3f}, other relations' "
-            f"masks {np.nanmean(off):.3f}, full model {full.macro(1):.3f}")
-
-
-def check_finite(metrics: dict[str, Any], step: int, run: RunSetup, log) -> None:
+def check_finite(metrics: dict[str, Any], step: int, relations: tuple[str, ...],
+                 on_nonfinite: str, log) -> None:
     """The step already refused non-finite updates; here we stop or say it was skipped."""
-    slots = list(run.relations) * run.num_runs
-    finite = to_host(metrics["finite"])[: len(slots)]
+    finite = to_host(metrics["finite"])[..., : len(relations)]
     if finite.all():
         return
-    bad = [r for r, ok in zip(slots, finite, strict=True) if not ok]
+    bad = sorted({relations[r] for r in np.argwhere(~finite)[:, -1]})
     message = (f"non-finite loss or gradient at step {step} for relation(s) {bad}; their masks "
                "were left unchanged")
-    if run.config.on_nonfinite == "stop":
+    if on_nonfinite == "stop":
         raise FloatingPointError(message + " (config.on_nonfinite='skip' skips such updates)")
     log("warning: " + message)
+
+
+def evaluation_record(step: int, metrics: dict[str, Any], dev: RankingResult) -> dict[str, Any]:
+    """A dev evaluation's line of ``metrics.jsonl``: the step, the training cross-entropy of
+    the last step (mean over relations that had data) and dev P@1."""
+    seen = to_host({k: metrics[k] for k in ("ce", "count")})
+    num = len(dev.relations)
+    ce = seen["ce"][:num][seen["count"][:num] > 0]
+    return {"step": step, "train_ce": float(ce.mean()) if ce.size else None,
+            "dev_macro_P@1": dev.macro(1), "dev_micro_P@1": dev.micro(1)}
+
+
+def evaluation_scalars(record: dict[str, Any], dev: RankingResult, pruned: np.ndarray
+                       ) -> dict[str, float | None]:
+    """What TensorBoard shows of an evaluation (``pruned``: each relation's pruned fraction)."""
+    return {"train/ce": record["train_ce"], "dev/macro_P1": record["dev_macro_P@1"],
+            "dev/micro_P1": record["dev_micro_P@1"],
+            **{f"dev_P1/{r}": p for r, p in zip(dev.relations, dev.precision_at(1),
+                                                 strict=True)},
+            **{f"sparsity/{r}": float(p) for r, p in zip(dev.relations, pruned, strict=False)}}
+
+
+def checkpoint_fields(saved: dict[str, float] | None) -> dict[str, float]:
+    """What an evaluation's record says of the state saved with it (nothing if not saved)."""
+    if not saved:
+        return {}
+    return {"checkpoint_GB": round(saved["bytes"] / 1e9, 3),
+            "checkpoint_s": round(saved["seconds"], 2)}
 
 
 class PhaseClock:

@@ -45,8 +45,8 @@ def as_path(path: PathLike) -> epath.Path:
     return epath.Path(text)
 
 
-def run_dir(path: PathLike) -> epath.Path:
-    """A run directory as written to: local paths made absolute, URLs as given."""
+def absolute(path: PathLike) -> epath.Path:
+    """A directory as written to: local paths made absolute, URLs as given."""
     path = as_path(path)
     return path if is_url(path) else path.absolute()
 

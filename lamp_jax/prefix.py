@@ -25,9 +25,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from lamp_jax.hosts import to_host
+from lamp_jax.hosts import put_global, to_host
 from lamp_jax.models import ModelConfig, encode_prefix
-from lamp_jax.parallel import put_global
 
 
 def prefix_hidden_states(

@@ -25,8 +25,8 @@ import numpy as np
 from lamp_jax.hosts import to_host
 from lamp_jax.masks import MaskMode, apply_masks
 from lamp_jax.models import ModelConfig, mlm_forward
-from lamp_jax.parallel import map_relations
 from lamp_jax.prefix import check_start_layer
+from lamp_jax.relation_map import map_relations
 
 DEFAULT_KS = (1, 2, 3, 5, 10)
 
@@ -65,7 +65,7 @@ def batch_rank_stats(
     ``start_layer`` > 0: the batch carries ``hidden`` [R, B, L, H], the frozen output of layer
     ``start_layer - 1`` (:mod:`lamp_jax.prefix`), and the forward pass starts there.
     ``relation_chunk`` relations per device at a time, over ``relation_shards`` devices
-    (:func:`lamp_jax.parallel.map_relations`).
+    (:func:`lamp_jax.relation_map.map_relations`).
     """
     if mask_logits is not None:
         check_start_layer(mask_logits, start_layer)
@@ -93,6 +93,18 @@ class RankingResult:
     hits: np.ndarray  # [R, K] number of prompts with rank <= k
     reciprocal_rank_sum: np.ndarray  # [R]
     count: np.ndarray  # [R]
+
+    @classmethod
+    def from_sums(cls, relations: Sequence[str], ks: Sequence[int],
+                  sums: dict[str, np.ndarray]) -> RankingResult:
+        """From :func:`sum_rank_stats` (no batches: all zero), the first ``len(relations)``
+        entries of the relation axis."""
+        num = len(relations)
+        if not sums:
+            return cls(tuple(relations), tuple(ks), np.zeros((num, len(ks))), np.zeros(num),
+                       np.zeros(num))
+        return cls(tuple(relations), tuple(ks), sums["hits"][:num], sums["rr"][:num],
+                   sums["count"][:num])
 
     def precision_at(self, k: int) -> np.ndarray:
         """[R] P@k per relation (NaN for relations without prompts)."""
@@ -156,55 +168,54 @@ def evaluate(
     """Accumulates :func:`batch_rank_stats` over batches (e.g. ``batcher.eval_batches()``).
 
     ``ks`` must be the ones ``rank_fn`` was made with. ``put_batch`` may pad the relation axis
-    with inert slots (:func:`lamp_jax.parallel.shard_batch`); only the first
+    with inert slots (:func:`lamp_jax.placement.shard_batch`); only the first
     ``len(relations)`` are counted.
     """
-    num = len(relations)
-    hits, rr, count = np.zeros((num, len(ks))), np.zeros(num), np.zeros(num)
-    for batch in batches:
-        arrays = {k: v for k, v in batch.items() if k != "index"}
-        stats = rank_fn(mask_logits, frozen_params, put_batch(arrays) if put_batch else arrays)
-        stats = to_host({k: stats[k] for k in ("hits", "rr", "count")})
-        hits += stats["hits"][:num]
-        rr += stats["rr"][:num]
-        count += stats["count"][:num]
-    return RankingResult(tuple(relations), tuple(ks), hits, rr, count)
+    sums = sum_rank_stats(rank_fn(mask_logits, frozen_params, put_batch(b) if put_batch else b)
+                          for b in (_arrays(batch) for batch in batches))
+    return RankingResult.from_sums(relations, ks, sums)
 
 
-def specialization_matrices(
+def sum_rank_stats(stats: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """``hits``, ``rr`` and ``count`` summed over the batches' :func:`batch_rank_stats`, on
+    the host (their relation axis may still hold inert slots)."""
+    total: dict[str, np.ndarray] = {}
+    for batch_stats in stats:
+        for key, value in to_host({k: batch_stats[k] for k in ("hits", "rr", "count")}).items():
+            total[key] = total[key] + value if key in total else value.astype(np.float64)
+    return total
+
+
+def _arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+def specialization_matrix(
     rank_fn,
     mask_logits: Any,
     frozen_params: Any,
     batches: Sequence[dict[str, np.ndarray]],
     relations: Sequence[str],
     put_batch=None,
-    runs: int = 1,
 ) -> np.ndarray:
-    """``M[v, a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a,
-    in run ``v``: its ``R = len(relations)`` relations lie run after run on the relation axis
-    (one run for train.py, several for a sweep group). The diagonal is each relation's own
-    subnetwork; a specialised subnetwork scores lower off the diagonal (the paper's Figure:
-    another relation's mask hurts).
+    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a. The
+    diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
+    diagonal (the paper's Figure: another relation's mask hurts).
 
-    The masks stay where they are; the prompts move. Pass ``k`` rolls each run's block of the
-    batches' relation axis by ``k`` on the host, so that mask a meets relation a + k's prompts
-    of its own run, and one ordinary evaluation fills the k-th diagonal. R passes fill the
-    matrix, each as light as a dev evaluation. (Moving relation a's masks to every relation's
-    slot instead gathered all relations' logits onto every device: bert-base x 16 relations on
-    2 CPU devices, +5 GiB per row.)
+    The masks stay where they are; the prompts move. Pass ``k`` rolls the batches' relation
+    axis by ``k`` on the host, so that mask a meets relation a + k's prompts, and one
+    ordinary evaluation fills the k-th diagonal. R passes fill the matrix, each as light as a
+    dev evaluation. (Moving relation a's masks to every relation's slot instead gathered all
+    relations' logits onto every device: bert-base x 16 relations on 2 CPU devices, +5 GiB
+    per row.)
     """
     num = len(relations)
-    matrices = np.zeros((runs, num, num))
+    matrix = np.zeros((num, num))
     rows = np.arange(num)
-
-    def roll(value, shift):
-        blocks = value.reshape(runs, num, *value.shape[1:])
-        return np.roll(blocks, -shift, axis=1).reshape(value.shape)
-
     for shift in range(num):
-        moved = [{k: roll(v, shift) for k, v in batch.items()} for batch in batches]
-        result = evaluate(rank_fn, mask_logits, frozen_params, moved, list(relations) * runs,
+        moved = [{k: np.roll(v[:num], -shift, axis=0) for k, v in batch.items()}
+                 for batch in batches]
+        result = evaluate(rank_fn, mask_logits, frozen_params, moved, relations,
                           put_batch=put_batch)
-        p_at_1 = result.precision_at(1).reshape(runs, num)
-        matrices[:, rows, (rows + shift) % num] = p_at_1
-    return matrices
+        matrix[rows, (rows + shift) % num] = result.precision_at(1)
+    return matrix

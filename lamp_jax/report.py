@@ -30,7 +30,7 @@ from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
 from lamp_jax.masks import multiply_masks
 from lamp_jax.paths import as_path, save_figure
-from lamp_jax.ranking import make_rank_fn, specialization_matrices
+from lamp_jax.ranking import make_rank_fn, specialization_matrix
 from lamp_jax.run_dir import RunDirectory
 
 
@@ -43,8 +43,8 @@ def _save(fig, path: epath.Path) -> str:
 
 def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str, Any]:
     rank_fn = make_rank_fn(run.mlm.config, run.mode, dtype=run.mlm.dtype)
-    (matrix,) = specialization_matrices(rank_fn, run.mask_logits, run.mlm.params, test_batches,
-                                        run.relations)
+    matrix = specialization_matrix(rank_fn, run.mask_logits, run.mlm.params, test_batches,
+                                   run.relations)
     full = run.evaluate("test", masks=None).precision_at(1)
     result = {"matrix": matrix.tolist(), "relations": list(run.relations),
               **specialization.summarize(matrix, full)}
@@ -146,7 +146,7 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
-    config = RunDirectory(workdir).info().config
+    config = RunDirectory(workdir).manifest().config
     test_batches = run.eval_batches("test")
     sections = {
         "specialization": specialization_section(run, test_batches, out),

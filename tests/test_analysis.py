@@ -16,7 +16,7 @@ from lamp_jax.data import RelationBatcher, read_ckbc
 from lamp_jax.embedded import ensure_embedded_model
 from lamp_jax.models.bert import mlm_forward
 from lamp_jax.models.params import load_mlm
-from lamp_jax.ranking import evaluate, make_rank_fn, specialization_matrices
+from lamp_jax.ranking import evaluate, make_rank_fn, specialization_matrix
 from lamp_jax.report import world_triples, write_report
 from tests import by_hand
 from tests.needs import CKBC_DIR, require, require_path
@@ -50,30 +50,19 @@ def _test_batches(run, run_dir):
 
 def test_specialization_matrix_equals_each_mask_broadcast_to_every_relation(run, run_dir):
     """The matrix moves prompts, not masks (R rolled evaluations). The reference: row a is
-    one ordinary evaluation with relation a's mask copied to every relation's slot. A sweep
-    group's matrices (runs side by side, each rolled within its own block) equal each run's."""
+    one ordinary evaluation with relation a's mask copied to every relation's slot."""
     import jax
 
     batches = _test_batches(run, run_dir)
     rank_fn = make_rank_fn(run.mlm.config, run.mode)
-    (matrix,) = specialization_matrices(rank_fn, run.mask_logits, run.mlm.params, batches,
-                                        run.relations)
+    matrix = specialization_matrix(rank_fn, run.mask_logits, run.mlm.params, batches,
+                                   run.relations)
     num = len(run.relations)
     for a in range(num):
         broadcast = jax.tree.map(lambda g, a=a: np.repeat(g[a:a + 1], num, axis=0),
                                  run.mask_logits)
         row = evaluate(rank_fn, broadcast, run.mlm.params, batches, run.relations)
         np.testing.assert_allclose(matrix[a], row.precision_at(1), err_msg=run.relations[a])
-    # Two runs side by side: the run's own masks, then the same masks in reverse order.
-    order = np.arange(num)[::-1]
-    pair = jax.tree.map(lambda g: np.concatenate([g, g[order]]), run.mask_logits)
-    pair_batches = [{k: np.concatenate([v, v]) for k, v in b.items()} for b in batches]
-    both = specialization_matrices(rank_fn, pair, run.mlm.params, pair_batches, run.relations,
-                                   runs=2)
-    np.testing.assert_allclose(both[0], matrix)
-    reversed_masks = jax.tree.map(lambda g: g[order], run.mask_logits)
-    np.testing.assert_allclose(both[1], specialization_matrices(
-        rank_fn, reversed_masks, run.mlm.params, batches, run.relations)[0])
     summary = specialization.summarize(matrix, np.zeros(len(matrix)))
     assert summary["own_mask_macro_P@1"] > summary["other_masks_macro_P@1"] + 0.1
 
@@ -261,8 +250,8 @@ def test_report_sections_agree_with_independent_computations(run_dir, run, world
     dev = run.eval_batches("dev")
     expected = {}
     for method, mode in (("or", run.mode), ("soft", run.mode.for_inference("expectation"))):
-        (matrix,) = specialization_matrices(make_rank_fn(run.mlm.config, mode),
-                                            run.mask_logits, run.mlm.params, dev, run.relations)
+        matrix = specialization_matrix(make_rank_fn(run.mlm.config, mode), run.mask_logits,
+                                       run.mlm.params, dev, run.relations)
         expected.update({(r, method): float(np.nanmean(matrix[a]))
                          for a, r in enumerate(relations)})
     search = section["combination"]["search"]

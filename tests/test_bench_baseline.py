@@ -15,14 +15,9 @@ from bench.common import torch_batches, torch_prompts  # noqa: E402
 from lamp_jax.masks import MATRICES, MaskMode, apply_masks, insert_path  # noqa: E402
 from lamp_jax.models.bert import mlm_forward  # noqa: E402
 from lamp_jax.models.params import load_mlm  # noqa: E402
+from lamp_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from lamp_jax.ranking import evaluate, make_rank_fn  # noqa: E402
-from lamp_jax.step import (  # noqa: E402
-    LossConfig,
-    OptimConfig,
-    init_train_state,
-    jit_train_step,
-    make_optimizer,
-)
+from lamp_jax.step import LossConfig, init_train_state, jit_train_step  # noqa: E402
 
 NUM_REL, BATCH, LENGTH, VOCAB = 2, 4, 8, 60
 
@@ -74,7 +69,8 @@ def test_one_baseline_step_and_its_evaluation_equal_ours(setup):
     state = init_train_state(_ours_logits(init), make_optimizer(optim), 4, jax.random.key(0))
     step = jit_train_step(model_config=mlm.config, optim_config=optim,
                           loss_config=LossConfig(MaskMode("deterministic")))
-    state, metrics = step(state, mlm.params, {k: jnp.asarray(v) for k, v in batch.items()})
+    state, metrics = step(state, mlm.params, {k: jnp.asarray(v) for k, v in batch.items()},
+                          optim.learning_rate)
     np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-5)
     moved = 0.0
     for m, path in MATRICES.items():

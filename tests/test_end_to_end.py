@@ -170,13 +170,13 @@ def test_config_fields_reach_the_step_and_the_evaluation(model_dir, tmp_path, mo
     """loss.sparsity_weight, loss.target_sparsity, optim.weight_decay, dtype and mask.eval_kind
     reach the step and the ranking whose arithmetic tests/test_training.py checks against numpy.
     The run is stopped where its evaluation function is made, before any training."""
-    import lamp_jax.run_setup as run_setup
+    import lamp_jax.setup as setup_module
 
     class Stop(Exception):
         pass
 
     seen = {}
-    real_load, real_step = run_setup.load_mlm, run_setup.jit_train_step
+    real_load, real_step = setup_module.load_mlm, setup_module.jit_train_step
 
     def load_mlm(*args, **kwargs):
         seen["mlm"] = real_load(*args, **kwargs)
@@ -190,9 +190,9 @@ def test_config_fields_reach_the_step_and_the_evaluation(model_dir, tmp_path, mo
         seen["rank"] = mode, kwargs
         raise Stop
 
-    monkeypatch.setattr(run_setup, "load_mlm", load_mlm)
-    monkeypatch.setattr(run_setup, "jit_train_step", jit_train_step)
-    monkeypatch.setattr(run_setup, "make_rank_fn", make_rank_fn)
+    monkeypatch.setattr(setup_module, "load_mlm", load_mlm)
+    monkeypatch.setattr(setup_module, "jit_train_step", jit_train_step)
+    monkeypatch.setattr(setup_module, "make_rank_fn", make_rank_fn)
     config = _config(model_dir, **{"loss.sparsity_weight": 0.3, "loss.target_sparsity": 0.4,
                                    "optim.weight_decay": 0.01, "dtype": "bfloat16",
                                    "mask.eval_kind": "expectation"})

@@ -10,21 +10,22 @@ import numpy as np
 import pytest
 
 from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.parallel import (
+from lamp_jax.placement import (
     activation_bytes,
     available_cores,
     budget_for,
     cpu_device_count,
     make_mesh,
-    map_relations,
     memory_relation_chunk,
     replicate,
     run_mesh,
     run_relation_chunk,
+    step_transient_bytes,
     transient_budget,
     transient_bytes_per_relation,
 )
 from lamp_jax.prefix import prefix_hidden_states
+from lamp_jax.relation_map import map_relations
 
 CONFIG = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
                      intermediate_size=64, max_position_embeddings=16)
@@ -49,11 +50,11 @@ def _fresh_process(code: str, **env) -> str:
 
 
 def test_use_cpu_devices_sets_the_count_before_jax_starts_and_never_after():
-    first = ("from lamp_jax.parallel import use_cpu_devices; n = use_cpu_devices(3); "
+    first = ("from lamp_jax.placement import use_cpu_devices; n = use_cpu_devices(3); "
              "import jax; print(n, jax.device_count())")
     assert _fresh_process(first) == "3 3"
     late = ("import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); "
-            "from lamp_jax.parallel import use_cpu_devices; print(use_cpu_devices(3), "
+            "from lamp_jax.placement import use_cpu_devices; print(use_cpu_devices(3), "
             "jax.device_count())")
     assert _fresh_process(late) == "None 1"
     forced = _fresh_process(first, XLA_FLAGS="--xla_force_host_platform_device_count=5")
@@ -149,51 +150,50 @@ def test_prefix_split_over_devices_equals_one_device():
 
 
 def test_a_run_with_a_large_state_says_which_faster_chunk_would_fit():
-    from lamp_jax.configs import default
-    from lamp_jax.run_setup import relation_chunk_for
+    from lamp_jax.placement import relation_chunk_for
 
-    config = default.get_config()
     mesh = run_mesh(2 * len(jax.devices()), 16)  # two relations per device
     said = []
     # 0.1 GiB per relation; a state of 0.5 GiB per device (1 GiB or more in all) leaves each
     # device's transients 128 MiB: one relation at a time.
     mask_params, state = 2**30 // 10 // 24, 2**29 * max(2, len(jax.devices()))
-    chunk = relation_chunk_for(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
-                            state, log=said.append)
+    per_relation = step_transient_bytes(CONFIG, 16, 8, mask_params, jnp.float32)
+    chunk = relation_chunk_for(0, 2 * len(jax.devices()), mesh, per_relation, state,
+                               log=said.append)
     assert chunk == 1
     assert len(said) == 1 and "--config.relation_chunk=2 fits in free memory" in said[0]
-    config.relation_chunk = 2  # asked for: taken as is, nothing to say
-    said.clear()
-    assert relation_chunk_for(config, CONFIG, 2 * len(jax.devices()), mesh, 8, mask_params,
-                           state, log=said.append) == 2 and not said
+    said.clear()  # asked for: taken as is, nothing to say
+    assert relation_chunk_for(2, 2 * len(jax.devices()), mesh, per_relation, state,
+                              log=said.append) == 2 and not said
 
 
 def test_an_accelerator_takes_all_relations_at_once_when_xlas_plan_fits(monkeypatch):
     """On an accelerator the memory-first chunk gives way to all relations at once when XLA's
     own plan of that step fits in the free memory. Run here on CPU devices presented as an
     accelerator, with the estimate's budget shrunk so that it asks for a chunk."""
-    import lamp_jax.run_setup as run_setup
+    from lamp_jax import placement
     from lamp_jax.configs import default
+    from lamp_jax.setup import setup_training
 
     said: list[str] = []
-    assert run_setup.fastest_fitting_chunk(1, lambda: 10, 100, said.append) is None
-    assert run_setup.fastest_fitting_chunk(1, lambda: 90, 100, said.append) == 1
-    assert run_setup.fastest_fitting_chunk(None, lambda: 1 / 0, 100) is None  # no plan asked
+    assert placement.fastest_fitting_chunk(1, lambda: 10, 100, said.append) is None
+    assert placement.fastest_fitting_chunk(1, lambda: 90, 100, said.append) == 1
+    assert placement.fastest_fitting_chunk(None, lambda: 1 / 0, 100) is None  # no plan asked
     assert "all relations at once" in said[0] and "memory first" in said[1]
 
     config = default.get_config()
     config.epochs, config.data.relations = 1, ("AtLocation", "IsA", "MadeOf", "PartOf")
-    monkeypatch.setattr(run_setup, "transient_budget", lambda *args, **kwargs: 1)
+    monkeypatch.setattr(placement, "transient_budget", lambda *args, **kwargs: 1)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     plans: list[int] = []
-    real_plan = run_setup.planned_peak_bytes
-    monkeypatch.setattr(run_setup, "planned_peak_bytes",
+    real_plan = placement.planned_peak_bytes
+    monkeypatch.setattr(placement, "planned_peak_bytes",
                         lambda *args: plans.append(real_plan(*args)) or plans[-1])
-    run = run_setup.setup_run([config], log=said.append)
+    run = setup_training(config, log=said.append)
     # XLA's plan holds at least the state and the frozen weights, and fits easily here.
     frozen = sum(x.nbytes for x in jax.tree.leaves(run.mlm.params))
     assert len(plans) == 1 and plans[0] > run.state_bytes / run.mesh.shape["relation"] + frozen
     assert run.chunk is None and any("all relations at once: XLA plans" in s for s in said)
     state = run.init_state(log=lambda *_: None)
-    state, _ = run.step_fn(state, run.frozen, run.train_batch(0))  # the planned step runs
-    assert int(state.step) == 1
+    state, _ = run.step_fn(state, run.frozen, run.train_batch(0), run.learning_rate)
+    assert int(state.step) == 1  # the planned step runs

@@ -11,25 +11,32 @@ import pytest
 
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
 from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
-from lamp_jax.parallel import make_mesh, relation_slots, replicate, shard_batch
-from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
-from lamp_jax.ranking import batch_rank_stats, evaluate, make_rank_fn
-from lamp_jax.run_setup import threshold_warning
-from lamp_jax.step import (
-    LossConfig,
+from lamp_jax.optim import (
     OptimConfig,
     clip_by_global_norm,
-    init_train_state,
-    jit_train_step,
     learning_rate,
     linear_warmup_decay,
     make_optimizer,
     max_logit_travel,
-    place_state,
-    relation_loss,
     round_to_bfloat16,
     scale_by_adam,
+)
+from lamp_jax.placement import (
+    make_mesh,
+    place_state,
+    relation_slots,
+    replicate,
+    shard_batch,
     state_shardings,
+)
+from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
+from lamp_jax.ranking import batch_rank_stats, evaluate, make_rank_fn
+from lamp_jax.setup import threshold_warning
+from lamp_jax.step import (
+    LossConfig,
+    init_train_state,
+    jit_train_step,
+    relation_loss,
     train_step,
 )
 from tests import by_hand
@@ -97,20 +104,19 @@ def test_schedule_is_linear_warmup_then_linear_decay():
                                     0.0, 0.0])
 
 
-@pytest.mark.parametrize("peaks", [None, (0.05, 0.02, 0.1)])  # the config's; per slot (sweeps)
-def test_vmapped_step_equals_separate_single_relation_steps(frozen, peaks):
-    """Reference: plain optax (clip + Adam) on each relation alone, lr by the formula."""
+@pytest.mark.parametrize("peak", [0.05, 0.02])  # the config's; another one given to the step
+def test_vmapped_step_equals_separate_single_relation_steps(frozen, peak):
+    """Reference: plain optax (clip + Adam) on each relation alone, lr by the formula, peaking
+    at the learning rate the step is given."""
     loss = LossConfig(MaskMode("deterministic"))
     num_relations, steps = 3, 3
     state, optim = _state(frozen, num_relations, total=[10, 6, 8])
-    if peaks is not None:
-        state = state.replace(learning_rate=jnp.asarray(peaks, jnp.float32))
     batches = [synthetic_batch(num_relations, 6, seed=s, empty=(1,) if s == 1 else ())
                for s in range(steps)]
     step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim)
     initial = jax.tree.map(np.asarray, state.mask_logits)
     for batch in batches:
-        state, metrics = step(state, frozen, batch)
+        state, metrics = step(state, frozen, batch, jnp.float32(peak))
     assert metrics["grad_norm"].min() > optim.clip_norm  # clipping was active
     np.testing.assert_array_equal(state.relation_steps, [3, 2, 3])
 
@@ -129,7 +135,6 @@ def test_vmapped_step_equals_separate_single_relation_steps(frozen, peaks):
             updates, opt_state = tx.update(grads, opt_state)
             warmup = np.ceil(0.3 * total)
             decay = (total - count) / (total - warmup)
-            peak = 0.05 if peaks is None else peaks[r]
             lr = peak * ((count + 1) / warmup if count < warmup else decay)
             g = jax.tree.map(lambda p, u, lr=lr: p - lr * u, g, updates)
             count += 1
@@ -140,8 +145,9 @@ def test_vmapped_step_equals_separate_single_relation_steps(frozen, peaks):
 def test_inactive_relation_is_untouched(frozen):
     state, optim = _state(frozen, 2)
     before = state  # jitted without donation, so the old state stays readable
-    step = jax.jit(lambda s, b: train_step(s, frozen, b, model_config=CONFIG,
-                                           loss_config=LossConfig(), optim_config=optim))
+    step = jax.jit(lambda s, b: train_step(s, frozen, b, optim.learning_rate,
+                                           model_config=CONFIG, loss_config=LossConfig(),
+                                           optim_config=optim))
     new, metrics = step(state, synthetic_batch(2, 4, empty=(0,)))
     for old, cur in zip(jax.tree.leaves(before.mask_logits), jax.tree.leaves(new.mask_logits),
                         strict=True):
@@ -171,7 +177,7 @@ def test_cached_frozen_prefix_gives_the_same_steps(frozen):
             if start:
                 batch = dict(batch, hidden=batch_prefix_hidden_states(
                     frozen, batch, model_config=CONFIG, stop_layer=1, chunk=8))  # 8, 8, 2 + pad
-            state, metrics = step(state, frozen, batch)
+            state, metrics = step(state, frozen, batch, optim.learning_rate)
         states[start] = state, metrics
     (full, full_metrics), (cached, cached_metrics) = states[0], states[1]
     np.testing.assert_allclose(cached_metrics["loss"], full_metrics["loss"], rtol=1e-5)
@@ -208,9 +214,9 @@ def test_relation_chunks_equal_one_vmap(frozen, relations, chunk):
     plain = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim)
     chunked = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim,
                              relation_chunk=chunk)
-    a, ma = plain(state, frozen, batch)
+    a, ma = plain(state, frozen, batch, optim.learning_rate)
     state2, _ = _state(frozen, relations)
-    b, mb = chunked(state2, frozen, batch)
+    b, mb = chunked(state2, frozen, batch, optim.learning_rate)
     for x, y in zip(jax.tree.leaves(a.mask_logits), jax.tree.leaves(b.mask_logits), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
@@ -231,7 +237,7 @@ def test_eight_devices_equal_one_device(frozen, relation_parallelism):
                               state_sharding=state_shardings(state, mesh))
         params = replicate(frozen, mesh)
         for batch in batches:
-            state, metrics = step(state, params, shard_batch(batch, mesh))
+            state, metrics = step(state, params, shard_batch(batch, mesh), optim.learning_rate)
         results.append((state, metrics))
     (one, m1), (many, m8) = results
     leaf = jax.tree.leaves(many.mask_logits)[0]
@@ -250,13 +256,14 @@ def test_relation_chunks_keep_every_device_busy_without_communication(frozen, re
     batch = synthetic_batch(relations, 4)
     state, optim = _state(frozen, relations)
     want, want_metrics = jit_train_step(model_config=CONFIG, loss_config=loss,
-                                        optim_config=optim)(state, frozen, batch)
+                                        optim_config=optim)(state, frozen, batch,
+                                                            optim.learning_rate)
     mesh = make_mesh(relations, 4, jax.devices()[:2], relation_parallelism=2)
     state, _ = _state(frozen, relations)
     state = place_state(state, mesh)
     step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim,
                           relation_chunk=2, state_sharding=state_shardings(state, mesh))
-    args = (state, replicate(frozen, mesh), shard_batch(batch, mesh))
+    args = (state, replicate(frozen, mesh), shard_batch(batch, mesh), optim.learning_rate)
     hlo = step.lower(*args).compile().as_text()
     assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
     got, got_metrics = step(*args)
@@ -290,7 +297,7 @@ def test_fifty_steps_reduce_the_loss(frozen, mode, bound):
     batch = synthetic_batch(2, 8)
     first = None
     for _ in range(50):
-        state, metrics = step(state, frozen, batch)
+        state, metrics = step(state, frozen, batch, optim.learning_rate)
         first = metrics["ce"] if first is None else first
     inference = LossConfig(mode.for_inference("threshold"))
     final = jax.vmap(lambda g, b: relation_loss(g, frozen, b, None, model_config=CONFIG,
@@ -329,7 +336,7 @@ def test_thirteen_relations_use_all_eight_devices_and_equal_one_device(frozen):
     state, optim = _state(frozen, num)
     step = jit_train_step(model_config=CONFIG, loss_config=loss, optim_config=optim)
     for batch in batches:
-        state, metrics = step(state, frozen, batch)
+        state, metrics = step(state, frozen, batch, optim.learning_rate)
     want_stats = make_rank_fn(CONFIG, MaskMode("deterministic"))(state.mask_logits, frozen,
                                                                   batches[0])
 
@@ -349,7 +356,8 @@ def test_thirteen_relations_use_all_eight_devices_and_equal_one_device(frozen):
                           state_sharding=state_shardings(padded, mesh))
     params = replicate(frozen, mesh)
     for batch in batches:
-        padded, padded_metrics = step(padded, params, shard_batch(batch, mesh, slots))
+        padded, padded_metrics = step(padded, params, shard_batch(batch, mesh, slots),
+                                      optim.learning_rate)
     leaf = jax.tree.leaves(padded.mask_logits)[0]
     assert len(leaf.sharding.device_set) == 8
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
@@ -403,7 +411,8 @@ def test_a_donated_chunked_step_updates_the_state_in_place(frozen):
     for chunk in (1, 2):
         step = jit_train_step(model_config=CONFIG, loss_config=LossConfig(MaskMode("stochastic")),
                               optim_config=optim, relation_chunk=chunk, donate=True)
-        plans[chunk] = step.lower(state, frozen, batch).compile().memory_analysis()
+        plans[chunk] = step.lower(state, frozen, batch,
+                                  optim.learning_rate).compile().memory_analysis()
         assert plans[chunk].alias_size_in_bytes >= state_bytes
     per_relation = plans[2].temp_size_in_bytes - plans[1].temp_size_in_bytes
     assert 0 < per_relation < state_bytes / relations * 4
@@ -427,7 +436,7 @@ def test_adamw_steps_equal_numpy_adam_with_decoupled_weight_decay(frozen):
                           donate=False)
     batches = [synthetic_batch(2, 6, seed=s) for s in range(3)]
     for batch in batches:
-        state, _ = step(state, frozen, batch)
+        state, _ = step(state, frozen, batch, optim.learning_rate)
 
     ce_grad = jax.jit(jax.grad(lambda g, b: relation_loss(
         g, frozen, b, None, model_config=CONFIG, loss_config=loss)[0]))
@@ -504,7 +513,7 @@ def test_the_sparsity_penalty_enters_the_loss_its_gradient_and_the_step(frozen):
     state = init_train_state(logits, make_optimizer(optim), 40, jax.random.key(2))
     step = jit_train_step(model_config=CONFIG, loss_config=with_penalty, optim_config=optim)
     for _ in range(40):
-        state, metrics = step(state, frozen, batch)
+        state, metrics = step(state, frozen, batch, optim.learning_rate)
     for r in range(2):
         density, _ = density_by_hand(jax.tree.map(lambda x, r=r: x[r], state.mask_logits))
         assert float(metrics["density"][r]) == pytest.approx(density, rel=1e-5)
@@ -551,8 +560,8 @@ def test_bfloat16_computes_every_product_in_bfloat16_and_stays_close_to_float32(
     for dtype in (jnp.float32, jnp.bfloat16):
         loss = LossConfig(MaskMode("deterministic"), compute_dtype=dtype)
         traced = jax.jit(lambda s, b, loss=loss: train_step(
-            s, frozen, b, model_config=CONFIG, loss_config=loss, optim_config=optim)).trace(
-            state, batch)
+            s, frozen, b, optim.learning_rate, model_config=CONFIG, loss_config=loss,
+            optim_config=optim)).trace(state, batch)
         dots = _dot_dtypes(traced.jaxpr.jaxpr)
         bf16 = sum(d == ("bfloat16", "bfloat16") for d in dots)
         assert len(dots) > 20 and bf16 == (len(dots) if dtype == jnp.bfloat16 else 0), dots

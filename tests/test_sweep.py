@@ -1,4 +1,5 @@
-"""lamp_jax.sweep: runs side by side on the relation axis equal the same runs made one by one."""
+"""lamp_jax.sweep: train.py's step mapped over a group's runs equals the same runs made one by
+one with train.py."""
 
 import json
 import shutil
@@ -8,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax import loop
 from lamp_jax.configs import default
-from lamp_jax.step import slot_rngs
-from lamp_jax.sweep import Run, parse_grid, plan_groups, run_sweep, summarize
+from lamp_jax.loop import train_and_evaluate
+from lamp_jax.sweep import Trial, parse_grid, plan_groups, run_sweep, summarize, with_overrides
+from lamp_jax.sweep import group as group_module
 
 
 def test_grid_values_take_the_config_field_types_and_bad_fields_are_named():
@@ -40,6 +41,7 @@ def test_program_settings_make_groups_and_value_settings_share_one():
                                               {"mask.mode": "deterministic"}]
     runs = groups[0][1]
     assert len(runs) == 2 * 2 * 2  # learning rates x inits x seeds
+    assert all(isinstance(r, Trial) for r in runs)
     assert sorted({r.seed for r in runs}) == [5, 6]
     config = runs[-1].config(base)
     assert (config.mask.mode, config.optim.learning_rate, config.mask.init_value,
@@ -48,19 +50,68 @@ def test_program_settings_make_groups_and_value_settings_share_one():
     assert base.seed == 5
 
 
-def test_slot_keys_of_several_runs_are_the_keys_each_run_draws_alone():
-    runs = jnp.stack([jax.random.key(3), jax.random.key(8)])
-    new, keys = slot_rngs(runs, num_slots=7, relations_per_run=3)  # 6 real slots + 1 inert
-    for v in range(2):
-        alone_next, alone = slot_rngs(runs[v], num_slots=3)
-        assert (jax.random.key_data(new[v]) == jax.random.key_data(alone_next)).all()
-        np.testing.assert_array_equal(jax.random.key_data(keys[3 * v: 3 * v + 3]),
-                                      jax.random.key_data(alone))
-    # One key: the split train.py always did.
-    rng, step = jax.random.split(jax.random.key(3))
-    _, single = slot_rngs(jax.random.key(3), 4)
-    np.testing.assert_array_equal(jax.random.key_data(single),
-                                  jax.random.key_data(jax.random.split(step, 4)))
+def _runs_step():
+    """A small model's one-run training step (the test_step set-up) and three runs' states,
+    batches and learning rates, stacked on a leading runs axis."""
+    from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits
+    from lamp_jax.models import init_params
+    from lamp_jax.optim import OptimConfig, make_optimizer
+    from lamp_jax.step import LossConfig, init_train_state, train_step
+    from tests.test_step import CONFIG, synthetic_batch
+
+    frozen = init_params(CONFIG, jax.random.key(0))
+    optim = OptimConfig(learning_rate=0.05, clip_norm=0.05, eps=1e-3)
+    spec = MaskSpec.create(CONFIG, first_layer=0)
+    states = [init_train_state(init_mask_logits(spec, frozen, 3, MaskInit("normal", 1.0, 1.0),
+                                                MaskMode(), jax.random.key(v)),
+                               make_optimizer(optim), 10, jax.random.key(10 + v))
+              for v in range(3)]
+    batches = [synthetic_batch(3, 4, seed=v) for v in range(3)]
+    rates = [0.05, 0.2, 0.01]
+    one = jax.tree_util.Partial(train_step, model_config=CONFIG, optim_config=optim,
+                                loss_config=LossConfig(MaskMode("stochastic", tau=0.5)))
+    stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)  # noqa: E731
+    return one, frozen, states, batches, rates, stack
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_the_group_step_is_the_one_run_step_mapped_over_the_runs(sequential):
+    """Each run's slice of the mapped step equals that run's step alone: bit for bit when the
+    runs go one after another (train.py's arithmetic, the CPU's choice), and up to float
+    rounding under vmap (an accelerator's). Each run uses its own key and learning rate."""
+    one, frozen, states, batches, rates, stack = _runs_step()
+    mapped = jax.jit(group_module.map_runs(one, (0, None, 0, 0), sequential,
+                                           update_first_argument=True))
+    got, metrics = mapped(stack(states), frozen, stack(batches), jnp.asarray(rates))
+    for v in range(3):
+        want, want_metrics = jax.jit(one)(states[v], frozen, batches[v], jnp.float32(rates[v]))
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            x = jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            y = jax.random.key_data(y) if jnp.issubdtype(y.dtype, jax.dtypes.prng_key) else y
+            if sequential:
+                np.testing.assert_array_equal(np.asarray(x)[v], np.asarray(y))
+            else:
+                np.testing.assert_allclose(np.asarray(x)[v], np.asarray(y), atol=1e-5)
+        np.testing.assert_allclose(metrics["loss"][v], want_metrics["loss"], rtol=1e-6)
+    # Not trivially equal: the runs moved, and differently.
+    moved = [float(np.abs(np.asarray(jax.tree.leaves(got.mask_logits)[0][v])
+                          - np.asarray(jax.tree.leaves(states[v].mask_logits)[0])).max())
+             for v in range(3)]
+    assert min(moved) > 1e-4 and len(set(moved)) == 3
+
+
+def test_the_sequential_group_step_writes_each_run_into_the_donated_state():
+    """XLA's plan of the mapped step on a CPU: the new group state takes the donated old one's
+    buffers, and the temporaries stay well below a second state (one run's at a time)."""
+    one, frozen, states, batches, rates, stack = _runs_step()
+    state = stack(states)
+    mapped = jax.jit(group_module.map_runs(one, (0, None, 0, 0), True,
+                                           update_first_argument=True), donate_argnums=0)
+    plan = mapped.lower(state, frozen, stack(batches), jnp.asarray(rates)).compile(
+    ).memory_analysis()
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.mask_logits, state.opt_state)))
+    assert plan.alias_size_in_bytes >= state_bytes
+    assert plan.temp_size_in_bytes < state_bytes
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():
@@ -90,18 +141,22 @@ RUNS = ["optim.learning_rate=0.2,seed=0", "optim.learning_rate=0.2,seed=1",
 def swept(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep")
     said: list[str] = []
-    out = run_sweep(_sweep_base(), GRID, seeds=2, workdir=workdir, compare_sequential=True,
-                    log=said.append)
+    out = run_sweep(_sweep_base(), GRID, seeds=2, workdir=workdir, log=said.append)
+    # The same trials, one after another, each as train.py runs it.
+    for row in out["runs"]:
+        config = with_overrides(_sweep_base(), dict(row["overrides"], seed=row["seed"],
+                                                    plots=False))
+        train_and_evaluate(config, workdir / "alone" / row["run_dir"].split("/")[-1],
+                           log=lambda *_: None)
     return workdir, out, said
 
 
 @pytest.mark.slow
 def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(swept):
     workdir, out, said = swept
-    # On a CPU the group runs in chunks of one run's share of a device (2 relations on 2
-    # devices: 1), the shapes train.py computes, not its 4 slots per device at once.
-    assert any("relation slots 8 (0 inert), relations per device at a time: 1;" in line
-               for line in said), said
+    # On a CPU the group's runs go one after another, each with train.py's shapes.
+    assert any("group: 4 runs x 2 relations, the step mapped over the runs (one after "
+               "another)" in line for line in said), said
     runs = out["runs"]
     assert [(r["learning_rate"], r["seed"]) for r in runs] == [(0.2, 0), (0.2, 1), (0.5, 0),
                                                                (0.5, 1)]
@@ -112,17 +167,15 @@ def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(swept):
     masks = [(workdir / "runs" / name / "masks.npz").read_bytes() for name in RUNS]
     assert len(set(masks)) == 4
     # train.py's own function, run after run, gives byte-identical masks.npz and the very
-    # same dev and test metrics (at these moderate steps; large ones can turn last-bit
-    # rounding into other masks, README). Compared here, not by the sweep's own verdict.
+    # same dev and test metrics.
     for name, swept_masks in zip(RUNS, masks, strict=True):
-        alone = workdir / "sequential" / name
+        alone = workdir / "alone" / name
         assert (alone / "masks.npz").read_bytes() == swept_masks, name
         a, b = (json.loads((d / "metrics.json").read_text())
                 for d in (workdir / "runs" / name, alone))
         for key in ("test", "dev", "sparsity", "best_dev_macro_P1", "relations"):
             assert a[key] == b[key], (name, key)
         assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
-    assert out["sequential"]["identical_runs"] == 4
     saved = json.loads((workdir / "sweep.json").read_text())
     assert len(saved["table"]) == 2 and saved["table"][0]["seeds"] == [0, 1]
     table = (workdir / "sweep.md").read_text()
@@ -190,7 +243,8 @@ def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, t
     base.stop_after = 0
     for step in (5, 6):
         with monkeypatch.context() as patched:
-            patched.setattr(loop, "PreemptionNotice", lambda step=step: _NoticeAt(step))
+            patched.setattr(group_module, "PreemptionNotice",
+                            lambda step=step: _NoticeAt(step))
             stopped = run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=said.append)
         assert stopped == {"stopped": True, "preempted": True}
         assert (f"preemption notice (SIGTERM): saved the state at step {step}; run the same "
@@ -204,7 +258,7 @@ def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, t
         assert metrics["resumed_from"] == [3, 5, 6] and metrics["steps"] == 6
         assert ((tmp_path / "runs" / name / "masks.npz").read_bytes()
                 == (workdir / "runs" / name / "masks.npz").read_bytes())
-    drop = ("sweep_seconds", "group_seconds", "groups", "sequential", "speedup")
+    drop = ("sweep_seconds", "group_seconds", "groups")
     assert ({k: v for k, v in again.items() if k not in drop}
             == {k: v for k, v in out.items() if k not in drop})
     # A finished sweep run again reads its runs back instead of training them.
@@ -214,9 +268,9 @@ def test_an_interrupted_sweep_resumes_and_ends_with_the_same_sweep_json(swept, t
     assert any("finished earlier" in line for line in said)
 
 
-def test_run_labels_name_the_grid_values():
-    assert Run((("optim.learning_rate", 0.1),), 0).label == "optim.learning_rate=0.1"
-    assert Run((), 2).label == "base config"
+def test_trial_labels_name_the_grid_values():
+    assert Trial((("optim.learning_rate", 0.1),), 0).label == "optim.learning_rate=0.1"
+    assert Trial((), 2).label == "base config"
 
 
 @pytest.mark.slow
@@ -254,3 +308,17 @@ def test_a_sigterm_stops_the_sweep_command_with_status_75_after_saving(tmp_path)
                          r"run the same command again to resume$", output, re.MULTILINE)[1])
     assert _latest_step(tmp_path / "sweep" / "groups" / "base") == step
     assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+def test_a_group_checkpointed_with_the_runs_on_the_relation_axis_is_refused_by_name(tmp_path):
+    """group.json without the runs-axis layout, beside checkpoints: a sweep started by lamp-jax
+    at or before 7541094. Refused before anything is read or written, saying what to do."""
+    base = _sweep_base()
+    state_dir = tmp_path / "groups" / "base"
+    (state_dir / "checkpoints" / "3").mkdir(parents=True)
+    old = {"overrides": {}, "runs": RUNS}
+    (state_dir / "group.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"7541094.*git checkout 7541094.*delete .*checkpoints"):
+        run_sweep(base, GRID, seeds=2, workdir=tmp_path, log=lambda *_: None)
+    assert json.loads((state_dir / "group.json").read_text()) == old
+    assert not any((tmp_path / "runs").glob("*/run.json"))

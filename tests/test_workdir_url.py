@@ -137,16 +137,16 @@ def _wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 20)
 
 
 def test_paths_local_as_before_urls_kept_unknown_schemes_refused(tmp_path, monkeypatch):
-    from lamp_jax.paths import as_path, is_url, run_dir
+    from lamp_jax.paths import absolute, as_path, is_url
 
     monkeypatch.chdir(tmp_path)
-    assert os.fspath(run_dir("runs/x")) == str(tmp_path / "runs" / "x")
-    assert run_dir(tmp_path / "a") == tmp_path / "a"
+    assert os.fspath(absolute("runs/x")) == str(tmp_path / "runs" / "x")
+    assert absolute(tmp_path / "a") == tmp_path / "a"
     assert os.fspath(as_path("runs/x")) == "runs/x"
     assert not is_url("runs/x") and not is_url(tmp_path / "a:b")
     for url in ("gs://b/runs/x", "s3://b/x"):
-        assert is_url(url) and os.fspath(run_dir(url)) == url
-    assert os.fspath(run_dir("gs://b/runs") / "run.json") == "gs://b/runs/run.json"
+        assert is_url(url) and os.fspath(absolute(url)) == url
+    assert os.fspath(absolute("gs://b/runs") / "run.json") == "gs://b/runs/run.json"
     for url in ("http://example.com/runs/x", "az://c/x", "memory://x"):  # not a local "http:"
         with pytest.raises(ValueError, match="unsupported URL scheme"):
             as_path(url)

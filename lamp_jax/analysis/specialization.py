@@ -1,5 +1,5 @@
 """The paper's summary of a specialization matrix (computed by
-:func:`lamp_jax.ranking.specialization_matrices`)."""
+:func:`lamp_jax.ranking.specialization_matrix`)."""
 
 from __future__ import annotations
 

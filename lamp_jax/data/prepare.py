@@ -3,7 +3,7 @@
     model_source, path = resolve_sources(config)
     data = prepare_data(config, tokenizer, path, log)
 
-Used by the run's setup (:mod:`lamp_jax.run_setup`) and by the notebook API when it rebuilds a
+Used by the run's setup (:mod:`lamp_jax.setup`) and by the notebook API when it rebuilds a
 split from ``run.json``: both get exactly the prompts training saw. Everything dropped is
 counted and printed, nothing silently.
 """

@@ -1,15 +1,20 @@
-"""Running per-relation work over a relation axis: chunked vmap and device sharding.
+"""Where a run's arrays live and how much memory its steps may take: the one module of placement
+and memory policy.
 
-Every per-relation array (mask logits, optimiser state, batches) has the relation axis first.
-Work over it is ``jax.vmap``-ed, optionally in chunks (``lax.map`` over groups of relations, for
-memory-bound devices), and placed on a 2-D device mesh ``("relation", "data")``: relations are
-split over the first mesh axis, each relation's batch over the second. The same jitted code
-runs on 1 device, 8 fake CPU devices, a GPU box or a TPU pod slice (several processes: see
-:mod:`lamp_jax.hosts`; every process builds the same global batch, and :func:`shard_batch` only
-materialises the shards its own devices hold). A relation count the relation axis does not
-divide is padded with inert relations (:func:`relation_slots`).
+* **Mesh**: a ``("relation", "data")`` device mesh; relations are split over the first axis,
+  each relation's batch over the second (:func:`make_mesh`, :func:`run_mesh`). The same jitted
+  code runs on 1 device, 8 fake CPU devices, a GPU box or a TPU pod slice (several processes:
+  every process builds the same global batch, and :func:`shard_batch` materialises only the
+  shards of its own devices).
+* **Padding**: a relation count the relation axis does not divide is padded with inert
+  relations, which have no data and never change (:func:`relation_slots`).
+* **Sharding** of the frozen weights (replicated), the training state and the batches.
+* **Chunk**: how many relations each device runs at a time, from the memory it has
+  (:func:`relation_chunk_for`, :func:`fastest_fitting_chunk`).
+* **Donation**, the **background-save threshold** and the **allocator hint**: what a large
+  state changes about memory.
 
-On a CPU, :func:`use_cpu_devices` presents the host as one JAX device per core, and
+On a CPU, :func:`use_cpu_devices` presents the host as one JAX device per core and
 :func:`run_mesh` splits the relations over them: relations are independent, so each core runs
 its own relations' forward, backward and update with no communication (small config, 2-core
 CPU: training step 30 -> 25 ms, bench/README.md).
@@ -19,100 +24,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lamp_jax.hosts import to_host
+from lamp_jax.hosts import put_global
+from lamp_jax.step import TrainState, init_train_state
 
 RELATION, DATA = "relation", "data"
-
-
-def map_relations(fn: Callable[..., Any], chunk_size: int | None = None, shards: int = 1, *,
-                  update_first_argument: bool = False) -> Callable[..., Any]:
-    """``jax.vmap(fn)`` over the leading relation axis of every argument.
-
-    With ``chunk_size`` the relations are processed ``chunk_size`` per shard at a time in a
-    loop, so only that many relations' transients (masked copies of the model, activations,
-    gradients) are alive at once on each device. ``shards``: the devices the relation axis is
-    split over (in contiguous blocks, as :func:`relation_sharding` splits it). Every iteration
-    slices ``chunk_size`` relations out of every block, so all devices work in every iteration
-    and no data moves between them. (Grouping neighbouring relations instead made XLA gather
-    the state across devices: 2 CPU devices, 8 relations, chunks of 2, small config: 39 ms per
-    step against 22.) A chunk that does not divide a shard's relations leaves a shorter last
-    chunk, run once after the loop.
-
-    ``update_first_argument``: ``fn`` returns ``(new first argument, outputs)``, and the new
-    values are written into the first argument's buffers chunk by chunk, reading each chunk
-    from those same buffers. With the argument donated to the jitted caller, the new training
-    state then takes no memory beside the old one: bert-base x 16 relations keeps one 8 GB
-    state, not two (bench/README.md, memory).
-    """
-    vmapped = jax.vmap(fn)
-    if not chunk_size:
-        return vmapped
-
-    def chunked(*args):
-        num = jax.tree.leaves(args)[0].shape[0]
-        if num % shards:
-            raise ValueError(f"{num} relations do not split into {shards} equal shards")
-        local = num // shards
-        if chunk_size >= local:
-            return vmapped(*args)
-        # [R, ...] -> [shards, local, ...] is a reshape within each device's block.
-        blocks = jax.tree.map(lambda x: x.reshape(shards, local, *x.shape[1:]), args)
-
-        def take(tree, start, size):
-            return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
-                                .reshape(shards * size, *x.shape[2:]), tree)
-
-        def put(buffers, values, start):
-            return jax.tree.map(lambda b, v: jax.lax.dynamic_update_slice_in_dim(
-                b, v.reshape(shards, -1, *v.shape[1:]).astype(b.dtype), start, axis=1),
-                buffers, values)
-
-        def run(buffers, start, size, always_true):
-            inputs = ((buffers[0],) + blocks[1:]) if update_first_argument else blocks
-            part = take(inputs, start, size)
-            if update_first_argument:
-                # ``always_true`` is a runtime value XLA cannot fold. Behind the conditional,
-                # the chunk's new values are complete buffers before any is written back, so
-                # XLA updates every state buffer in place. Without it XLA:CPU copied the
-                # whole state once per step: the new logits read the old moments' slices,
-                # and it found no order for the in-place writes (bench/README.md, memory).
-                values = jax.lax.cond(always_true, lambda p: vmapped(*p), unchanged, part)
-            else:
-                values = vmapped(*part)
-            return put(buffers, values, start)
-
-        def unchanged(part):  # never taken
-            rows = jax.tree.leaves(part)[0].shape[0]
-            return part[0], jax.tree.map(lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype),
-                                         shapes[1])
-
-        shapes = jax.eval_shape(vmapped, *take(blocks, 0, chunk_size))
-        buffers = jax.tree.map(
-            lambda s: jnp.zeros((shards, local, *s.shape[1:]), s.dtype), shapes)
-        if update_first_argument:
-            buffers = (blocks[0], buffers[1])
-        groups, rest = divmod(local, chunk_size)
-
-        def body(g, carry):
-            done, b = carry
-            return done + 1, run(b, g * chunk_size, chunk_size, g < groups)
-
-        done, buffers = jax.lax.fori_loop(0, groups, body, (jnp.int32(0), buffers))
-        if rest:  # the shorter last chunk
-            buffers = run(buffers, groups * chunk_size, rest, done == groups)
-        return jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), buffers)
-
-    return chunked
 
 
 def available_cores() -> int:
@@ -234,9 +161,7 @@ def run_relation_chunk(requested: int, num_relations: int, mesh: Mesh,
     No smaller chunk for speed: chunks sized to keep activations in a CPU's L2 cache were
     6-10% faster when chunks ran as ``lax.map``, but with the state written back in place a
     chunk costs a pass over its state (small config, 2-core AMD EPYC, 4 relations per device:
-    chunks of 1 0.038 s per step, 2 0.036 s, all 4 at once 0.030 s). A sweep group on a CPU
-    is the exception: its many slots per device run in chunks of one run's share
-    (:func:`lamp_jax.run_setup.relation_chunk_for`)."""
+    chunks of 1 0.038 s per step, 2 0.036 s, all 4 at once 0.030 s)."""
     if requested:
         return requested
     if not per_relation_bytes or budget is None:
@@ -327,19 +252,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Places an array (identical on every process) as a global array with ``sharding``; each
-    process materialises only the shards of its own devices."""
-    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(put_global(jax.random.key_data(x), sharding))
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        x = to_host(x)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
 def shard_relations(tree: Any, mesh: Mesh) -> Any:
     """Every leaf split over devices along its leading relation axis."""
     return jax.tree.map(lambda x: put_global(x, relation_sharding(mesh)), tree)
@@ -356,5 +268,164 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, slots: int | None = No
     with ``slots``, padded with inert relations first (:func:`pad_batch`)."""
     if slots is not None:
         batch = pad_batch(batch, slots)
-    sharding = NamedSharding(mesh, P(RELATION, DATA))
+    sharding = batch_sharding(mesh)
     return {k: put_global(v, sharding) for k, v in batch.items()}
+
+
+def step_transient_bytes(model_config: Any, batch_size: int, length: int, mask_params: int,
+                         dtype: Any) -> int:
+    """One relation's transients in a training step (:func:`transient_bytes_per_relation`)
+    for batches of ``batch_size`` prompts padded to ``length`` tokens (every split of a run
+    shares it) and ``mask_params`` mask weights per relation."""
+    # ModernBERT's fused Wi gives [input | gate]: twice the FFN width.
+    width = model_config.intermediate_size * (2 if model_config.family == "modernbert" else 1)
+    size = activation_bytes(batch_size * length, width, model_config.hidden_size, dtype)
+    return transient_bytes_per_relation(mask_params, size, model_config.num_layers)
+
+
+def relation_chunk_for(requested: int, num_relations: int, mesh: Mesh, per_relation_bytes: int,
+                       state_bytes: int, log=None, placed: bool = True) -> int | None:
+    """``requested`` (``config.relation_chunk``) when > 0; for 0 the automatic choice for
+    relations of ``per_relation_bytes`` transients each (:func:`step_transient_bytes`), in the
+    memory the devices have left beside ``state_bytes`` of training state (already on the
+    devices, or with ``placed=False`` about to be). With ``log``: says when a larger chunk
+    would fit in free memory and run faster."""
+    reserve = 0 if placed else state_bytes // mesh.devices.size
+    budget = transient_budget(mesh, state_bytes, reserve)
+    chunk = run_relation_chunk(requested, num_relations, mesh, per_relation_bytes, budget)
+    free = available_bytes(mesh)
+    if log is None or requested or free is None:
+        return chunk
+    fastest = run_relation_chunk(0, num_relations, mesh, per_relation_bytes,
+                                 int(ACCELERATOR_SHARE * (free - reserve)))
+    local = relation_slots(num_relations, mesh) // mesh.shape[RELATION]
+    if (fastest or local) > (chunk or local):
+        extra = ((fastest or local) - chunk) * per_relation_bytes
+        log(f"memory first: {chunk} relation(s) per device at a time keep the step within "
+            f"1.25x the state; --config.relation_chunk={fastest or local} fits in free memory "
+            f"too: faster steps for about {extra / 2**30:.1f} GiB more per device")
+    return chunk
+
+
+def fastest_fitting_chunk(memory_first: int | None, plan_all_at_once: Callable[[], int],
+                          free_bytes: int | None, log=print) -> int | None:
+    """On an accelerator: all relations at once (None) when XLA's plan of that step, in bytes
+    per device (``plan_all_at_once()``, the state and frozen weights included), fits in
+    :data:`ACCELERATOR_SHARE` of the device's free memory (before the state
+    is placed); else the ``memory_first`` chunk. bert-base x 16 relations on an H200: all at
+    once 0.023 s per bfloat16 step at 1.6x the state, one at a time 0.054 s at 1.11x."""
+    if memory_first is None or free_bytes is None:
+        return memory_first
+    peak = plan_all_at_once()
+    if peak <= ACCELERATOR_SHARE * free_bytes:
+        log(f"all relations at once: XLA plans {peak / 2**30:.2f} GiB per device for the step, "
+            f"within {ACCELERATOR_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free")
+        return None
+    log(f"memory first: all relations at once would take {peak / 2**30:.2f} GiB per device "
+        f"(XLA's plan), more than {ACCELERATOR_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB "
+        f"free; {memory_first} relation(s) per device at a time")
+    return memory_first
+
+
+def planned_peak_bytes(step_fn: Callable[..., Any], *abstract_args: Any) -> int:
+    """XLA's plan of one call of the jitted ``step_fn``, in bytes per device: its arguments,
+    outputs and temporaries, less what donated arguments lend the outputs. The arguments are
+    ``jax.ShapeDtypeStruct`` trees with their shardings (:func:`abstract_placed`): nothing is
+    allocated."""
+    plan = step_fn.lower(*abstract_args).compile().memory_analysis()
+    return int(plan.argument_size_in_bytes + plan.output_size_in_bytes
+               + plan.temp_size_in_bytes - plan.alias_size_in_bytes)
+
+
+def abstract_placed(tree: Any, shardings: Any) -> Any:
+    """``tree``'s shapes and dtypes with ``shardings`` (a tree of the same structure, or one
+    sharding for every leaf), as ``jax.ShapeDtypeStruct``."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[R, B, ...]`` batches: relations over the relation axis, prompts over the data axis."""
+    return NamedSharding(mesh, P(RELATION, DATA))
+
+
+# From this size of training state up, a CPU run donates the old state to the step.
+DONATE_ON_CPU_BYTES = 256 * 2**20
+# Below this size of training state, checkpoints are saved in the background: a background save
+# must first copy the whole state off the devices (the next step overwrites the donated
+# buffers), and bert-base x 16 relations on a GPU took 18 GB of host memory to save that way.
+# Larger states are saved in place, 1 GB at a time (lamp_jax.checkpoint), while training waits.
+BACKGROUND_SAVE_BYTES = 2**30
+
+
+def saves_in_background(state_bytes: int) -> bool:
+    """Whether checkpoints of a training state of ``state_bytes`` are written in the background
+    (:data:`BACKGROUND_SAVE_BYTES`)."""
+    return state_bytes < BACKGROUND_SAVE_BYTES
+
+
+def donates_state(state_bytes: int, backend: str | None = None) -> bool:
+    """Whether the step reuses the old state's buffers for the new one: on accelerators
+    always (it halves the state's memory: bert-base x 16 relations holds 8 GB of logits and
+    Adam moments), on a CPU from :data:`DONATE_ON_CPU_BYTES` up. XLA:CPU ran small donated
+    steps 1.3-1.5x slower (bench/README.md); large ones need the memory."""
+    backend = backend or jax.default_backend()
+    return backend != "cpu" or state_bytes >= DONATE_ON_CPU_BYTES
+
+
+def init_placed_state(mask_logits: Any, optimizer: optax.GradientTransformation,
+                      total_steps: Any, rng: jax.Array, mesh: Mesh) -> TrainState:
+    """:func:`~lamp_jax.step.init_train_state` built where :func:`state_shardings` places it:
+    the (host) logits are copied to their devices once and the moments are created there.
+    Building the state on one device and then placing it held three copies of the logits and
+    two of the moments at once (bert-base x 16 relations on a CPU: 15 GiB for an 8 GB state)."""
+    logits = jax.tree.map(lambda x: put_global(x, relation_sharding(mesh)), mask_logits)
+    build = partial(init_train_state, optimizer=optimizer, total_steps=total_steps, rng=rng)
+    placement = state_shardings(jax.eval_shape(build, logits), mesh)
+    # Donated: the new state's logits are the placed ones, not a copy.
+    return jax.jit(build, out_shardings=placement, donate_argnums=0)(logits)
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """Per-relation leaves split along the mesh's relation axis; step and rng replicated."""
+    rel, rep = relation_sharding(mesh), replicated(mesh)
+    return TrainState(
+        mask_logits=jax.tree.map(lambda _: rel, state.mask_logits),
+        opt_state=jax.tree.map(lambda _: rel, state.opt_state),
+        relation_steps=rel,
+        total_steps=rel,
+        step=rep,
+        rng=rep,
+    )
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+    """Puts a (host or single-device) state onto the mesh as :func:`state_shardings` says."""
+    return jax.tree.map(put_global, state, state_shardings(state, mesh))
+
+
+# glibc's malloc returns every large buffer of a step to the kernel and maps it again in the next
+# one, which zeroes it page by page. These settings keep one heap and reuse it (README, Speed).
+CPU_MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                       "glibc.malloc.trim_threshold=68719476736")
+
+
+def allocator_hint(mask_logit_bytes: int, backend: str, system: str,
+                   environ: Mapping[str, str], devices: int = 1) -> str | None:
+    """A tip for large masks on a Linux CPU under glibc's default malloc, else None.
+
+    Measured with bert-base shapes (4 relations x 8 prompts), one device: 1.76-1.85 s per step
+    without, 1.02 s with the settings. With the small benchmark config they were 8-12% slower,
+    so the tip only appears from 256 MiB of mask logits up. Their single heap also serialises
+    the allocations of several CPU devices (bert-base on 2 devices: 1.26 s without, 1.47 s
+    with; on one device with them: 1.06 s), so with ``devices`` > 1 the tip says to use one.
+    """
+    if (backend != "cpu" or system != "Linux" or mask_logit_bytes < 256 * 2**20
+            or "GLIBC_TUNABLES" in environ or "LD_PRELOAD" in environ):
+        return None
+    return (f"tip: {mask_logit_bytes / 2**30:.1f} GiB of mask logits on a CPU; starting with "
+            f"GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}"
+            + (" and --config.cpu_devices=1" if devices > 1 else "")
+            + " made bert-base steps 1.7x faster here (README, Speed)")
