@@ -71,7 +71,7 @@ def ours(size: dict, relations: int, batch: int, length: int, dtype: str, mode: 
     from bench.train_throughput import WARMUP_STEPS, setup_step
     from lamp_jax import threefry
     from lamp_jax.masks import MaskMode, compute_masks
-    from lamp_jax.models.bert import ModelConfig, mlm_forward
+    from lamp_jax.models import ModelConfig, mlm_forward
     from lamp_jax.step import (
         LossConfig,
         OptimConfig,

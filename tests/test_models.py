@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax.models.bert import ModelConfig, encode_prefix, init_params, mlm_forward
-from lamp_jax.models.params import (
-    CheckpointMismatchError,
+from lamp_jax.models import (
+    ModelConfig,
+    encode_prefix,
+    init_params,
     load_mlm,
-    read_torch_bin,
+    mlm_forward,
     save_mlm,
 )
+from lamp_jax.models.checkpoint_io import CheckpointMismatchError, read_torch_bin
 from tests.needs import require
 
 torch = require("torch")
@@ -94,7 +96,7 @@ def test_dense_equals_flax_dense_in_params_outputs_and_gradients():
     # init (checkpoint tables, random test models), same outputs and kernel gradients.
     import flax.linen as nn
 
-    from lamp_jax.models.bert import DenseParams, dense
+    from lamp_jax.models.layers import DenseParams, dense
 
     class Ours(nn.Module):
         @nn.compact
@@ -274,3 +276,4 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="could not fetch 'no-such-org/no-such-model'"):
         load_mlm("no-such-org/no-such-model")
+

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
-from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
+from lamp_jax.models import ModelConfig, init_params, mlm_forward
 from lamp_jax.parallel import make_mesh, relation_slots, replicate, shard_batch
 from lamp_jax.prefix import _jitted_encoder, batch_prefix_hidden_states, prefix_hidden_states
 from lamp_jax.ranking import batch_rank_stats, evaluate, make_rank_fn
