@@ -102,8 +102,7 @@ def synthetic_run(size: dict, relations: int, batch: int, length: int, dtype: st
     from lamp_jax.configs import default
     from lamp_jax.data import EncodedPrompts
     from lamp_jax.data.prepare import PreparedData
-    from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.models.params import LoadedMLM
+    from lamp_jax.models import LoadedMLM, ModelConfig, init_params
     from lamp_jax.setup import setup_training
 
     model = ModelConfig(**model_shape(size), max_position_embeddings=max(512, length))

@@ -92,12 +92,13 @@ def baseline(size: dict, relations: int, prompts: int, length: int, repeats: int
     import torch
 
     from bench.baseline_torch import ReferenceLAMP, reference_bert
-    from lamp_jax.masks import MATRICES
+    from lamp_jax.models import FAMILIES
 
     device = torch_setup()
     torch.manual_seed(0)
     model = reference_bert(torch_bert_kwargs(size, length)).to(device)
-    lamp = ReferenceLAMP(model, relations, size["layers"], list(MATRICES), surgery=surgery)
+    lamp = ReferenceLAMP(model, relations, size["layers"], list(FAMILIES["bert"].matrices),
+                         surgery=surgery)
     items = torch_prompts(random_batch(relations, prompts, length, size["vocab_size"]), device)
     lamp.evaluate([r[:1] for r in items])  # warm-up
     seconds = median_time(lambda: lamp.evaluate(items), repeats)  # .tolist() syncs a GPU

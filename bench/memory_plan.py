@@ -34,8 +34,8 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
     import jax
     import jax.numpy as jnp
 
-    from lamp_jax.masks import MATRICES, MaskInit, MaskMode, MaskSpec, init_mask_logits
-    from lamp_jax.models.bert import ModelConfig, init_params
+    from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits
+    from lamp_jax.models import FAMILIES, ModelConfig, init_params
     from lamp_jax.optim import OptimConfig, make_optimizer
     from lamp_jax.placement import state_shardings
     from lamp_jax.step import LossConfig, init_train_state, jit_train_step
@@ -49,8 +49,9 @@ def build_step(size: dict, relations: int, length: int, dtype: str, mode: str,
         # As the trainer does: frozen weights in the compute dtype, mask logits and Adam in
         # float32.
         params = jax.tree.map(lambda x: x.astype(compute), init_params(config, keys[0]))
-        logits = init_mask_logits(MaskSpec(size["layers"], tuple(MATRICES)), params, relations,
-                                  MaskInit("normal", value=1.0), mask_mode, keys[1])
+        spec = MaskSpec(size["layers"], FAMILIES["bert"].default_matrices)
+        logits = init_mask_logits(spec, params, relations, MaskInit("normal", value=1.0),
+                                  mask_mode, keys[1])
         extra = (slots or relations) - relations
         logits = jax.tree.map(lambda g: jnp.pad(g, [(0, extra)] + [(0, 0)] * (g.ndim - 1)),
                               logits)

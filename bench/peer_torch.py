@@ -66,7 +66,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lamp_jax.masks import MATRICES
+from lamp_jax.models import FAMILIES
+
+MATRICES = FAMILIES["bert"].matrices  # short name -> path inside a layer
 
 # The masked matrices of one layer, in the order of the flat buffer: Q, K and V side by side as
 # one [H, 3H] matrix, then the attention output and the FFN. Their paths in lamp-jax's
@@ -150,7 +152,7 @@ class PeerWeights:
 
     @classmethod
     def from_flax(cls, params: Mapping[str, Any], shape: PeerShape) -> PeerWeights:
-        """From lamp-jax's Flax tree (``lamp_jax.models.bert`` names, BERT family: absolute
+        """From lamp-jax's Flax tree (``lamp_jax.models.bert.modeling`` names, BERT family: absolute
         positions, token type 0), float32 on the CPU."""
         t = lambda x: torch.from_numpy(np.array(x, dtype=np.float32))  # noqa: E731
         emb = params["embeddings"]

@@ -71,8 +71,7 @@ def write_inputs(directory: Path, hf_config: dict, facts_per_relation: int,
     from transformers import BertTokenizerFast
 
     from lamp_jax.data.triples import TEMPLATES, fill_template
-    from lamp_jax.models.bert import ModelConfig, init_params
-    from lamp_jax.models.params import save_mlm
+    from lamp_jax.models import ModelConfig, init_params, save_mlm
 
     rng = np.random.default_rng(seed)
     relations = list(TEMPLATES)[:num_relations]

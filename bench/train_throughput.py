@@ -120,13 +120,13 @@ def baseline(size: dict, relations: int, batch: int, length: int, repeats: int,
     import torch
 
     from bench.baseline_torch import ReferenceLAMP, reference_bert
-    from lamp_jax.masks import MATRICES
+    from lamp_jax.models import FAMILIES
 
     device = torch_setup()
     torch.manual_seed(0)
     model = reference_bert(torch_bert_kwargs(size, length)).to(device)
-    lamp = ReferenceLAMP(model, relations, size["layers"], list(MATRICES), mode=mode,
-                         total_steps=10_000)
+    lamp = ReferenceLAMP(model, relations, size["layers"], list(FAMILIES["bert"].matrices),
+                         mode=mode, total_steps=10_000)
     batches = torch_batches(random_batch(relations, batch, length, size["vocab_size"]), device)
     for _ in range(WARMUP_STEPS):  # allocator, kernels
         lamp.train_step(batches)

@@ -27,29 +27,15 @@ import numpy as np
 
 from lamp_jax import threefry
 from lamp_jax.hosts import to_host
-from lamp_jax.models import ModelConfig, ModernBertConfig
+from lamp_jax.models import FAMILIES, ModelConfig, ModernBertConfig, family_of, matrix_paths
 
-# Short names of the maskable matrices of the BERT family (BERT, RoBERTa, DistilBERT) -> their
-# path inside a layer's params. Also the default matrices of a MaskSpec.
-MATRICES: dict[str, tuple[str, ...]] = {
-    "query": ("attention", "query", "kernel"),
-    "key": ("attention", "key", "kernel"),
-    "value": ("attention", "value", "kernel"),
-    "attn_out": ("attention", "output", "kernel"),
-    "ffn_in": ("ffn_in", "kernel"),
-    "ffn_out": ("ffn_out", "kernel"),
-}
-# Every family's matrix names -> paths. ModernBERT keeps its attention output and MLP kernels at
-# BERT's paths, so attn_out (Wo), ffn_in (the fused GeGLU Wi, [H, 2F]) and ffn_out (mlp.Wo) name
-# the same role in every family; its fused Wqkv [H, 3H] is "qkv".
-MATRIX_PATHS: dict[str, tuple[str, ...]] = {**MATRICES, "qkv": ("attention", "qkv", "kernel")}
-# The matrices each family has, in the order masks are listed (all of them by default).
-FAMILY_MATRICES: dict[str, tuple[str, ...]] = {
-    "bert": tuple(MATRICES),
-    "roberta": tuple(MATRICES),
-    "distilbert": tuple(MATRICES),
-    "modernbert": ("qkv", "attn_out", "ffn_in", "ffn_out"),
-}
+# Every family's maskable matrices: short name -> path inside a layer's params (each family's
+# ``MATRICES`` in its modeling.py, gathered by the model registry). A name means the same path
+# in every family that has it, so a spec's names need no family: BERT's query/key/value,
+# ModernBERT's fused qkv, and attn_out, ffn_in, ffn_out in both.
+MATRIX_PATHS: dict[str, tuple[str, ...]] = matrix_paths()
+# A MaskSpec's matrices when none are named: the BERT family's, the paper's.
+DEFAULT_MATRICES: tuple[str, ...] = FAMILIES["bert"].default_matrices
 MASK_KINDS = ("stochastic", "deterministic", "expectation", "threshold")
 
 
@@ -58,7 +44,7 @@ class MaskSpec:
     """Which layers and matrices are pruned. Layers are inclusive indices ``lb..lt``."""
 
     layers: tuple[int, ...]
-    matrices: tuple[str, ...] = tuple(MATRICES)
+    matrices: tuple[str, ...] = DEFAULT_MATRICES
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.matrices if m not in MATRIX_PATHS]
@@ -76,14 +62,14 @@ class MaskSpec:
         matrices: Sequence[str] | None = None,
     ) -> MaskSpec:
         """Layers ``first_layer..last_layer`` (default: the top half, as in the paper's 6..11)
-        and ``matrices`` (default: every matrix of the config's family, ``FAMILY_MATRICES``)."""
+        and ``matrices`` (default: every matrix of the config's family, in its order)."""
         first = config.num_layers // 2 if first_layer is None else first_layer
         last = config.num_layers - 1 if last_layer is None else last_layer
         if not 0 <= first <= last < config.num_layers:
             raise ValueError(
                 f"mask layers {first}..{last} are not within the model's 0..{config.num_layers - 1}"
             )
-        own = FAMILY_MATRICES[config.family]
+        own = family_of(config).default_matrices
         matrices = own if matrices is None else tuple(matrices)
         foreign = [m for m in matrices if m not in own]
         if foreign:

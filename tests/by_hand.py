@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lamp_jax.models.bert import mlm_forward
+from lamp_jax.models import mlm_forward
 
 KeyPath = tuple[str, ...]
 

@@ -14,8 +14,7 @@ from lamp_jax.analysis import combine, kbc, qa, representations, specialization
 from lamp_jax.api import load_run
 from lamp_jax.data import RelationBatcher, read_ckbc
 from lamp_jax.embedded import ensure_embedded_model
-from lamp_jax.models.bert import mlm_forward
-from lamp_jax.models.params import load_mlm
+from lamp_jax.models import load_mlm, mlm_forward
 from lamp_jax.ranking import evaluate, make_rank_fn, specialization_matrix
 from lamp_jax.report import world_triples, write_report
 from tests import by_hand

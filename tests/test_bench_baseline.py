@@ -12,12 +12,13 @@ require("transformers")
 
 from bench.baseline_torch import HF_LINEARS, ReferenceLAMP, reference_bert  # noqa: E402
 from bench.common import torch_batches, torch_prompts  # noqa: E402
-from lamp_jax.masks import MATRICES, MaskMode, apply_masks, insert_path  # noqa: E402
-from lamp_jax.models.bert import mlm_forward  # noqa: E402
-from lamp_jax.models.params import load_mlm  # noqa: E402
+from lamp_jax.masks import MaskMode, apply_masks, insert_path  # noqa: E402
+from lamp_jax.models import FAMILIES, load_mlm, mlm_forward  # noqa: E402
 from lamp_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from lamp_jax.ranking import evaluate, make_rank_fn  # noqa: E402
 from lamp_jax.step import LossConfig, init_train_state, jit_train_step  # noqa: E402
+
+MATRICES = FAMILIES["bert"].matrices  # the BERT family's maskable matrices
 
 NUM_REL, BATCH, LENGTH, VOCAB = 2, 4, 8, 60
 

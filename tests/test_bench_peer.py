@@ -32,7 +32,7 @@ from lamp_jax.masks import (  # noqa: E402
     compute_masks,
     init_mask_logits,
 )
-from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward  # noqa: E402
+from lamp_jax.models import ModelConfig, init_params, mlm_forward  # noqa: E402
 from lamp_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from lamp_jax.prefix import batch_prefix_hidden_states  # noqa: E402
 from lamp_jax.ranking import batch_rank_stats  # noqa: E402

@@ -16,8 +16,7 @@ from lamp_jax.configs import default
 from lamp_jax.data import read_lama_jsonl
 from lamp_jax.loop import train_and_evaluate
 from lamp_jax.masks import hard_mask, multiply_masks
-from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.models.params import save_mlm
+from lamp_jax.models import ModelConfig, init_params, save_mlm
 from lamp_jax.run_dir import RunDirectory
 from lamp_jax.sweep import with_overrides
 from tests import by_hand

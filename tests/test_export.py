@@ -14,8 +14,7 @@ from lamp_jax import load_run
 from lamp_jax.configs import default
 from lamp_jax.data import read_lama_jsonl
 from lamp_jax.loop import train_and_evaluate
-from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.models.params import save_mlm
+from lamp_jax.models import ModelConfig, init_params, save_mlm
 from tests.needs import require
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"

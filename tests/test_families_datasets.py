@@ -22,9 +22,9 @@ import pytest
 
 from lamp_jax.data.encode import encode_facts
 from lamp_jax.data.lama_sets import read_lama_set
-from lamp_jax.masks import FAMILY_MATRICES
-from lamp_jax.models.bert import mlm_forward
-from lamp_jax.models.params import TOKENIZER_CLASSES, load_mlm, load_tokenizer_of
+from lamp_jax.models import FAMILIES as MODEL_FAMILIES
+from lamp_jax.models import load_mlm, mlm_forward
+from lamp_jax.models.checkpoint_io import TOKENIZER_CLASSES, load_tokenizer_of
 from tests.needs import require
 from tests.test_lama_sets import write_lama_data
 from tests.tokenizer_fixtures import (
@@ -161,7 +161,8 @@ def test_a_short_run_trains_prunes_and_opens(models, data_dir, tmp_path, family,
 
     c = default.get_config()
     c.model, c.data.source, c.data.lama_set = str(models[family]), str(data_dir), lama_set
-    c.mask.matrices = FAMILY_MATRICES["modernbert" if family == "modernbert" else "bert"]
+    c.mask.matrices = MODEL_FAMILIES[
+        "modernbert" if family == "modernbert" else "bert"].default_matrices
     c.mask.first_layer, c.mask.last_layer = 2, 3
     c.batch_size, c.epochs, c.optim.learning_rate = 4, 2, 0.5
     c.mask.init, c.mask.init_sparsity = "target", 0.3  # random weights: start 30% pruned
@@ -213,7 +214,7 @@ def test_the_tokenizer_is_the_one_autotokenizer_loads(models, tmp_path, family, 
 def test_loading_any_family_does_not_import_torch(models):
     """lamp-jax never needs torch at run time (it is a test reference here), and loading a
     model does not import it where it is installed (AutoTokenizer would: 1.6 s, 190 MB)."""
-    code = ("import sys\nfrom lamp_jax.models.params import load_mlm\n"
+    code = ("import sys\nfrom lamp_jax.models import load_mlm\n"
             "for path in sys.argv[1:]:\n    load_mlm(path)\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     done = subprocess.run([sys.executable, "-c", code, *map(str, models.values())],

@@ -30,8 +30,7 @@ from lamp_jax.data.lama_sets import (
     read_lama_set,
     relation_display,
 )
-from lamp_jax.models.bert import ModelConfig, init_params
-from lamp_jax.models.params import load_mlm, save_mlm
+from lamp_jax.models import ModelConfig, init_params, load_mlm, save_mlm
 from tests.tokenizer_fixtures import make_bert_tokenizer, words_of
 
 CONCEPTNET = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"

@@ -23,7 +23,7 @@ from lamp_jax.masks import (
     sparsity_stats,
     straight_through_mask,
 )
-from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
+from lamp_jax.models import ModelConfig, init_params, mlm_forward
 
 CONFIG = ModelConfig(vocab_size=40, hidden_size=16, num_layers=4, num_heads=2,
                      intermediate_size=32, max_position_embeddings=16)

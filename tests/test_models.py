@@ -1,19 +1,28 @@
 """Parity of our Flax MLMs with transformers' PyTorch implementations, and checkpoint I/O."""
 
+import ast
+import dataclasses
 import json
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax.models.bert import ModelConfig, encode_prefix, init_params, mlm_forward
-from lamp_jax.models.params import (
-    CheckpointMismatchError,
+from lamp_jax.errors import MissingFileError, UsageError
+from lamp_jax.models import (
+    FAMILIES,
+    ModelConfig,
+    encode_prefix,
+    init_params,
     load_mlm,
-    read_torch_bin,
+    matrix_paths,
+    mlm_forward,
     save_mlm,
 )
+from lamp_jax.models.checkpoint_io import CheckpointMismatchError, read_torch_bin
 from tests.needs import require
 
 torch = require("torch")
@@ -94,7 +103,7 @@ def test_dense_equals_flax_dense_in_params_outputs_and_gradients():
     # init (checkpoint tables, random test models), same outputs and kernel gradients.
     import flax.linen as nn
 
-    from lamp_jax.models.bert import DenseParams, dense
+    from lamp_jax.models.layers import DenseParams, dense
 
     class Ours(nn.Module):
         @nn.compact
@@ -274,3 +283,64 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="could not fetch 'no-such-org/no-such-model'"):
         load_mlm("no-such-org/no-such-model")
+
+
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_a_missing_file(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for model, named in [(tmp_path / "nowhere", tmp_path / "nowhere"),  # a path, not there
+                         (tmp_path / "weights.bin", tmp_path / "weights.bin"),  # a file
+                         ("runs/x/model", "runs/x/model"),  # no hub id has two slashes
+                         (tmp_path / "empty", f"{tmp_path / 'empty'} has no config.json")]:
+        with pytest.raises(MissingFileError, match=re.escape(str(named))):
+            load_mlm(model, load_tokenizer=False)
+
+
+def test_an_unsupported_model_type_names_it_and_the_supported_ones(tmp_path):
+    _save(_hf_model("bert"), tmp_path, "safetensors")
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
+    with pytest.raises(UsageError, match="model_type 'gpt2' is not supported") as err:
+        load_mlm(tmp_path, load_tokenizer=False)
+    assert str(tmp_path / "config.json") in str(err.value)
+    for model_type in ("bert", "roberta", "distilbert", "modernbert"):
+        assert model_type in str(err.value).split("lamp-jax reads ")[1].split(", ")
+
+
+def test_no_model_family_imports_another():
+    """A family is its folder and one registry entry: nothing in lamp_jax/models/<family>/
+    imports another family's folder (what they share is in layers.py and checkpoint_keys.py)."""
+    models_dir = Path(__file__).resolve().parents[1] / "lamp_jax" / "models"
+    families = {f.name for f in models_dir.iterdir() if (f / "modeling.py").exists()}
+    assert families == set(FAMILIES)
+    for family in families:
+        package = ["lamp_jax", "models", family]
+        for source in (models_dir / family).glob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name.split(".") for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = package[:len(package) - node.level + 1] if node.level else []
+                    module = base + (node.module.split(".") if node.module else [])
+                    names = [module + [alias.name] for alias in node.names]
+                else:
+                    continue
+                imported = {name[2] for name in names if name[:2] == ["lamp_jax", "models"]
+                            and len(name) > 2}
+                assert not (imported & families) - {family}, f"{source} imports {imported}"
+
+
+def test_a_matrix_name_means_one_path_in_every_family(monkeypatch):
+    """Saved masks and config.mask.matrices name matrices without their family: a family whose
+    matrix of a known name sits elsewhere is refused."""
+    from lamp_jax.models import registry
+
+    assert matrix_paths()["ffn_in"] == ("ffn_in", "kernel")
+    clash = dataclasses.replace(FAMILIES["modernbert"], name="clash",
+                                matrices={"ffn_in": ("mlp", "wi", "kernel")})
+    monkeypatch.setitem(registry.FAMILIES, "clash", clash)
+    with pytest.raises(ValueError, match="'ffn_in' is ffn_in/kernel in one family and "
+                                         "mlp/wi/kernel in clash"):
+        matrix_paths()

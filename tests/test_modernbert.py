@@ -19,17 +19,20 @@ import numpy as np
 import pytest
 
 from lamp_jax.data import encode_facts, read_lama_jsonl
-from lamp_jax.masks import FAMILY_MATRICES, MaskMode, MaskSpec, apply_masks, multiply_masks
-from lamp_jax.models.bert import encode_prefix, init_params, mlm_forward
-from lamp_jax.models.modernbert import FULL, SLIDING, ModernBertConfig
-from lamp_jax.models.params import (
-    CheckpointMismatchError,
-    flatten_params,
-    key_table,
+from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks
+from lamp_jax.models import (
+    FAMILIES,
+    ModernBertConfig,
+    encode_prefix,
+    init_params,
     load_mlm,
-    model_param_shapes,
+    mlm_forward,
     save_mlm,
 )
+from lamp_jax.models.checkpoint_io import CheckpointMismatchError
+from lamp_jax.models.checkpoint_keys import flatten_params
+from lamp_jax.models.modernbert.modeling import FULL, SLIDING
+from lamp_jax.models.modernbert.params import key_table, param_shapes
 from tests.needs import require
 from tests.tokenizer_fixtures import make_modernbert_tokenizer, words_of
 
@@ -241,7 +244,7 @@ def test_key_table_names_every_tensor_of_both_sides(switches):
     decoder weight aside) and its paths exactly our model's params, for these switches."""
     model = _hf_model(**switches)
     config = ModernBertConfig.from_hf_dict(model.config.to_dict())
-    rows = key_table(config)
+    rows = key_table(config).rows
     theirs = set(model.state_dict())
     if config.tie_word_embeddings:
         theirs.discard("decoder.weight")
@@ -319,8 +322,8 @@ def _random_binary_masks(spec, params, seed=0):
 def test_masks_on_the_four_modernbert_matrices_equal_masked_pytorch_weights(base):
     model, mlm = base
     spec = MaskSpec.create(mlm.config, 2, 3)
-    assert spec.matrices == ("qkv", "attn_out", "ffn_in", "ffn_out") == FAMILY_MATRICES[
-        "modernbert"]
+    assert spec.matrices == ("qkv", "attn_out", "ffn_in", "ffn_out") == FAMILIES[
+        "modernbert"].default_matrices
     ids, mask = _padded_batch()
     full = _ours(mlm, ids, mask)
     # All-ones masks (logits far above the threshold) leave the model exactly as it was.
@@ -445,9 +448,10 @@ def test_the_modernbert_conceptnet_config_masks_the_upper_half_of_modernbert_bas
     assert (base_config.num_layers, base_config.hidden_size) == (22, 768)
     spec = MaskSpec.create(base_config, c.mask.first_layer, c.mask.last_layer,
                            tuple(c.mask.matrices))
-    assert spec.layers == tuple(range(11, 22)) and spec.matrices == FAMILY_MATRICES["modernbert"]
+    assert spec.layers == tuple(range(11, 22))
+    assert spec.matrices == FAMILIES["modernbert"].default_matrices
     # The README's memory row: mask weights per relation, from the model's own shapes.
-    shapes = model_param_shapes(base_config)
+    shapes = param_shapes(base_config)
     weights = sum(int(np.prod(shapes["/".join(p)])) for p in spec.paths())
     assert weights == 55_148_544
     assert 16 * weights * 12 == 10_588_520_448 and 16 * weights * 8 == 7_059_013_632
@@ -474,14 +478,14 @@ def test_train_and_evaluate_then_load_run_on_a_tiny_modernbert(lama_model, tmp_p
     directory, facts = lama_model
     c = default.get_config()
     c.model, c.data.source = str(directory), str(FIXTURE)
-    c.mask.matrices = FAMILY_MATRICES["modernbert"]
+    c.mask.matrices = FAMILIES["modernbert"].default_matrices
     c.data.relations = ("AtLocation", "IsA")
     c.batch_size, c.epochs, c.optim.learning_rate = 4, 1, 0.5
     c.mask.init, c.mask.init_sparsity = "target", 0.3  # random weights: start 30% pruned
     c.specialization, c.plots = False, False
     summary = train_and_evaluate(c, tmp_path / "run", log=lambda *_: None)
     run = load_run(tmp_path / "run")
-    assert run.spec == MaskSpec((2, 3), FAMILY_MATRICES["modernbert"])
+    assert run.spec == MaskSpec((2, 3), FAMILIES["modernbert"].default_matrices)
     assert summary["test"]["pruned"]["count"] > 0
     relation = "AtLocation"
     prompt = next(f.sentences[0] for f in facts if f.relation == relation)

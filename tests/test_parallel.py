@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax.models.bert import ModelConfig, init_params
+from lamp_jax.models import ModelConfig, init_params
 from lamp_jax.placement import (
     activation_bytes,
     available_cores,

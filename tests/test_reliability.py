@@ -15,7 +15,7 @@ import pytest
 
 from lamp_jax.hosts import PREEMPTED_EXIT, PreemptionNotice
 from lamp_jax.loop import train_and_evaluate
-from lamp_jax.models.params import load_mlm, save_mlm
+from lamp_jax.models import load_mlm, save_mlm
 from lamp_jax.placement import CPU_MALLOC_TUNABLES, allocator_hint
 from lamp_jax.run_dir import RunDirectory
 from tests.conftest import EMBEDDED_RUN_ARGS

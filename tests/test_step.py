@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, sparsity_stats
-from lamp_jax.models.bert import ModelConfig, init_params, mlm_forward
+from lamp_jax.models import ModelConfig, init_params, mlm_forward
 from lamp_jax.optim import (
     OptimConfig,
     clip_by_global_norm,

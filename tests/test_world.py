@@ -12,7 +12,7 @@ from lamp_jax.embedded import (
     ensure_embedded_model,
     pretrain_embedded_mlm,
 )
-from lamp_jax.models.params import load_mlm
+from lamp_jax.models import load_mlm
 
 
 def test_world_is_deterministic_and_well_formed():

@@ -5,11 +5,27 @@ Everything outside ``lamp_jax/models`` imports models from here, never from a fa
     from lamp_jax.models import load_mlm, mlm_forward
     mlm = load_mlm("bert-base-uncased")            # hub id or local directory
     logits = mlm_forward(mlm.params, ids, attention_mask, config=mlm.config)["logits"]
+
+``mlm_forward``, ``encode_prefix`` and ``init_params`` run the family of the config they are
+given (``registry.py``); each family is a folder (``bert/``, ``modernbert/``) with its
+``modeling.py`` and checkpoint ``params.py``, built on ``layers.py``; ``checkpoint_io.py``
+reads and writes every family's Hugging Face checkpoints.
 """
 
-from lamp_jax.models.bert import ModelConfig, encode_prefix, init_params, mlm_forward
-from lamp_jax.models.modernbert import ModernBertConfig
-from lamp_jax.models.params import LoadedMLM, load_mlm, save_mlm
+from lamp_jax.models.bert.modeling import BertConfig
+from lamp_jax.models.checkpoint_io import LoadedMLM, load_mlm, save_mlm
+from lamp_jax.models.modernbert.modeling import ModernBertConfig
+from lamp_jax.models.registry import (
+    FAMILIES,
+    encode_prefix,
+    family_of,
+    init_params,
+    matrix_paths,
+    mlm_forward,
+)
 
-__all__ = ["LoadedMLM", "ModelConfig", "ModernBertConfig", "encode_prefix", "init_params",
-           "load_mlm", "mlm_forward", "save_mlm"]
+ModelConfig = BertConfig  # the BERT family's config under the name most callers use
+
+__all__ = ["FAMILIES", "BertConfig", "LoadedMLM", "ModelConfig", "ModernBertConfig",
+           "encode_prefix", "family_of", "init_params", "load_mlm", "matrix_paths",
+           "mlm_forward", "save_mlm"]

@@ -7,10 +7,10 @@ that, with no graph/state split-merge round trip, and its params are a plain
 nested dict whose paths are the keys of the checkpoint table in ``params.py``
 and of the mask pytree in ``lamp_jax.masks``.
 
-The three families share one post-LayerNorm encoder and differ only in:
+The three variants share one post-LayerNorm encoder and differ only in:
 position ids (RoBERTa offsets them past the padding index), whether token-type
 embeddings exist (DistilBERT has none) and the LayerNorm epsilon; all of that is
-read from ``ModelConfig``.
+read from :class:`BertConfig`.
 
 Parameter tree (Linen names; kernels are stored ``[in, out]``)::
 
@@ -28,21 +28,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from lamp_jax.models.modernbert import ModernBertConfig
+from lamp_jax.models.layers import (
+    DenseParams,
+    activation,
+    additive_bias,
+    check_stop_layer,
+    concat_dense,
+    dense,
+    first_hidden,
+    mlm_outputs,
+    output_rows,
+    rows_at,
+    run_layers,
+    take_rows,
+)
 
-FAMILIES = ("bert", "roberta", "distilbert")
+VARIANTS = ("bert", "roberta", "distilbert")
+
+# The maskable matrices: short name -> path inside a layer's params, in the order a mask spec
+# lists them by default (``lamp_jax.masks``).
+MATRICES: dict[str, tuple[str, ...]] = {
+    "query": ("attention", "query", "kernel"),
+    "key": ("attention", "key", "kernel"),
+    "value": ("attention", "value", "kernel"),
+    "attn_out": ("attention", "output", "kernel"),
+    "ffn_in": ("ffn_in", "kernel"),
+    "ffn_out": ("ffn_out", "kernel"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a BERT-family MLM (hashable: it is a static jit argument)."""
+class BertConfig:
+    """Architecture of a BERT-family MLM (hashable: it is a static jit argument).
+
+    ``family`` is the variant: ``bert``, ``roberta`` or ``distilbert``.
+    """
 
     family: str = "bert"
     vocab_size: int = 30522
@@ -58,8 +84,8 @@ class ModelConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.family not in VARIANTS:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {VARIANTS}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -70,7 +96,7 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+    def from_hf_dict(cls, hf: dict[str, Any]) -> BertConfig:
         """Builds the config from a Hugging Face ``config.json`` dict."""
         model_type = hf.get("model_type", "bert")
         if model_type == "distilbert":
@@ -145,54 +171,8 @@ class ModelConfig:
         }
 
 
-def _exact_gelu(x: jax.Array) -> jax.Array:
-    # x * Phi(x) through erf, as PyTorch writes it. jax.nn.gelu(approximate=False) goes through
-    # erfc, whose XLA:CPU expansion made the backward pass of a LAMP step 1.5x slower (measured).
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
-
-
-class DenseParams(nn.Module):
-    """One dense layer's ``kernel`` [in, out] and ``bias`` [out], with ``nn.Dense``'s names and
-    init. The layer itself is :func:`dense`, so that several kernels can be applied as one."""
-
-    features: int
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
-        if not self.use_bias:
-            return kernel, None
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
-
-
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Any,
-          name: str = "dense") -> jax.Array:
-    """``x @ kernel + bias`` computed on ``x`` flattened to rows [N, in]; ``name`` labels its ops
-    in profiles (``bench.profile_step``).
-
-    Why flatten: the kernel's gradient is then one contraction over the N = B*L rows. On a
-    [B, L, in] input XLA:CPU contracts over two axes and fed every weight gradient through a
-    transposing copy of the activations' gradient (measured on a LAMP step: 48 -> 34 ms).
-    """
-    with jax.named_scope(name):
-        rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-        y = (rows @ kernel.astype(dtype)).reshape(*x.shape[:-1], kernel.shape[-1])
-        return y if bias is None else y + bias.astype(dtype)
-
-
-def _activation(name: str):
-    if name == "gelu":
-        return _exact_gelu
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"unsupported activation {name!r}")
-
-
-def position_ids_for(input_ids: jax.Array, config: ModelConfig) -> jax.Array:
-    """Position ids as each family's reference implementation makes them."""
+def position_ids_for(input_ids: jax.Array, config: BertConfig) -> jax.Array:
+    """Position ids as each variant's reference implementation makes them."""
     if config.family == "roberta":
         # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id.
         not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
@@ -201,7 +181,7 @@ def position_ids_for(input_ids: jax.Array, config: ModelConfig) -> jax.Array:
 
 
 class Embeddings(nn.Module):
-    config: ModelConfig
+    config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -216,14 +196,8 @@ class Embeddings(nn.Module):
         return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
 
 
-def _concat_dense(*layers: tuple[jax.Array, jax.Array | None]) -> tuple[jax.Array, jax.Array]:
-    """Kernels side by side [in, sum(out)], biases likewise (the layers must all have biases)."""
-    kernels, biases = zip(*layers, strict=True)
-    return jnp.concatenate(kernels, axis=-1), jnp.concatenate(biases, axis=-1)
-
-
 class SelfAttention(nn.Module):
-    config: ModelConfig
+    config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -237,11 +211,11 @@ class SelfAttention(nn.Module):
         # One matmul for the projections that read the same rows: wider, so faster on every
         # backend, and a single weight gradient in the backward pass.
         if queries_from is x:
-            qkv = dense(x, *_concat_dense(query, key, value), self.dtype, "query_key_value")
+            qkv = dense(x, *concat_dense(query, key, value), self.dtype, "query_key_value")
             q, k, v = jnp.split(qkv, 3, -1)
         else:
             q = dense(queries_from, *query, self.dtype, "query")
-            k, v = jnp.split(dense(x, *_concat_dense(key, value), self.dtype, "key_value"), 2, -1)
+            k, v = jnp.split(dense(x, *concat_dense(key, value), self.dtype, "key_value"), 2, -1)
         q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim)
         # Softmax in float32 whatever the compute dtype: bf16 softmax over long rows loses mass.
@@ -252,7 +226,7 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    config: ModelConfig
+    config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -262,30 +236,25 @@ class EncoderLayer(nn.Module):
         only through attention, so the result equals those rows of the full output."""
         c = self.config
         norm = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        rows = x if query_positions is None else _take_rows(x, query_positions)
+        rows = x if query_positions is None else take_rows(x, query_positions)
         attended, probs = SelfAttention(c, self.dtype, name="attention")(rows, x, attention_bias)
         x = norm("attention_norm")(rows + attended)
         ffn_in = DenseParams(c.intermediate_size, name="ffn_in")(c.hidden_size)
         ffn_out = DenseParams(c.hidden_size, name="ffn_out")(c.intermediate_size)
-        h = _activation(c.hidden_act)(dense(x, *ffn_in, self.dtype, "ffn_in"))
+        h = activation(c.hidden_act)(dense(x, *ffn_in, self.dtype, "ffn_in"))
         h = dense(h, *ffn_out, self.dtype, "ffn_out")
         return norm("ffn_norm")(x + h), probs
 
 
-def _take_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """``x`` [B, L, H], ``positions`` [B, K] -> [B, K, H]."""
-    return jnp.take_along_axis(x, positions[..., None], axis=1)
-
-
 class MLMHead(nn.Module):
-    config: ModelConfig
+    config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, word_embeddings):
         c = self.config
         # RoBERTa's head always uses exact GELU, whatever hidden_act says.
-        act = _activation("gelu" if c.family == "roberta" else c.hidden_act)
+        act = activation("gelu" if c.family == "roberta" else c.hidden_act)
         transform = DenseParams(c.hidden_size, name="transform")(c.hidden_size)
         x = act(dense(x, *transform, self.dtype, "transform"))
         x = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
@@ -300,9 +269,10 @@ class MLMHead(nn.Module):
 
 
 class MaskedLM(nn.Module):
-    """Encoder + MLM head. See :func:`mlm_forward` for the pure functional entry point."""
+    """Encoder + MLM head. See :func:`mlm_forward` for the pure functional entry point;
+    ``stop_layer`` returns ``{"hidden": output of layer stop_layer - 1}`` instead."""
 
-    config: ModelConfig
+    config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -310,6 +280,7 @@ class MaskedLM(nn.Module):
         self,
         input_ids,
         attention_mask,
+        *,
         token_type_ids=None,
         output_positions=None,
         output_hidden_states: bool = False,
@@ -319,51 +290,28 @@ class MaskedLM(nn.Module):
         stop_layer: int | None = None,
     ):
         c = self.config
-        stop = c.num_layers if stop_layer is None else stop_layer
-        if hidden is None:
-            if start_layer:
-                raise ValueError(f"start_layer={start_layer} needs the hidden states entering it")
-            if token_type_ids is None:
-                token_type_ids = jnp.zeros_like(input_ids)
-            x = Embeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids)
-        else:
-            x = hidden.astype(self.dtype)
+
+        def embed():
+            types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            return Embeddings(c, self.dtype, name="embeddings")(input_ids, types)
+
+        x = first_hidden(hidden, start_layer, self.dtype, embed)
         # Additive bias: padded keys get the most negative float, as the reference does.
-        attention_bias = jnp.where(
-            attention_mask[:, None, None, :].astype(bool), 0.0, jnp.finfo(jnp.float32).min
-        ).astype(jnp.float32)
-        positions = None
-        if output_positions is not None:
-            positions = jnp.asarray(output_positions)
-            positions = positions if positions.ndim == 2 else positions[:, None]
-        # Only the head reads the last layer, and only at output_positions: that layer can skip
-        # every other row's query, attention output and FFN (about L times less of its work).
-        rows_only = positions is not None and not (output_hidden_states or output_attentions)
-        hidden_states, attentions, gathered = [x], [], False
-        for i in range(start_layer, stop):
-            last = rows_only and i == c.num_layers - 1
-            x, probs = EncoderLayer(c, self.dtype, name=f"layer_{i}")(
-                x, attention_bias, positions if last else None)
-            gathered = gathered or last
-            hidden_states.append(x)
-            attentions.append(probs)
+        attention_bias = additive_bias(attention_mask[:, None, None, :].astype(bool))
+        rows = output_rows(output_positions)
+        layer = lambda i, x, query_rows: EncoderLayer(c, self.dtype, name=f"layer_{i}")(  # noqa: E731
+            x, attention_bias, query_rows)
+        stop = c.num_layers if stop_layer is None else stop_layer
+        x, hidden_states, attentions, gathered = run_layers(
+            layer, x, range(start_layer, stop), c.num_layers, rows,
+            every_row=output_hidden_states or output_attentions)
         if stop_layer is not None:
             return {"hidden": x}
-        if positions is not None:
-            # Gather before the head: the vocabulary projection is the costliest matmul and
-            # LAMP only needs it at the [MASK] position(s).
-            if not gathered:
-                x = _take_rows(x, positions)
-            if jnp.ndim(output_positions) == 1:
-                x = x[:, 0]
+        x = rows_at(x, rows, output_positions, gathered)
         word_embeddings = self.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
         logits = MLMHead(c, self.dtype, name="mlm_head")(x, word_embeddings)
-        out = {"logits": logits}
-        if output_hidden_states:
-            out["hidden_states"] = tuple(hidden_states)
-        if output_attentions:
-            out["attentions"] = tuple(attentions)
-        return out
+        return mlm_outputs(logits, hidden_states, attentions, output_hidden_states,
+                           output_attentions)
 
 
 def mlm_forward(
@@ -371,7 +319,7 @@ def mlm_forward(
     input_ids: jax.Array | None,
     attention_mask: jax.Array,
     *,
-    config: ModelConfig | ModernBertConfig,
+    config: BertConfig,
     token_type_ids: jax.Array | None = None,
     output_positions: jax.Array | None = None,
     output_hidden_states: bool = False,
@@ -384,8 +332,9 @@ def mlm_forward(
 
     Args:
       params: the model's parameter pytree (as made by :func:`init_params` or
-        ``lamp_jax.models.params.load_mlm``), possibly with masked kernels.
+        ``lamp_jax.models.load_mlm``), possibly with masked kernels.
       input_ids, attention_mask: ``[B, L]`` int arrays (mask is 1 for real tokens).
+      token_type_ids: ``[B, L]`` segment ids (zeros when None; unused by DistilBERT).
       output_positions: optional ``[B]`` (or ``[B, K]``) positions; when given, logits are
         computed only there, shape ``[B, V]`` (or ``[B, K, V]``) instead of ``[B, L, V]``, and
         the last layer computes only those rows (unless hidden states or attentions are asked
@@ -399,28 +348,11 @@ def mlm_forward(
 
     Returns:
       dict with ``logits`` and, when asked, ``hidden_states`` / ``attentions`` tuples.
-
-    A :class:`~lamp_jax.models.modernbert.ModernBertConfig` routes to ModernBERT's forward
-    (same arguments; it has no token types, ``token_type_ids`` is ignored).
     """
-    if config.family == "modernbert":
-        from lamp_jax.models import modernbert  # it builds on this module's layers
-
-        return modernbert.mlm_forward(
-            params, input_ids, attention_mask, config=config, output_positions=output_positions,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            dtype=dtype, hidden=hidden, start_layer=start_layer)
     return MaskedLM(config, dtype).apply(
-        {"params": params},
-        input_ids,
-        attention_mask,
-        token_type_ids,
-        output_positions,
-        output_hidden_states,
-        output_attentions,
-        hidden,
-        start_layer,
-    )
+        {"params": params}, input_ids, attention_mask, token_type_ids=token_type_ids,
+        output_positions=output_positions, output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions, hidden=hidden, start_layer=start_layer)
 
 
 def encode_prefix(
@@ -428,35 +360,19 @@ def encode_prefix(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     *,
-    config: ModelConfig | ModernBertConfig,
+    config: BertConfig,
     stop_layer: int,
     token_type_ids: jax.Array | None = None,
     dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """The output of layer ``stop_layer - 1`` (the embeddings for 0): ``[B, L, H]``.
-
-    Layers below the lowest pruned one never change during LAMP training, so their output can
-    be computed once per prompt and fed to :func:`mlm_forward` (``hidden=``, ``start_layer=``)
-    for every step, every subnetwork and the full model.
-    """
-    if config.family == "modernbert":
-        from lamp_jax.models import modernbert
-
-        return modernbert.encode_prefix(params, input_ids, attention_mask, config=config,
-                                        stop_layer=stop_layer, dtype=dtype)
-    if not 0 <= stop_layer <= config.num_layers:
-        raise ValueError(f"stop_layer {stop_layer} is outside 0..{config.num_layers}")
+    """The output of layer ``stop_layer - 1`` (the embeddings for 0): ``[B, L, H]``."""
+    check_stop_layer(stop_layer, config.num_layers)
     return MaskedLM(config, dtype).apply(
-        {"params": params}, input_ids, attention_mask, token_type_ids, None, False, False,
-        None, 0, stop_layer,
-    )["hidden"]
+        {"params": params}, input_ids, attention_mask, token_type_ids=token_type_ids,
+        stop_layer=stop_layer)["hidden"]
 
 
-def init_params(config: ModelConfig | ModernBertConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 8) -> Any:
     """Randomly initialised params (Flax default initialisers) for ``config``."""
-    if config.family == "modernbert":
-        from lamp_jax.models import modernbert
-
-        return modernbert.init_params(config, rng, seq_len)
     ids = jnp.zeros((1, seq_len), jnp.int32)
     return MaskedLM(config).init(rng, ids, jnp.ones_like(ids))["params"]

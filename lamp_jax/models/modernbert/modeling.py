@@ -13,9 +13,8 @@ Written against transformers' ``modeling_modernbert.py`` (5.x) and kept to its a
 * ``final_norm``, then the head ``norm(act(dense(x)))`` and the decoder, tied to the token
   embeddings by default, with its own bias.
 
-The forward pass has :func:`lamp_jax.models.bert.mlm_forward`'s calling convention and
-``bert.mlm_forward`` / ``encode_prefix`` / ``init_params`` hand a :class:`ModernBertConfig` to
-this module, so training, evaluation and the frozen-prefix cache need no change.
+The forward pass has the calling convention of every family's (``lamp_jax.models.registry``),
+so training, evaluation and the frozen-prefix cache need no change.
 
 Parameter tree (Linen names; kernels ``[in, out]``; a ``bias`` exists only when the config's
 ``*_bias`` switch says so)::
@@ -33,9 +32,9 @@ Parameter tree (Linen names; kernels ``[in, out]``; a ``bias`` exists only when 
     mlm_head/bias                              decoder.bias
     mlm_head/decoder/kernel                    only when the decoder is untied
 
-The attention output and the two MLP kernels sit at BERT's paths, so the mask names
-``attn_out``, ``ffn_in`` and ``ffn_out`` mean the same matrices in every family
-(``lamp_jax.masks``); only the fused ``qkv`` is ModernBERT's own.
+The attention output and the two MLP kernels sit at the BERT family's paths, so the mask names
+``attn_out``, ``ffn_in`` and ``ffn_out`` (:data:`MATRICES`) mean the same matrices in every
+family (``lamp_jax.masks``); only the fused ``qkv`` is ModernBERT's own.
 """
 
 from __future__ import annotations
@@ -46,11 +45,34 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lamp_jax.models.bert import DenseParams, _activation, _take_rows, dense
+from lamp_jax.models.layers import (
+    DenseParams,
+    activation,
+    additive_bias,
+    apply_rotary,
+    check_stop_layer,
+    dense,
+    first_hidden,
+    mlm_outputs,
+    output_rows,
+    rotary_tables,
+    rows_at,
+    run_layers,
+    take_rows,
+)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+# The maskable matrices: short name -> path inside a layer's params, in the order a mask spec
+# lists them by default (``lamp_jax.masks``). ffn_in is the fused GeGLU Wi [H, 2F], qkv the
+# fused Wqkv [H, 3H].
+MATRICES: dict[str, tuple[str, ...]] = {
+    "qkv": ("attention", "qkv", "kernel"),
+    "attn_out": ("attention", "output", "kernel"),
+    "ffn_in": ("ffn_in", "kernel"),
+    "ffn_out": ("ffn_out", "kernel"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +133,7 @@ class ModernBertConfig:
             problems.append(f"rotary embeddings need an even head size, not {self.head_dim}")
         for name in (self.hidden_act, self.classifier_act):
             try:
-                _activation(name)
+                activation(name)
             except ValueError as err:
                 problems.append(str(err))
         if problems:
@@ -202,30 +224,6 @@ class ModernBertConfig:
         }
 
 
-def rotary_tables(positions: jax.Array, head_dim: int, theta: float
-                  ) -> tuple[jax.Array, jax.Array]:
-    """``cos``, ``sin`` ``[..., head_dim]`` (float32) for integer ``positions`` ``[...]``.
-
-    As transformers: inverse frequencies ``1 / theta^(2j / d)`` in float32, each angle used for
-    both halves of the head (the ``rotate_half`` convention, not interleaved pairs).
-    """
-    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                            / np.float32(head_dim)))
-    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x`` ``[B, Q, heads, d]`` rotated by ``cos``/``sin`` ``[B or 1, Q, d]``, in float32 (as
-    transformers does whatever the compute dtype), returned in ``x``'s dtype."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)
-
-
 def attention_bias(attention_mask: jax.Array, query_positions: jax.Array,
                    key_positions: jax.Array, half_window: int | None) -> jax.Array:
     """Additive bias ``[B, 1, Q, L]`` (``[B, 1, 1, L]`` for a global layer): 0 where a query
@@ -235,7 +233,7 @@ def attention_bias(attention_mask: jax.Array, query_positions: jax.Array,
     if half_window is not None:
         distance = jnp.abs(query_positions[:, :, None] - key_positions[:, None, :])
         allowed = allowed & (distance <= half_window)[:, None]
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    return additive_bias(allowed)
 
 
 def _norm(config: ModernBertConfig, dtype: Any, name: str) -> nn.LayerNorm:
@@ -275,7 +273,7 @@ class Attention(nn.Module):
             # Only these rows' queries: slice Wqkv's q columns (a mask on the fused kernel is
             # applied before the slice, so the gradient still reaches every column).
             cut = lambda a, s: None if a is None else a[..., s]  # noqa: E731
-            q = dense(_take_rows(h, query_positions), cut(kernel, slice(0, width)),
+            q = dense(take_rows(h, query_positions), cut(kernel, slice(0, width)),
                       cut(bias, slice(0, width)), self.dtype, "query")
             k, v = jnp.split(dense(h, cut(kernel, slice(width, None)),
                                    cut(bias, slice(width, None)), self.dtype, "key_value"), 2, -1)
@@ -309,13 +307,13 @@ class EncoderLayer(nn.Module):
         sliding = c.layer_types[self.index] == SLIDING
         attended, probs = Attention(c, sliding, self.dtype, name="attention")(
             h, attention_mask, query_positions)
-        x = (x if query_positions is None else _take_rows(x, query_positions)) + attended
+        x = (x if query_positions is None else take_rows(x, query_positions)) + attended
         ffn_in = DenseParams(2 * c.intermediate_size, c.mlp_bias, name="ffn_in")(c.hidden_size)
         ffn_out = DenseParams(c.hidden_size, c.mlp_bias, name="ffn_out")(c.intermediate_size)
         # transformers: ``input, gate = Wi(x).chunk(2, dim=-1)``; ``Wo(act(input) * gate)``.
         inputs, gate = jnp.split(
             dense(_norm(c, self.dtype, "mlp_norm")(x), *ffn_in, self.dtype, "ffn_in"), 2, -1)
-        x = x + dense(_activation(c.hidden_act)(inputs) * gate, *ffn_out, self.dtype, "ffn_out")
+        x = x + dense(activation(c.hidden_act)(inputs) * gate, *ffn_out, self.dtype, "ffn_out")
         return x, probs
 
 
@@ -327,7 +325,7 @@ class MLMHead(nn.Module):
     def __call__(self, x, word_embeddings):
         c = self.config
         transform = DenseParams(c.hidden_size, c.classifier_bias, name="transform")(c.hidden_size)
-        x = _activation(c.classifier_act)(dense(x, *transform, self.dtype, "transform"))
+        x = activation(c.classifier_act)(dense(x, *transform, self.dtype, "transform"))
         x = _norm(c, self.dtype, "layer_norm")(x)
         if c.tie_word_embeddings:
             logits = x @ word_embeddings.T.astype(self.dtype)
@@ -343,7 +341,8 @@ class MLMHead(nn.Module):
 
 
 class MaskedLM(nn.Module):
-    """Encoder + MLM head. See :func:`mlm_forward` for the pure functional entry point."""
+    """Encoder + MLM head. See :func:`mlm_forward` for the pure functional entry point;
+    ``stop_layer`` returns ``{"hidden": output of layer stop_layer - 1}`` instead."""
 
     config: ModernBertConfig
     dtype: Any = jnp.float32
@@ -353,6 +352,7 @@ class MaskedLM(nn.Module):
         self,
         input_ids,
         attention_mask,
+        *,
         output_positions=None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
@@ -361,49 +361,30 @@ class MaskedLM(nn.Module):
         stop_layer: int | None = None,
     ):
         c = self.config
-        stop = c.num_layers if stop_layer is None else stop_layer
-        if hidden is None:
-            if start_layer:
-                raise ValueError(f"start_layer={start_layer} needs the hidden states entering it")
-            x = Embeddings(c, self.dtype, name="embeddings")(input_ids)
-        else:
-            x = hidden.astype(self.dtype)
+        x = first_hidden(hidden, start_layer, self.dtype,
+                         lambda: Embeddings(c, self.dtype, name="embeddings")(input_ids))
         attention_mask = jnp.asarray(attention_mask)
-        positions = None
-        if output_positions is not None:
-            positions = jnp.asarray(output_positions)
-            positions = positions if positions.ndim == 2 else positions[:, None]
-        # Only the head reads the last layer, and only at output_positions: that layer computes
-        # only those rows' queries, attention output and MLP.
-        rows_only = positions is not None and not (output_hidden_states or output_attentions)
-        hidden_states, attentions, gathered = [x], [], False
-        for i in range(start_layer, stop):
-            last = rows_only and i == c.num_layers - 1
-            x, probs = EncoderLayer(c, i, self.dtype, name=f"layer_{i}")(
-                x, attention_mask, positions if last else None)
-            gathered = gathered or last
-            hidden_states.append(x)
-            attentions.append(probs)
+        rows = output_rows(output_positions)
+        layer = lambda i, x, query_rows: EncoderLayer(c, i, self.dtype, name=f"layer_{i}")(  # noqa: E731
+            x, attention_mask, query_rows)
+        stop = c.num_layers if stop_layer is None else stop_layer
+        x, hidden_states, attentions, gathered = run_layers(
+            layer, x, range(start_layer, stop), c.num_layers, rows,
+            every_row=output_hidden_states or output_attentions)
         if stop_layer is not None:
             return {"hidden": x}
         last = x
-        if positions is not None:
-            if not gathered:
-                x = _take_rows(x, positions)
-            if jnp.ndim(output_positions) == 1:
-                x = x[:, 0]
+        x = rows_at(x, rows, output_positions, gathered)
         final_norm = _norm(c, self.dtype, "final_norm")
         x = final_norm(x)
         word_embeddings = self.variables["params"]["embeddings"]["tok_embeddings"]["embedding"]
-        out = {"logits": MLMHead(c, self.dtype, name="mlm_head")(x, word_embeddings)}
+        logits = MLMHead(c, self.dtype, name="mlm_head")(x, word_embeddings)
         if output_hidden_states:
             # As transformers: the last hidden state is the final norm's output, the state
             # the head reads (x holds only output_positions' rows when those were given).
-            hidden_states[-1] = x if positions is None else final_norm(last)
-            out["hidden_states"] = tuple(hidden_states)
-        if output_attentions:
-            out["attentions"] = tuple(attentions)
-        return out
+            hidden_states[-1] = x if rows is None else final_norm(last)
+        return mlm_outputs(logits, hidden_states, attentions, output_hidden_states,
+                           output_attentions)
 
 
 def mlm_forward(
@@ -412,6 +393,7 @@ def mlm_forward(
     attention_mask: jax.Array,
     *,
     config: ModernBertConfig,
+    token_type_ids: jax.Array | None = None,
     output_positions: jax.Array | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool = False,
@@ -419,12 +401,15 @@ def mlm_forward(
     hidden: jax.Array | None = None,
     start_layer: int = 0,
 ) -> dict[str, Any]:
-    """Pure forward pass, with :func:`lamp_jax.models.bert.mlm_forward`'s arguments and outputs
-    (ModernBERT has no token types). ``hidden_states`` are the layers' outputs before
-    ``final_norm``; ``hidden`` / ``start_layer`` resume from :func:`encode_prefix`."""
+    """Pure forward pass, with the arguments and outputs of every family's ``mlm_forward``
+    (``lamp_jax.models.registry``). ModernBERT has no token types: ``token_type_ids`` is part
+    of that shared calling convention and not read (transformers' ModernBERT takes none).
+    ``hidden_states`` are the layers' outputs before ``final_norm``, but the last, which is
+    after it; ``hidden`` / ``start_layer`` resume from :func:`encode_prefix`."""
     return MaskedLM(config, dtype).apply(
-        {"params": params}, input_ids, attention_mask, output_positions, output_hidden_states,
-        output_attentions, hidden, start_layer)
+        {"params": params}, input_ids, attention_mask, output_positions=output_positions,
+        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        hidden=hidden, start_layer=start_layer)
 
 
 def encode_prefix(
@@ -434,14 +419,14 @@ def encode_prefix(
     *,
     config: ModernBertConfig,
     stop_layer: int,
+    token_type_ids: jax.Array | None = None,
     dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """The output of layer ``stop_layer - 1`` (the normed embeddings for 0): ``[B, L, H]``."""
-    if not 0 <= stop_layer <= config.num_layers:
-        raise ValueError(f"stop_layer {stop_layer} is outside 0..{config.num_layers}")
+    """The output of layer ``stop_layer - 1`` (the normed embeddings for 0): ``[B, L, H]``
+    (``token_type_ids``: not read, as in :func:`mlm_forward`)."""
+    check_stop_layer(stop_layer, config.num_layers)
     return MaskedLM(config, dtype).apply(
-        {"params": params}, input_ids, attention_mask, None, False, False, None, 0, stop_layer,
-    )["hidden"]
+        {"params": params}, input_ids, attention_mask, stop_layer=stop_layer)["hidden"]
 
 
 def init_params(config: ModernBertConfig, rng: jax.Array, seq_len: int = 8) -> Any:

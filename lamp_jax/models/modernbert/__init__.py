@@ -1,0 +1,1 @@
+"""ModernBERT (``modeling.py``) and its Hugging Face checkpoints' key table (``params.py``)."""
