@@ -415,12 +415,17 @@ def test_every_set_a_run_resolves_goes_through_one_download(data_dir, tmp_path,
 
 
 class _CutOff(io.BytesIO):
-    """A response whose connection drops after its first bytes."""
+    """A response that ends in ``error`` after its first bytes: a dropped connection, or the
+    process interrupted (Ctrl-C, a kill) where no handler tidies up."""
+
+    def __init__(self, data: bytes, error: BaseException) -> None:
+        super().__init__(data)
+        self.error = error
 
     def read(self, size=-1):
         data = super().read(size)
         if not data:
-            raise ConnectionResetError("connection reset (test)")
+            raise self.error
         return data
 
 
@@ -428,11 +433,17 @@ def test_an_interrupted_download_or_unzip_leaves_nothing_taken_for_the_data(
         data_dir, tmp_path, monkeypatch):
     archive = _zip_of(data_dir, tmp_path / "data.zip")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(urllib.request, "urlopen",
-                        lambda url, timeout=None: _CutOff(archive.read_bytes()[:1000]))
+    head = archive.read_bytes()[:1000]
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _CutOff(
+        head, ConnectionResetError("connection reset (test)")))
     with pytest.raises(ConnectionError, match="could not download"):
         fetch_lama("trex", cache)
     assert list(cache.iterdir()) == []  # no half zip for the next call to unzip
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: _CutOff(head, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fetch_lama("trex", cache)
+    assert not (cache / "lama_data.zip").exists()  # the half lies under a .part name
     serve_lama_archive(monkeypatch, archive)
     unzip = zipfile.ZipFile.extractall
 
