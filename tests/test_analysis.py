@@ -37,10 +37,10 @@ def run(run_dir):
 
 
 def _test_batches(run, run_dir):
-    from lamp_jax.data import encode_facts, read_lama_jsonl, split_by_fact
+    from lamp_jax.data import encode_facts, read_lama_set, split_by_fact
 
     info = json.loads((run_dir / "run.json").read_text())
-    facts, _ = read_lama_jsonl(info["data"])
+    facts = read_lama_set(info["data"]).facts
     encoded, _ = encode_facts(facts, run.mlm.tokenizer, run.relations)
     fractions = tuple(info["config"]["data"]["fractions"])
     test = encoded.subset(split_by_fact(encoded, fractions, 0)["test"])

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lamp_jax.data import lama
 from lamp_jax.data.batching import RelationBatcher
 from lamp_jax.data.encode import EncodedPrompts, encode_facts, is_space_prefixed
-from lamp_jax.data.lama import LAMA_CONCEPTNET_RELATIONS, Fact, read_lama_jsonl
+from lamp_jax.data.lama import LAMA_CONCEPTNET_RELATIONS, Fact, ReadReport
+from lamp_jax.data.lama_archive import CACHED_DATA_DIR, CONCEPTNET_FILE, LAMA_DATA_URL, fetch_lama
+from lamp_jax.data.lama_sets import read_lama_set
 from lamp_jax.data.splits import (
     reference_protocol_split,
     split_by_fact,
@@ -30,7 +31,9 @@ from lamp_jax.data.triples import (
     read_ckbc_relations,
     triples_to_facts,
 )
+from lamp_jax.errors import UsageError
 from tests.needs import CKBC_DIR, require_path
+from tests.test_lama_sets import serve_lama_archive
 from tests.tokenizer_fixtures import make_bert_tokenizer, make_roberta_tokenizer, words_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
@@ -45,9 +48,15 @@ EXPECTED_PER_RELATION = {
 }
 
 
+def _read(path: Path, **kwargs) -> tuple[list[Fact], ReadReport]:
+    """ConceptNet's facts and read report, from its one reader."""
+    read = read_lama_set(path, "conceptnet", **kwargs)
+    return read.facts, read.report
+
+
 @pytest.fixture(scope="module")
 def facts() -> list[Fact]:
-    return read_lama_jsonl(FIXTURE)[0]
+    return _read(FIXTURE)[0]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +90,7 @@ def _line(**kw) -> str:
 
 
 def test_read_fixture_exact_counts(facts):
-    facts2, report = read_lama_jsonl(FIXTURE)
+    facts2, report = _read(FIXTURE)
     assert facts2 == facts
     assert report.lines == 31 and report.facts == 31
     assert report.sentences == 33  # two facts with two sentences, one sentence without [MASK]
@@ -99,7 +108,7 @@ def test_read_fixture_exact_counts(facts):
 
 
 def test_unrequested_relations_are_counted():
-    facts, report = read_lama_jsonl(FIXTURE, relations=("IsA", "UsedFor"))
+    facts, report = _read(FIXTURE, relations=("IsA", "UsedFor"))
     assert len(facts) == 11 and {f.relation for f in facts} == {"IsA", "UsedFor"}
     assert report.skipped_relations == {
         "AtLocation": 7,
@@ -124,9 +133,9 @@ def test_unrequested_relations_are_counted():
 )
 def test_malformed_line_names_file_and_line(tmp_path, bad, message):
     path = _write(tmp_path / "bad.jsonl", [_line(), "", bad, _line(uuid="y", sub="cat")])
-    with pytest.raises(ValueError, match=f"bad.jsonl:3: .*{message}"):
-        read_lama_jsonl(path)
-    facts, report = read_lama_jsonl(path, strict=False)
+    with pytest.raises(UsageError, match=f"bad.jsonl:3: .*{message}"):
+        _read(path)
+    facts, report = _read(path, strict=False)
     assert [f.uuid for f in facts] == ["x", "y"]
     assert report.malformed == 1 and report.blank_lines == 1 and report.lines == 4
     assert "bad.jsonl:3" in report.malformed_examples[0]
@@ -135,7 +144,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad, message):
 def test_a_byte_order_mark_before_the_first_line_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + (_line() + "\n" + _line(uuid="y", sub="cat")).encode())
-    facts, report = read_lama_jsonl(path)
+    facts, report = _read(path)
     assert [f.uuid for f in facts] == ["x", "y"] and report.malformed == 0
 
 
@@ -145,7 +154,7 @@ def test_records_of_one_triple_are_one_fact_whose_sentences_share_a_split(tmp_pa
              _line(uuid="c", masked_sentences=["Dogs often [MASK]."]),
              _line(uuid="d", sub=None), _line(uuid="e", sub=None),  # no subject: kept apart
              *(_line(uuid=f"o{i}", sub=f"dog{i}") for i in range(9))]
-    facts, report = read_lama_jsonl(_write(tmp_path / "dup.jsonl", lines))
+    facts, report = _read(_write(tmp_path / "dup.jsonl", lines))
     assert report.duplicate_facts_merged == 2 and "merged into that fact 2" in report.summary()
     assert len(facts) == 1 + 2 + 9 and report.facts == 12
     dog = next(f for f in facts if f.subject == "dog")
@@ -169,7 +178,7 @@ def test_mask_count_and_optional_fields(tmp_path):
             _line(sub=None, uuid=None),
         ],
     )
-    facts, report = read_lama_jsonl(path)
+    facts, report = _read(path)
     assert len(facts) == 2 and facts[0].sentences == ("A dog can [MASK].",)
     assert report.sentences_bad_mask_count == 3 and report.facts_without_usable_sentence == 1
     assert report.missing_subject == 1 and report.missing_uuid == 1
@@ -179,23 +188,25 @@ def test_mask_count_and_optional_fields(tmp_path):
 def test_download_from_local_zip(tmp_path, monkeypatch):
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.write(FIXTURE, lama.LAMA_CONCEPTNET_MEMBER)
+        zf.write(FIXTURE, f"data/{CONCEPTNET_FILE.as_posix()}")
         zf.writestr("data/Google_RE/other.jsonl", "{}\n")
-    monkeypatch.setattr(lama, "LAMA_DATA_URL", archive.as_uri())
+    asked = serve_lama_archive(monkeypatch, archive)
     cache = tmp_path / "cache"
-    path = lama.download_lama_conceptnet(cache)
-    assert path.read_bytes() == FIXTURE.read_bytes()
-    assert sorted(p.name for p in cache.iterdir()) == [lama.CACHED_NAME]  # zip removed
-    # Cached: no network (the URL now points nowhere).
-    monkeypatch.setattr(lama, "LAMA_DATA_URL", (tmp_path / "missing.zip").as_uri())
-    assert lama.download_lama_conceptnet(cache) == path
+    folder = fetch_lama("conceptnet", cache)
+    assert (folder / CONCEPTNET_FILE).read_bytes() == FIXTURE.read_bytes()
+    assert _read(folder)[0] == _read(FIXTURE)[0]
+    assert sorted(p.name for p in cache.iterdir()) == [CACHED_DATA_DIR]  # zip removed
+    # Cached: no second download (the URL now points nowhere).
+    missing = (tmp_path / "missing.zip").as_uri()
+    assert fetch_lama("conceptnet", cache, url=missing) == folder
+    assert asked == [LAMA_DATA_URL]
     with pytest.raises(ConnectionError, match="could not download.*offline"):
-        lama.download_lama_conceptnet(tmp_path / "other_cache")
+        fetch_lama("conceptnet", tmp_path / "other_cache", url=missing)
     wrong = tmp_path / "wrong.zip"
     with zipfile.ZipFile(wrong, "w") as zf:
         zf.writestr("data/Squad/test.jsonl", "{}\n")
-    with pytest.raises(ValueError, match="has no member data/ConceptNet/test.jsonl"):
-        lama.download_lama_conceptnet(tmp_path / "c3", url=wrong.as_uri())
+    with pytest.raises(ValueError, match="has no data/ConceptNet: not LAMA's data archive"):
+        fetch_lama("conceptnet", tmp_path / "c3", url=wrong.as_uri())
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -500,12 +511,13 @@ def test_tfds_round_trip_without_tensorflow(tmp_path, monkeypatch, facts):
     assert list((tmp_path / "tfds").rglob("*.array_record-*"))
     assert load_tfds_lama(tmp_path / "tfds", FIXTURE) == facts  # from the cache
     assert "tensorflow" not in sys.modules
-    # Official config: the file comes through download_lama_conceptnet.
+    # Official config: the file comes through the one download of LAMA's archive.
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.write(FIXTURE, lama.LAMA_CONCEPTNET_MEMBER)
-    monkeypatch.setattr(lama, "LAMA_DATA_URL", archive.as_uri())
+        zf.write(FIXTURE, f"data/{CONCEPTNET_FILE.as_posix()}")
+    asked = serve_lama_archive(monkeypatch, archive)
     assert load_tfds_lama(tmp_path / "tfds_official") == facts
+    assert asked == [LAMA_DATA_URL]
 
 
 def test_relations_given_on_the_command_line_are_split_on_commas():

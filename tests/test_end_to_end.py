@@ -13,7 +13,7 @@ import pytest
 from lamp_jax.api import load_run
 from lamp_jax.checkpoint import load_binary_masks
 from lamp_jax.configs import default
-from lamp_jax.data import read_lama_jsonl
+from lamp_jax.data import read_lama_set
 from lamp_jax.loop import train_and_evaluate
 from lamp_jax.masks import hard_mask, multiply_masks
 from lamp_jax.models import ModelConfig, init_params, save_mlm
@@ -28,7 +28,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "lama_conceptnet_sample.jsonl"
 
 def make_tiny_model(directory: Path, hidden_size: int = 32) -> Path:
     """A random 2-layer BERT whose word-level vocabulary covers the fixture's words."""
-    facts, _ = read_lama_jsonl(FIXTURE)
+    facts = read_lama_set(FIXTURE).facts
     texts = [s for f in facts for s in f.sentences] + [f.obj for f in facts]
     tokenizer = make_bert_tokenizer(directory, words_of(texts))
     config = ModelConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=2,
@@ -83,7 +83,7 @@ def test_run_writes_its_outputs(finished_run):
 def test_the_run_records_which_facts_each_split_holds(finished_run):
     workdir, summary = finished_run
     split = json.loads((workdir / "split.json").read_text())
-    facts, _ = read_lama_jsonl(FIXTURE)
+    facts = read_lama_set(FIXTURE).facts
     by_uuid = {f.uuid: f for f in facts}
     uuids = {name: [row["uuid"] for row in rows] for name, rows in split.items()}
     assert set(uuids) == {"train", "dev", "test"}

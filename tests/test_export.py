@@ -12,7 +12,7 @@ import pytest
 
 from lamp_jax import load_run
 from lamp_jax.configs import default
-from lamp_jax.data import read_lama_jsonl
+from lamp_jax.data import read_lama_set
 from lamp_jax.loop import train_and_evaluate
 from lamp_jax.models import ModelConfig, init_params, save_mlm
 from tests.needs import require
@@ -53,7 +53,7 @@ def embedded_run(embedded_run_dir):
 def test_every_relation_of_the_embedded_run_exports_to_transformers(embedded_run, tmp_path):
     run = embedded_run
     assert run.sparsity()["total"].min() > 0, "the masks must prune something"
-    facts, _ = read_lama_jsonl(_embedded_probe_file())
+    facts = read_lama_set(_embedded_probe_file()).facts
     gaps, changed = [], 0
     for relation in run.relations:
         prompt = next(f.sentences[0] for f in facts if f.relation == relation)
@@ -88,7 +88,7 @@ def make_wordpiece_bert(directory: Path) -> Path:
     ##s``-style splits), lower-casing, [UNK] for anything else."""
     from transformers import BertTokenizerFast
 
-    facts, _ = read_lama_jsonl(FIXTURE)
+    facts = read_lama_set(FIXTURE).facts
     words = sorted({w.lower() for f in facts for s in (*f.sentences, f.obj)
                     for w in s.replace("[MASK]", " ").replace(".", " ").split()})
     whole = [w for i, w in enumerate(words) if i % 3 or len(w) < 5]  # a third are split
@@ -120,6 +120,6 @@ def test_a_hub_format_bert_with_a_wordpiece_vocabulary_exports_too(tmp_path):
     r = int(np.argmax(run.sparsity()["total"]))
     assert run.sparsity()["total"][r] > 0
     relation = run.relations[r]
-    facts, _ = read_lama_jsonl(FIXTURE)
+    facts = read_lama_set(FIXTURE).facts
     prompt = next(f.sentences[0] for f in facts if f.relation == relation)
     assert_export_matches_predict(run, relation, prompt, tmp_path / "export")

@@ -1,6 +1,6 @@
 """LAMA's T-REx and Google-RE beside ConceptNet: reading, templates, evidences, labels, drops,
-malformed lines, the download, the config checks, and a run whose outputs name relations by id
-and label.
+malformed lines, the one download of every set, the user errors, the config checks, and a run
+whose outputs name relations by id and label.
 
 The fixtures are written here in LAMA's own formats (data/relations.jsonl, data/TREx/P*.jsonl,
 data/Google_RE/*_test.jsonl, and a zip of the folder), so nothing is downloaded.
@@ -8,8 +8,11 @@ data/Google_RE/*_test.jsonl, and a zip of the folder), so nothing is downloaded.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -20,16 +23,17 @@ import pytest
 from lamp_jax import plots
 from lamp_jax.config_checks import validate_config
 from lamp_jax.configs import default
-from lamp_jax.data import lama
 from lamp_jax.data.encode import encode_facts
-from lamp_jax.data.lama import read_lama_jsonl
+from lamp_jax.data.lama_archive import CACHED_DATA_DIR, LAMA_DATA_URL, fetch_lama
 from lamp_jax.data.lama_sets import (
-    fetch_lama,
+    LAMA_SETS,
     labels_entry,
     read_for_config,
     read_lama_set,
     relation_display,
 )
+from lamp_jax.data.prepare import prepare_data, resolve_sources
+from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.models import ModelConfig, init_params, load_mlm, save_mlm
 from tests.tokenizer_fixtures import make_bert_tokenizer, words_of
 
@@ -292,7 +296,7 @@ def test_a_malformed_line_names_file_and_line_or_is_counted(data_dir, tmp_path, 
     path = folder / file
     lines = path.read_text(encoding="utf-8").splitlines()
     path.write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=f"{Path(file).name}:2: .*{message}"):
+    with pytest.raises(UsageError, match=f"{Path(file).name}:2: .*{message}"):
         read_lama_set(folder, lama_set, prompts=prompts)
     # config.data.on_error="skip": counted, and every good line still read.
     read = read_for_config({"lama_set": lama_set, "prompts": prompts, "on_error": "skip"}, folder)
@@ -306,7 +310,7 @@ def test_a_malformed_line_names_file_and_line_or_is_counted(data_dir, tmp_path, 
 def test_sets_that_need_a_folder_refuse_a_file_or_a_wrong_folder(data_dir, tmp_path):
     with pytest.raises(ValueError, match="is read from LAMA's data folder.*is a file"):
         read_lama_set(CONCEPTNET, "trex")
-    with pytest.raises(FileNotFoundError, match="not a LAMA data folder: it has no TREx"):
+    with pytest.raises(MissingFileError, match="not a LAMA data folder: it has no TREx"):
         read_lama_set(tmp_path, "trex")
     with pytest.raises(ValueError, match="unknown LAMA set 'squad'"):
         read_lama_set(data_dir, "squad")
@@ -317,8 +321,9 @@ def test_sets_that_need_a_folder_refuse_a_file_or_a_wrong_folder(data_dir, tmp_p
 # ----------------------------------------------------------------------------- ConceptNet
 
 
-def test_conceptnet_reads_as_before_from_a_file_or_a_data_folder(data_dir):
-    facts, report = read_lama_jsonl(CONCEPTNET)
+def test_conceptnet_reads_the_same_from_a_file_or_a_data_folder(data_dir):
+    first = read_lama_set(CONCEPTNET)
+    facts, report = first.facts, first.report
     for source in (CONCEPTNET, data_dir, data_dir.parent):  # file, data/, its parent
         read = read_lama_set(source, "conceptnet", prompts="templates")
         assert read.facts == facts and read.labels == {}
@@ -349,30 +354,155 @@ def _zip_of(folder: Path, archive: Path) -> Path:
     return archive
 
 
+def serve_lama_archive(monkeypatch, archive: Path) -> list[str]:
+    """urllib's opener, answering LAMA's real URL with ``archive`` (a local zip), ``file://``
+    URLs from disk, and any other URL as an offline machine would; returns the URLs asked for,
+    in order."""
+    asked: list[str] = []
+    local = urllib.request.urlopen
+
+    def urlopen(url, timeout=None):
+        asked.append(url)
+        if url == LAMA_DATA_URL:
+            return archive.open("rb")
+        if url.startswith("file:"):
+            return local(url, timeout=timeout)
+        raise urllib.error.URLError("offline (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return asked
+
+
 def test_lama_downloads_the_archive_once_and_reads_it_like_the_folder(data_dir, tmp_path,
                                                                       monkeypatch):
-    archive = _zip_of(data_dir, tmp_path / "data.zip")
-    monkeypatch.setattr(lama, "LAMA_DATA_URL", archive.as_uri())
+    asked = serve_lama_archive(monkeypatch, _zip_of(data_dir, tmp_path / "data.zip"))
     cache = tmp_path / "cache"
     folder = fetch_lama("trex", cache)
-    assert folder == cache / "lama_data"
-    assert sorted(p.name for p in cache.iterdir()) == ["lama_data"]  # zip and staging gone
-    for lama_set in ("trex", "google_re"):
+    assert folder == cache / CACHED_DATA_DIR
+    assert sorted(p.name for p in cache.iterdir()) == [CACHED_DATA_DIR]  # zip and staging gone
+    for lama_set in LAMA_SETS:
         assert read_lama_set(folder, lama_set).facts == read_lama_set(data_dir, lama_set).facts
-    # ConceptNet keeps its own download path: test.jsonl alone, in the same cache.
-    assert fetch_lama("conceptnet", cache) == cache / lama.CACHED_NAME
-    # Cached: the URL now points nowhere.
-    monkeypatch.setattr(lama, "LAMA_DATA_URL", (tmp_path / "missing.zip").as_uri())
-    assert fetch_lama("google_re", cache) == folder
+    # Cached: every set, ConceptNet too, is read from that folder without a second download.
+    assert [fetch_lama(lama_set, cache) for lama_set in LAMA_SETS] == [folder] * 3
+    assert asked == [LAMA_DATA_URL]
     with pytest.raises(ConnectionError, match="could not download.*copy its data/ folder to"):
-        fetch_lama("trex", tmp_path / "other")
+        fetch_lama("trex", tmp_path / "other", url="https://example.invalid/data.zip")
     wrong = tmp_path / "wrong.zip"
     with zipfile.ZipFile(wrong, "w") as zf:
         zf.writestr("data/Squad/test.jsonl", "{}\n")
-    monkeypatch.setattr(lama, "LAMA_DATA_URL", wrong.as_uri())
-    with pytest.raises(ValueError, match="has neither data/TREx/ nor data/Google_RE/"):
-        fetch_lama("trex", tmp_path / "c3")
-    assert not (tmp_path / "c3" / "lama_data").exists()
+    with pytest.raises(ValueError, match="has no data/TREx nor data/relations.jsonl: not LAMA's"):
+        fetch_lama("trex", tmp_path / "c3", url=wrong.as_uri())
+    assert not (tmp_path / "c3" / CACHED_DATA_DIR).exists()
+
+
+def test_every_set_a_run_resolves_goes_through_one_download(data_dir, tmp_path,
+                                                              monkeypatch):
+    """``config.data.source="lama"`` for each set, as a run resolves it: one request, to LAMA's
+    real URL, and one folder that every set reads like LAMA's own."""
+    asked = serve_lama_archive(monkeypatch, _zip_of(data_dir, tmp_path / "data.zip"))
+    config = default.get_config()
+    config.model, config.data.source = "bert-base-uncased", "lama"
+    config.data.cache_dir = str(tmp_path / "cache")
+    sources = {}
+    for lama_set in ("conceptnet", "google_re", "trex"):
+        config.data.lama_set = lama_set
+        _, sources[lama_set] = resolve_sources(config)
+    assert asked == [LAMA_DATA_URL]
+    assert set(sources.values()) == {tmp_path / "cache" / CACHED_DATA_DIR}
+    for lama_set, source in sources.items():
+        assert read_lama_set(source, lama_set).facts == read_lama_set(data_dir, lama_set).facts
+
+
+class _CutOff(io.BytesIO):
+    """A response that ends in ``error`` after its first bytes: a dropped connection, or the
+    process interrupted (Ctrl-C, a kill) where no handler tidies up."""
+
+    def __init__(self, data: bytes, error: BaseException) -> None:
+        super().__init__(data)
+        self.error = error
+
+    def read(self, size=-1):
+        data = super().read(size)
+        if not data:
+            raise self.error
+        return data
+
+
+def test_an_interrupted_download_or_unzip_leaves_nothing_taken_for_the_data(
+        data_dir, tmp_path, monkeypatch):
+    archive = _zip_of(data_dir, tmp_path / "data.zip")
+    cache = tmp_path / "cache"
+    head = archive.read_bytes()[:1000]
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _CutOff(
+        head, ConnectionResetError("connection reset (test)")))
+    with pytest.raises(ConnectionError, match="could not download"):
+        fetch_lama("trex", cache)
+    assert list(cache.iterdir()) == []  # no half zip for the next call to unzip
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: _CutOff(head, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fetch_lama("trex", cache)
+    assert not (cache / "lama_data.zip").exists()  # the half lies under a .part name
+    serve_lama_archive(monkeypatch, archive)
+    unzip = zipfile.ZipFile.extractall
+
+    def disk_full(self, path, members):
+        unzip(self, path, members[: len(members) // 2])
+        raise OSError(28, "No space left on device (test)")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fetch_lama("trex", cache, keep_zip=True)
+    assert sorted(p.name for p in cache.iterdir()) == ["lama_data.zip"]  # no half folder
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", unzip)
+    folder = fetch_lama("trex", cache)  # the kept zip, unzipped whole
+    assert read_lama_set(folder, "trex").facts == read_lama_set(data_dir, "trex").facts
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def _config_for(source, lama_set: str = "conceptnet", relations=()) -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.data.source, config.data.lama_set = str(source), lama_set
+    config.data.relations = relations
+    return config
+
+
+def _prepare(config):
+    """The data step of a run, as the command line reaches it; every error here is raised
+    before the tokenizer is used."""
+    _, path = resolve_sources(config)
+    return prepare_data(config, None, path, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("lama_set", LAMA_SETS)
+def test_a_missing_data_source_is_a_missing_file_error_naming_it(tmp_path, lama_set):
+    # A jsonl file is ConceptNet's; the factual sets are read from a folder (config checks).
+    missing = tmp_path / ("nonexistent.jsonl" if lama_set == "conceptnet" else "nonexistent")
+    with pytest.raises(MissingFileError, match=f"{missing}: no such file or folder"):
+        _prepare(_config_for(missing, lama_set))
+
+
+@pytest.mark.parametrize("lama_set, relations, unknown, held", [
+    ("conceptnet", ("NotARelation",), ["NotARelation"],
+     "AtLocation, CapableOf, Desires, HasSubevent, IsA, UsedFor"),
+    ("conceptnet", ("IsA,NotARelation, AlsoNot",), ["NotARelation", "AlsoNot"],
+     "AtLocation, CapableOf, Desires, HasSubevent, IsA, UsedFor"),
+    ("trex", ("P19", "P1001"), ["P1001"], "P106, P19, P20, P36, P37, P31"),
+    ("google_re", ("place_of_death", "date_of_death"), ["date_of_death"],
+     "place_of_birth, date_of_birth, place_of_death"),
+], ids=["conceptnet-unknown", "conceptnet-some-unknown", "trex-listed-without-file",
+        "google-re-unknown"])
+def test_a_relation_the_data_does_not_hold_is_named_with_those_it_holds(
+        data_dir, lama_set, relations, unknown, held):
+    source = CONCEPTNET if lama_set == "conceptnet" else data_dir
+    with pytest.raises(UsageError) as err:
+        _prepare(_config_for(source, lama_set, relations))
+    message = str(err.value)
+    assert f"config.data.relations lists {unknown}, which have no usable prompts in" in message
+    assert f"the data holds no such relation (the {len(held.split(', '))} it holds: {held})" in (
+        message)
 
 
 # ----------------------------------------------------------------------------- labels, config

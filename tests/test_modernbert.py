@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamp_jax.data import encode_facts, read_lama_jsonl
+from lamp_jax.data import encode_facts, read_lama_set
 from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks
 from lamp_jax.models import (
     FAMILIES,
@@ -365,7 +365,7 @@ def lama_model(tmp_path_factory):
     """A random ModernBERT (saved by transformers) with a byte-level BPE tokenizer in
     ModernBERT's layout covering the LAMA fixture's words."""
     directory = tmp_path_factory.mktemp("modernbert_lama")
-    facts, _ = read_lama_jsonl(FIXTURE)
+    facts = read_lama_set(FIXTURE).facts
     texts = [s for f in facts for s in f.sentences] + [f.obj for f in facts]
     tokenizer = make_modernbert_tokenizer(directory, words_of(texts))
     special = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,

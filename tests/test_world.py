@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from lamp_jax import world
-from lamp_jax.data import encode_facts, read_lama_jsonl
+from lamp_jax.data import encode_facts, read_lama_set
 from lamp_jax.embedded import (
     EMBEDDED_ASSET_DIR,
     build_tokenizer,
@@ -43,7 +43,8 @@ def test_probe_records_are_valid_lama_with_single_token_objects(tmp_path):
     facts = world.make_facts(0)
     path = tmp_path / "probe.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in world.probe_records(facts)))
-    read, report = read_lama_jsonl(path)
+    data = read_lama_set(path)
+    read, report = data.facts, data.report
     assert len(read) == len(facts) and report.malformed == 0
     tokenizer = build_tokenizer(tmp_path / "tok")
     encoded, encode_report = encode_facts(read, tokenizer, tuple(world.RELATIONS))

@@ -1,6 +1,8 @@
 """Data pipeline: LAMA facts -> tokenised fixed-shape arrays -> relation-stacked batches.
 
-LAMA's sets: ConceptNet (``lama``), T-REx and Google-RE (``lama_sets``).
+LAMA's sets, ConceptNet, T-REx and Google-RE, are read by one function, :func:`read_lama_set`
+(``lama_sets``), and downloaded by one, :func:`fetch_lama` (``lama_archive``); ``lama`` holds
+the records and line reading they share.
 
 ``tfds_lama`` is not imported here because importing tensorflow_datasets costs time that most
 callers (tests, the embedded toy world) do not need; import it explicitly.
@@ -8,19 +10,12 @@ callers (tests, the embedded toy world) do not need; import it explicitly.
 
 from lamp_jax.data.batching import RelationBatcher
 from lamp_jax.data.encode import EncodedPrompts, EncodeReport, encode_facts
-from lamp_jax.data.lama import (
-    LAMA_CONCEPTNET_RELATIONS,
-    Fact,
-    ReadReport,
-    download_lama_conceptnet,
-    read_lama_jsonl,
-)
+from lamp_jax.data.lama import LAMA_CONCEPTNET_RELATIONS, Fact, ReadReport
+from lamp_jax.data.lama_archive import fetch_lama
 from lamp_jax.data.lama_sets import (
     LAMA_SETS,
     PROMPTS,
     LamaData,
-    download_lama_data,
-    fetch_lama,
     labels_entry,
     read_for_config,
     read_lama_set,
@@ -53,14 +48,11 @@ __all__ = [
     "ReadReport",
     "RelationBatcher",
     "Triple",
-    "download_lama_conceptnet",
-    "download_lama_data",
     "encode_facts",
     "fetch_lama",
     "labels_entry",
     "read_ckbc",
     "read_for_config",
-    "read_lama_jsonl",
     "read_lama_set",
     "reference_protocol_split",
     "relation_display",

@@ -172,7 +172,7 @@ def encode_facts(
     """Tokenise every masked sentence of ``facts`` whose relation is in ``relations``.
 
     Args:
-      facts: from :func:`lamp_jax.data.lama.read_lama_jsonl` or
+      facts: from :func:`lamp_jax.data.lama_sets.read_lama_set` or
         :func:`lamp_jax.data.triples.triples_to_facts`; sentences contain LAMA's ``[MASK]``.
       tokenizer: a Hugging Face (fast) tokenizer with ``mask_token`` and ``pad_token_id``.
       relations: the relation axis; prompts of other relations are skipped and counted.

@@ -1,13 +1,13 @@
-"""Reading LAMA ConceptNet cloze facts (jsonl) and fetching the official file.
+"""LAMA's records, common to its three sets: facts, the read report, and the line reading.
 
 Why a hand-written reader instead of ``pandas.read_json``: the LAMA files come in slightly different
 variants (``obj_label`` vs ``obj``, ``sub_label`` vs ``sub``, extra keys such as
 ``masked_negations``), and the reference implementation silently drops whatever it cannot use.
 Here every line either becomes a :class:`Fact` or is *counted* in a :class:`ReadReport`, and a
-malformed line names ``file:line`` so a corrupt download is found at once instead of shrinking
-the data set without notice. The line reading (:func:`parsed_lines`) and the fact table that
-filters and merges records (:class:`FactTable`) serve LAMA's T-REx and Google-RE readers too
-(:mod:`lamp_jax.data.lama_sets`).
+malformed line names ``file:line`` (a :class:`~lamp_jax.errors.UsageError`) so a corrupt
+download is found at once instead of shrinking the data set without notice. The line reading
+(:func:`parsed_lines`) and the fact table that filters and merges records (:class:`FactTable`)
+serve the reader of every set (ConceptNet, T-REx, Google-RE: :mod:`lamp_jax.data.lama_sets`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
-import shutil
-import urllib.error
-import urllib.request
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from lamp_jax.errors import UsageError
 
 MASK = "[MASK]"
 
@@ -46,14 +43,7 @@ LAMA_CONCEPTNET_RELATIONS: tuple[str, ...] = (
     "UsedFor",
 )
 
-#: Official LAMA data archive and the ConceptNet member inside it.
-LAMA_DATA_URL = "https://dl.fbaipublicfiles.com/LAMA/data.zip"
-LAMA_CONCEPTNET_MEMBER = "data/ConceptNet/test.jsonl"
-#: Number of lines of the official ConceptNet file (used only to warn about odd downloads).
-LAMA_CONCEPTNET_LINES = 29_774
-CACHED_NAME = "lama_conceptnet_test.jsonl"
-ARCHIVE_NAME = "lama_data.zip"
-
+#: How many malformed lines a report quotes (it counts them all).
 MAX_EXAMPLES = 5
 
 
@@ -92,8 +82,8 @@ class ReadReport:
     # sentences all land in one split (new sentences are added to the first record's fact).
     duplicate_facts_merged: int = 0
     facts_per_relation: dict[str, int] = dataclasses.field(default_factory=dict)
-    # Only LAMA's factual sets (lamp_jax.data.lama_sets) fill these; ConceptNet's summary
-    # stays as it was.
+    # Only T-REx and Google-RE fill these: ConceptNet is one file whose prompts are its own
+    # sentences, so its summary leaves them out.
     prompts: str | None = None  # "templates" or "evidences"
     files: int = 0
     # Google-RE facts whose raters said "no" more often than "yes" (LAMA skips them too).
@@ -146,46 +136,35 @@ def _first_present(record: Mapping[str, Any], keys: Iterable[str]) -> Any:
 
 
 def json_object(text: str, where: str) -> dict[str, Any]:
-    """One jsonl line as a dict, or ValueError naming ``where`` (``file:line``)."""
+    """One jsonl line as a dict, or UsageError naming ``where`` (``file:line``)."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise UsageError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record
 
 
 def required_text(record: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:
-    """The first of ``keys`` present, stripped; ValueError naming ``where`` when it is missing,
+    """The first of ``keys`` present, stripped; UsageError naming ``where`` when it is missing,
     empty or not a string."""
     value = _first_present(record, keys)
     if not isinstance(value, str) or not value.strip():
         alternatives = f" (or {', '.join(repr(k) for k in keys[1:])})" if keys[1:] else ""
-        raise ValueError(f"{where}: missing or empty required key {keys[0]!r}{alternatives}")
+        raise UsageError(f"{where}: missing or empty required key {keys[0]!r}{alternatives}")
     return value.strip()
 
 
-def _parse_line(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
-    """Validate one jsonl line; returns the cleaned fields or raises ValueError naming ``where``."""
-    record = json_object(text, where)
-    relation = required_text(record, ("pred",), where)
-    obj = required_text(record, ("obj_label", "obj"), where)
-    sentences = masked_sentences(record, where)
-    subject, uuid, notes = optional_fields(record)
-    return {"relation": relation, "obj": obj, "sentences": sentences, "subject": subject,
-            "uuid": uuid}, notes
-
-
 def masked_sentences(record: Mapping[str, Any], where: str) -> list[str]:
-    """The record's ``masked_sentences``: a non-empty list of strings, else ValueError."""
+    """The record's ``masked_sentences``: a non-empty list of strings, else UsageError."""
     sentences = record.get("masked_sentences")
     if sentences is None:
-        raise ValueError(f"{where}: missing required key 'masked_sentences'")
+        raise UsageError(f"{where}: missing required key 'masked_sentences'")
     if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-        raise ValueError(f"{where}: 'masked_sentences' must be a list of strings")
+        raise UsageError(f"{where}: 'masked_sentences' must be a list of strings")
     if not sentences:
-        raise ValueError(f"{where}: no masked sentence")
+        raise UsageError(f"{where}: no masked sentence")
     return sentences
 
 
@@ -208,7 +187,7 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        raise UsageError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 Parser = Callable[[str, str], tuple[dict[str, Any], list[str]]]
@@ -218,7 +197,7 @@ def parsed_lines(path: Path, parse: Parser, report: ReadReport, strict: bool
                  ) -> Iterator[tuple[int, dict[str, Any], list[str]]]:
     """``(line number, fields, notes)`` of every well-formed line of ``path``.
 
-    ``parse(text, "file:line")`` turns a line into fields or raises ValueError naming its
+    ``parse(text, "file:line")`` turns a line into fields or raises UsageError naming its
     place. Blank lines are counted; a malformed line raises (``strict``) or is counted with
     an example. The file is read as bytes and decoded line by line: a bad byte is then one
     malformed line named by number, not a UnicodeDecodeError for the whole file. A UTF-8 byte
@@ -236,7 +215,7 @@ def parsed_lines(path: Path, parse: Parser, report: ReadReport, strict: bool
                     report.blank_lines += 1
                     continue
                 fields, notes = parse(line, where)
-            except ValueError as err:
+            except UsageError as err:
                 if strict:
                     raise
                 report.malformed += 1
@@ -293,115 +272,3 @@ class FactTable:
         self.report.facts = len(self.facts)
         self.report.facts_per_relation = dict(self._per_relation)
         return self.facts
-
-
-def read_lama_jsonl(
-    path: str | os.PathLike[str],
-    relations: Iterable[str] | None = None,
-    *,
-    strict: bool = True,
-) -> tuple[list[Fact], ReadReport]:
-    """Read a LAMA-format jsonl file into :class:`Fact` objects plus a :class:`ReadReport`.
-
-    Args:
-      path: the jsonl file (e.g. LAMA's ``data/ConceptNet/test.jsonl``).
-      relations: keep only these relations (others are counted per relation in
-        ``report.skipped_relations``); ``None`` keeps every relation.
-      strict: if True (default) a malformed line (bad JSON, missing ``pred``/object/
-        ``masked_sentences``, empty sentence list) raises ``ValueError("file:line: ...")``;
-        if False such lines are skipped and counted in ``report.malformed``.
-
-    Sentences without exactly one ``[MASK]`` are dropped and counted; a fact whose sentences are
-    all dropped is dropped too (``facts_without_usable_sentence``). A missing subject or uuid is
-    tolerated (they are not needed for cloze probing): subject becomes ``""``, uuid becomes
-    ``"<file name>:<line>"``, both counted. Facts are triples: a record with the same (subject,
-    relation, object) as an earlier one (LAMA repeats some under new uuids) is merged into it,
-    its new sentences added, and counted (``duplicate_facts_merged``); records without a
-    subject are never merged. A UTF-8 byte order mark before the first line is accepted.
-    """
-    path = Path(path)
-    wanted = None if relations is None else frozenset(relations)
-    report = ReadReport(path=str(path))
-    table = FactTable(report)
-    skipped: collections.Counter[str] = collections.Counter()
-    for lineno, fields, notes in parsed_lines(path, _parse_line, report, strict):
-        if wanted is not None and fields["relation"] not in wanted:
-            skipped[fields["relation"]] += 1
-            continue
-        table.add(fields, notes, f"{path.name}:{lineno}")
-    report.skipped_relations = dict(skipped)
-    return table.finish(), report
-
-
-def download_lama_conceptnet(
-    cache_dir: str | os.PathLike[str],
-    *,
-    url: str | None = None,
-    keep_zip: bool = False,
-    timeout_s: float = 60.0,
-) -> Path:
-    """Return the path of LAMA's ConceptNet ``test.jsonl``, downloading it once into ``cache_dir``.
-
-    Why only the standard library: the file is fetched once per machine, and urllib needs no extra
-    dependency. The archive (``LAMA_DATA_URL`` unless ``url`` is given; the module constant is read
-    at call time so tests can monkeypatch it to a ``file://`` zip) is written atomically, only the
-    ConceptNet member is extracted, and the zip is removed unless ``keep_zip``.
-
-    Raises:
-      ConnectionError: the download failed (e.g. no internet); the message says where to put a
-        manually downloaded file so the next call finds it.
-      ValueError: the archive lacks ``data/ConceptNet/test.jsonl``.
-    """
-    cache_dir = Path(cache_dir)
-    target = cache_dir / CACHED_NAME
-    if target.is_file():
-        return target
-    url = LAMA_DATA_URL if url is None else url
-    zip_path = fetch_archive(cache_dir, url, timeout_s,
-                             f"its member {LAMA_CONCEPTNET_MEMBER} to {target}")
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            try:
-                info = archive.getinfo(LAMA_CONCEPTNET_MEMBER)
-            except KeyError:
-                raise ValueError(
-                    f"{zip_path} (from {url}) has no member {LAMA_CONCEPTNET_MEMBER}"
-                ) from None
-            partial_target = target.with_name(target.name + ".part")
-            with archive.open(info) as src, partial_target.open("wb") as out:
-                shutil.copyfileobj(src, out, length=1 << 20)
-            partial_target.replace(target)
-    except zipfile.BadZipFile as err:
-        zip_path.unlink(missing_ok=True)
-        raise ValueError(f"{zip_path} (from {url}) is not a valid zip archive: {err}") from err
-    if not keep_zip:
-        zip_path.unlink(missing_ok=True)
-    return target
-
-
-def fetch_archive(cache_dir: Path, url: str, timeout_s: float, offline_place: str) -> Path:
-    """``cache_dir/lama_data.zip``, downloaded from ``url`` unless it is there already.
-
-    Written to a ``.part`` file first, so an interrupted download is never taken for the
-    archive. ``offline_place`` completes the error message's "copy ... (or the zip to ...)".
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    zip_path = cache_dir / ARCHIVE_NAME
-    if zip_path.is_file():
-        return zip_path
-    partial = zip_path.with_name(zip_path.name + ".part")
-    try:
-        with (
-            urllib.request.urlopen(url, timeout=timeout_s) as response,
-            partial.open("wb") as out,
-        ):
-            shutil.copyfileobj(response, out, length=1 << 20)
-    except (urllib.error.URLError, OSError) as err:
-        partial.unlink(missing_ok=True)
-        raise ConnectionError(
-            f"could not download the LAMA data archive from {url}: {err}. If this machine is "
-            f"offline, download it elsewhere and copy {offline_place} (or the zip to "
-            f"{zip_path})."
-        ) from err
-    partial.replace(zip_path)
-    return zip_path

@@ -1,11 +1,11 @@
-"""LAMA's factual probes, T-REx and Google-RE, beside ConceptNet, read from LAMA's data folder.
+"""LAMA's three sets, ConceptNet, T-REx and Google-RE, one reader each, behind one entry.
 
-LAMA (Petroni et al. 2019) ships one archive, https://dl.fbaipublicfiles.com/LAMA/data.zip, whose
-``data/`` folder holds ``ConceptNet/test.jsonl``, ``TREx/P*.jsonl`` (one file per Wikidata
+LAMA (Petroni et al. 2019) ships one archive (:mod:`lamp_jax.data.lama_archive` fetches it)
+whose ``data/`` folder holds ``ConceptNet/test.jsonl``, ``TREx/P*.jsonl`` (one file per Wikidata
 relation, 41 of them), ``Google_RE/{place_of_birth,date_of_birth,place_of_death}_test.jsonl``
 and ``relations.jsonl`` (T-REx's template, label, description and type per relation).
-:func:`read_lama_set` reads one set into the same :class:`~lamp_jax.data.lama.Fact` objects as
-ConceptNet, so encoding, splitting by fact and training are the same for every set.
+:func:`read_lama_set` reads any of them into :class:`~lamp_jax.data.lama.Fact` objects, so
+encoding, splitting by fact and training are the same for every set.
 
 Prompts. LAMA probes T-REx and Google-RE with one template per relation, ``[X]`` replaced by the
 subject and ``[Y]`` by the mask (``"[X] was born in [Y] ."``): one prompt per fact,
@@ -13,33 +13,36 @@ subject and ``[Y]`` by the mask (``"[X] was born in [Y] ."``): one prompt per fa
 (T-REx: every evidence's ``masked_sentence``; Google-RE: ``masked_sentences``), several per
 fact. ConceptNet has no templates: its prompts are always its own sentences.
 
-Dropped and counted (the :class:`~lamp_jax.data.lama.ReadReport` of ConceptNet, plus): Google-RE
-facts whose raters said "no" more often than "yes" (LAMA's ``filter_samples`` skips them the same
-way); in templates mode, the records of a relation without a template in ``relations.jsonl``.
-Malformed lines, of ``relations.jsonl`` too, name ``file:line`` (``strict``) or are counted.
+Dropped and counted (:class:`~lamp_jax.data.lama.ReadReport`): besides what every set counts,
+Google-RE facts whose raters said "no" more often than "yes" (LAMA's ``filter_samples`` skips
+them the same way); in templates mode, the records of a relation without a template in
+``relations.jsonl``. Malformed lines, of ``relations.jsonl`` too, name ``file:line``
+(``strict``) or are counted.
+
+User errors are :class:`~lamp_jax.errors.UsageError`: a source that does not exist
+(:class:`~lamp_jax.errors.MissingFileError`), a requested relation the data does not hold
+(named, with the relations it holds), a malformed line (``file:line``).
 
 Labels. T-REx relations are Wikidata ids ("P19"), which say little in a table. The reader returns
 a relation -> label map ("P19" -> "place of birth", from ``relations.jsonl``); a run records it in
 ``run.json`` and ``metrics.json`` (:func:`labels_entry`) and tables and plots name relations
 "P19 (place of birth)" (:func:`relation_display`). The id stays the relation's name everywhere
 else (masks, metrics keys, ``config.data.relations``), so a relabelled ``relations.jsonl`` changes
-no split and no checkpoint. ConceptNet has no labels and its outputs stay as they were.
+no split and no checkpoint. ConceptNet has no labels, so its outputs carry none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lamp_jax.data import lama
 from lamp_jax.data.lama import (
     LAMA_CONCEPTNET_RELATIONS,
     MASK,
+    MAX_EXAMPLES,
     Fact,
     FactTable,
     Parser,
@@ -48,11 +51,19 @@ from lamp_jax.data.lama import (
     masked_sentences,
     optional_fields,
     parsed_lines,
-    read_lama_jsonl,
     required_text,
 )
+from lamp_jax.data.lama_archive import (
+    CONCEPTNET_FILE,
+    GOOGLE_RE_DIR,
+    LAMA_DATA_URL,
+    RELATIONS_FILE,
+    SET_ENTRIES,
+    TREX_DIR,
+)
+from lamp_jax.errors import MissingFileError, UsageError
 
-LAMA_SETS = ("conceptnet", "trex", "google_re")
+LAMA_SETS = tuple(SET_ENTRIES)
 PROMPTS = ("templates", "evidences")
 SUBJECT_SLOT, OBJECT_SLOT = "[X]", "[Y]"
 
@@ -63,11 +74,6 @@ GOOGLE_RE_TEMPLATES: dict[str, str] = {
     "place_of_death": "[X] died in [Y] .",
 }
 GOOGLE_RE_LABELS: dict[str, str] = {r: r.replace("_", " ") for r in GOOGLE_RE_TEMPLATES}
-
-CONCEPTNET_FILE = Path("ConceptNet", "test.jsonl")
-TREX_DIR, GOOGLE_RE_DIR, RELATIONS_FILE = "TREx", "Google_RE", "relations.jsonl"
-#: The archive's unzipped ``data/`` folder, inside ``config.data.cache_dir``.
-CACHED_DATA_DIR = "lama_data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +97,15 @@ class LamaData:
       relations: every relation with at least one fact, in the set's order (ConceptNet: LAMA's
         16 first, others by name; T-REx: ``relations.jsonl``'s; Google-RE: LAMA's).
       labels: relation -> human-readable label, for the relations that have one.
+      held: every relation the data holds records of, asked for or not, in the set's order:
+        what a request for a relation is checked against.
     """
 
     facts: list[Fact]
     report: ReadReport
     relations: tuple[str, ...]
     labels: dict[str, str]
+    held: tuple[str, ...]
 
 
 def fill_template(template: str, subject: str) -> str:
@@ -107,7 +116,7 @@ def fill_template(template: str, subject: str) -> str:
 
 def _check_template(template: str, where: str) -> None:
     if template.count(OBJECT_SLOT) != 1 or SUBJECT_SLOT not in template:
-        raise ValueError(f"{where}: template {template!r} needs one {OBJECT_SLOT} (the object) "
+        raise UsageError(f"{where}: template {template!r} needs one {OBJECT_SLOT} (the object) "
                          f"and {SUBJECT_SLOT} (the subject)")
 
 
@@ -116,7 +125,7 @@ def read_relations_jsonl(path: str | os.PathLike[str], report: ReadReport, *,
     """LAMA's ``relations.jsonl``: relation -> :class:`RelationInfo`, in file order.
 
     A line without ``relation`` or ``template``, with a template lacking ``[X]`` or one ``[Y]``,
-    or repeating an earlier relation is malformed: ``ValueError("file:line: ...")`` when
+    or repeating an earlier relation is malformed: ``UsageError("file:line: ...")`` when
     ``strict``, else counted in ``report.malformed`` (that relation then has no template).
     Its lines are not added to ``report.lines``, which counts fact records.
     """
@@ -129,7 +138,7 @@ def read_relations_jsonl(path: str | os.PathLike[str], report: ReadReport, *,
         template = required_text(record, ("template",), where)
         _check_template(template, where)
         if relation in first_seen:
-            raise ValueError(f"{where}: relation {relation} again (first at "
+            raise UsageError(f"{where}: relation {relation} again (first at "
                              f"{first_seen[relation]})")
         first_seen[relation] = where
         text_of = {k: record.get(k) for k in ("label", "description", "type")}
@@ -141,20 +150,20 @@ def read_relations_jsonl(path: str | os.PathLike[str], report: ReadReport, *,
              for _, fields, _ in parsed_lines(path, parse, lines, strict)}
     report.malformed += lines.malformed
     report.malformed_examples = (report.malformed_examples
-                                 + lines.malformed_examples)[: lama.MAX_EXAMPLES]
+                                 + lines.malformed_examples)[:MAX_EXAMPLES]
     return infos
 
 
 def _evidence_sentences(record: Mapping[str, Any], where: str) -> list[str]:
     evidences = record.get("evidences")
     if evidences is None:
-        raise ValueError(f"{where}: missing required key 'evidences'")
+        raise UsageError(f"{where}: missing required key 'evidences'")
     if not isinstance(evidences, list) or not all(
             isinstance(e, dict) and isinstance(e.get("masked_sentence"), str) for e in evidences):
-        raise ValueError(f"{where}: 'evidences' must be a list of objects with a "
+        raise UsageError(f"{where}: 'evidences' must be a list of objects with a "
                          "'masked_sentence' string")
     if not evidences:
-        raise ValueError(f"{where}: no evidence sentence")
+        raise UsageError(f"{where}: no evidence sentence")
     return [e["masked_sentence"] for e in evidences]
 
 
@@ -166,7 +175,7 @@ def _negative(record: Mapping[str, Any], where: str) -> bool:
         return False
     if not isinstance(judgments, list) or not all(
             isinstance(j, dict) and isinstance(j.get("judgment"), str) for j in judgments):
-        raise ValueError(f"{where}: 'judgments' must be a list of objects with a 'judgment' "
+        raise UsageError(f"{where}: 'judgments' must be a list of objects with a 'judgment' "
                          "string")
     yes = sum(j["judgment"] == "yes" for j in judgments)
     return len(judgments) - yes > yes
@@ -183,12 +192,12 @@ def _fact_parser(lama_set: str, relation: str, template: str | None, prompts: st
             stated = record.get("pred")
             stated = stated.rsplit("/", 1)[-1] if isinstance(stated, str) else None
         if stated is not None and stated != relation:
-            raise ValueError(f"{where}: a fact of {stated!r} in the file of {relation!r}")
+            raise UsageError(f"{where}: a fact of {stated!r} in the file of {relation!r}")
         obj = required_text(record, ("obj_label",), where)
         subject, uuid, notes = optional_fields(record)
         if prompts == "templates":
             if not subject:
-                raise ValueError(f"{where}: missing or empty required key 'sub_label' (the "
+                raise UsageError(f"{where}: missing or empty required key 'sub_label' (the "
                                  "template's subject)")
             sentences = [fill_template(template, subject)]
         elif lama_set == "trex":
@@ -225,9 +234,9 @@ def data_root(source: str | os.PathLike[str], entry: str | os.PathLike[str]) -> 
     for root in (source, source / "data"):
         if (root / entry).exists():
             return root
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{source} is not a LAMA data folder: it has no {entry}, nor has {source / 'data'}. "
-        f"Unzip {lama.LAMA_DATA_URL} and give its data/ folder, or set "
+        f"Unzip {LAMA_DATA_URL} and give its data/ folder, or set "
         "config.data.source='lama' to download it.")
 
 
@@ -236,16 +245,49 @@ def _present(facts: Sequence[Fact], order: Iterable[str]) -> tuple[str, ...]:
     return tuple(r for r in order if r in have)
 
 
-def conceptnet_order(facts: Sequence[Fact]) -> tuple[str, ...]:
+def conceptnet_order(relations: Iterable[str]) -> tuple[str, ...]:
     """LAMA's 16 ConceptNet relations in their order, then any others by name."""
     known = {r: i for i, r in enumerate(LAMA_CONCEPTNET_RELATIONS)}
-    return tuple(sorted({f.relation for f in facts},
-                        key=lambda r: (known.get(r, len(known)), r)))
+    return tuple(sorted(set(relations), key=lambda r: (known.get(r, len(known)), r)))
 
 
 def _wikidata_order(relation: str) -> tuple[int, str]:
     digits = relation[1:]
     return (int(digits) if digits.isdigit() else 1 << 30, relation)
+
+
+def _parse_conceptnet(text: str, where: str) -> tuple[dict[str, Any], list[str]]:
+    """One line of LAMA's ConceptNet format; the object is ``obj_label`` or ``obj``."""
+    record = json_object(text, where)
+    relation = required_text(record, ("pred",), where)
+    obj = required_text(record, ("obj_label", "obj"), where)
+    sentences = masked_sentences(record, where)
+    subject, uuid, notes = optional_fields(record)
+    return {"relation": relation, "obj": obj, "sentences": sentences, "subject": subject,
+            "uuid": uuid}, notes
+
+
+def _read_conceptnet(source: Path, wanted: frozenset[str] | None, strict: bool) -> LamaData:
+    """ConceptNet: one jsonl file, ``source`` itself or ``ConceptNet/test.jsonl`` of a folder.
+
+    Its prompts are its own ``masked_sentences``. A missing subject or uuid is tolerated (a
+    cloze sentence needs neither): the subject becomes ``""``, the uuid ``"<file>:<line>"``,
+    both counted.
+    """
+    path = data_root(source, CONCEPTNET_FILE) / CONCEPTNET_FILE if source.is_dir() else source
+    report = ReadReport(path=str(path))
+    table = FactTable(report)
+    held: set[str] = set()
+    for lineno, fields, notes in parsed_lines(path, _parse_conceptnet, report, strict):
+        relation = fields["relation"]
+        held.add(relation)
+        if wanted is not None and relation not in wanted:
+            report.skipped_relations[relation] = report.skipped_relations.get(relation, 0) + 1
+            continue
+        table.add(fields, notes, f"{path.name}:{lineno}")
+    facts = table.finish()
+    return LamaData(facts, report, conceptnet_order(f.relation for f in facts), {},
+                    conceptnet_order(held))
 
 
 def _read_trex(source: Path, prompts: str, wanted: frozenset[str] | None,
@@ -271,7 +313,7 @@ def _read_trex(source: Path, prompts: str, wanted: frozenset[str] | None,
                    strict)
     facts = table.finish()
     labels = {r: infos[r].label for r in order if r in infos and infos[r].label}
-    return LamaData(facts, report, _present(facts, order), labels)
+    return LamaData(facts, report, _present(facts, order), labels, tuple(order))
 
 
 def _read_google_re(source: Path, prompts: str, wanted: frozenset[str] | None,
@@ -289,7 +331,9 @@ def _read_google_re(source: Path, prompts: str, wanted: frozenset[str] | None,
             _read_file(path, _fact_parser("google_re", relation, template, prompts), table,
                        strict)
     facts = table.finish()
-    return LamaData(facts, report, _present(facts, GOOGLE_RE_TEMPLATES), dict(GOOGLE_RE_LABELS))
+    held = tuple(r for r in GOOGLE_RE_TEMPLATES if r not in report.relations_without_file)
+    return LamaData(facts, report, _present(facts, GOOGLE_RE_TEMPLATES), dict(GOOGLE_RE_LABELS),
+                    held)
 
 
 def read_lama_set(
@@ -304,40 +348,60 @@ def read_lama_set(
 
     Args:
       source: LAMA's unzipped ``data/`` folder (or the folder it was unzipped into); for
-        ``conceptnet`` also a jsonl file in LAMA's ConceptNet format (read as it always was).
+        ``conceptnet`` also a jsonl file in LAMA's ConceptNet format.
       lama_set: ``"conceptnet"``, ``"trex"`` or ``"google_re"``.
       prompts: ``"templates"`` (LAMA's relation templates, one prompt per fact) or
         ``"evidences"`` (LAMA's evidence sentences); ConceptNet always uses its sentences.
-      relations: keep only these relations (the others are counted per relation in
-        ``report.skipped_relations``); ``None`` keeps every relation.
-      strict: a malformed line raises ``ValueError("file:line: ...")``; False counts it.
+      relations: keep only these relations (``config.data.relations``; the others are counted
+        per relation in ``report.skipped_relations``); ``None`` keeps every relation.
+      strict: a malformed line raises ``UsageError("file:line: ...")``; False counts it.
+
+    Facts are triples: a record with the same (subject, relation, object) as an earlier one
+    (LAMA repeats some under new uuids) is merged into it, its new sentences added, and counted
+    (``duplicate_facts_merged``). Sentences without exactly one ``[MASK]`` are dropped and
+    counted, and so is a fact left without a sentence. A UTF-8 byte order mark before the first
+    line is accepted.
 
     Raises:
-      FileNotFoundError: ``source`` is not a LAMA data folder for ``lama_set``.
-      ValueError: an unknown set or prompt kind, a file where a folder is needed, or
-        (``strict``) a malformed line.
+      MissingFileError: ``source`` does not exist, or is not a LAMA data folder for
+        ``lama_set``.
+      UsageError: an unknown set or prompt kind, a file where a folder is needed, a requested
+        relation the data does not hold (named, with the relations it holds), or (``strict``)
+        a malformed line.
     """
     if lama_set not in LAMA_SETS:
-        raise ValueError(f"unknown LAMA set {lama_set!r}; choose one of {LAMA_SETS}")
+        raise UsageError(f"unknown LAMA set {lama_set!r}; choose one of {LAMA_SETS}")
     if prompts not in PROMPTS:
-        raise ValueError(f"unknown prompt kind {prompts!r}; choose one of {PROMPTS}")
+        raise UsageError(f"unknown prompt kind {prompts!r}; choose one of {PROMPTS}")
     source = Path(source).expanduser()
-    wanted = None if relations is None else frozenset(relations)
+    if not source.exists():
+        kinds = "LAMA's data/ folder" + (
+            ", a jsonl file in LAMA's ConceptNet format" if lama_set == "conceptnet" else "")
+        raise MissingFileError(f"{source}: no such file or folder (config.data.source takes "
+                               f"{kinds}, 'lama' to download LAMA's data, or 'embedded')")
+    requested = None if relations is None else tuple(dict.fromkeys(relations))
+    wanted = None if requested is None else frozenset(requested)
     if lama_set == "conceptnet":
-        # A folder is LAMA's; anything else is a ConceptNet-format jsonl, read as it always was.
-        path = data_root(source, CONCEPTNET_FILE) / CONCEPTNET_FILE if source.is_dir() else source
-        facts, report = read_lama_jsonl(path, wanted, strict=strict)
-        return LamaData(facts, report, conceptnet_order(facts), {})
-    if source.is_file():
-        raise ValueError(f"the LAMA set {lama_set!r} is read from LAMA's data folder "
+        read = _read_conceptnet(source, wanted, strict)
+    elif source.is_file():
+        raise UsageError(f"the LAMA set {lama_set!r} is read from LAMA's data folder "
                          f"(relations.jsonl, TREx/, Google_RE/); {source} is a file")
-    read = _read_trex if lama_set == "trex" else _read_google_re
-    return read(source, prompts, wanted, strict)
+    else:
+        read = (_read_trex if lama_set == "trex" else _read_google_re)(source, prompts, wanted,
+                                                                      strict)
+    unknown = [r for r in requested or () if r not in read.held]
+    if unknown:
+        raise UsageError(
+            f"config.data.relations lists {unknown}, which have no usable prompts in "
+            f"{read.report.path}: the data holds no such relation (the {len(read.held)} it "
+            f"holds: {', '.join(read.held) or 'none'})")
+    return read
 
 
 def read_for_config(data: Mapping[str, Any], path: str | os.PathLike[str]) -> LamaData:
     """:func:`read_lama_set` as ``config.data`` asks (``lama_set``, ``prompts``, ``relations``,
-    ``on_error``); configs older than these fields read ConceptNet, as they did."""
+    ``on_error``). A config without these fields (a ``run.json`` written before they existed)
+    means ConceptNet, read strictly with every relation: the defaults here."""
     return read_lama_set(path, data.get("lama_set", "conceptnet"),
                          prompts=data.get("prompts", "templates"),
                          relations=requested_relations(data.get("relations", ())) or None,
@@ -351,59 +415,6 @@ def requested_relations(relations: Any) -> tuple[str, ...]:
     if isinstance(relations, str):
         relations = (relations,)
     return tuple(name.strip() for item in relations for name in item.split(",") if name.strip())
-
-
-def download_lama_data(
-    cache_dir: str | os.PathLike[str],
-    *,
-    url: str | None = None,
-    keep_zip: bool = False,
-    timeout_s: float = 60.0,
-) -> Path:
-    """LAMA's ``data/`` folder, downloaded and unzipped once into ``cache_dir/lama_data``.
-
-    The archive (``lama.LAMA_DATA_URL`` unless ``url``; read at call time so tests can point it
-    at a ``file://`` zip) is unzipped into a staging folder that is renamed when complete, so
-    an interrupted run never leaves a half folder that a later run would take for the data.
-
-    Raises:
-      ConnectionError: the download failed; the message says where to put a manual copy.
-      ValueError: the archive is not a zip or has neither ``data/TREx/`` nor
-        ``data/Google_RE/``.
-    """
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / CACHED_DATA_DIR
-    if target.is_dir():
-        return target
-    url = lama.LAMA_DATA_URL if url is None else url
-    zip_path = lama.fetch_archive(cache_dir, url, timeout_s, f"its data/ folder to {target}")
-    staging = cache_dir / f"{CACHED_DATA_DIR}.part"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            members = [m for m in archive.namelist() if m.startswith("data/")]
-            if not any(m.startswith((f"data/{TREX_DIR}/", f"data/{GOOGLE_RE_DIR}/"))
-                       for m in members):
-                raise ValueError(f"{zip_path} (from {url}) has neither data/{TREX_DIR}/ nor "
-                                 f"data/{GOOGLE_RE_DIR}/: not LAMA's data archive")
-            archive.extractall(staging, members)  # zipfile drops "..", absolute parts
-        (staging / "data").replace(target)
-    except zipfile.BadZipFile as err:
-        zip_path.unlink(missing_ok=True)
-        raise ValueError(f"{zip_path} (from {url}) is not a valid zip archive: {err}") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not keep_zip:
-        zip_path.unlink(missing_ok=True)
-    return target
-
-
-def fetch_lama(lama_set: str, cache_dir: str | os.PathLike[str]) -> Path:
-    """What ``config.data.source="lama"`` reads: ConceptNet's ``test.jsonl`` as before
-    (:func:`~lamp_jax.data.lama.download_lama_conceptnet`), else LAMA's data folder."""
-    if lama_set == "conceptnet":
-        return lama.download_lama_conceptnet(Path(cache_dir).expanduser())
-    return download_lama_data(cache_dir)
 
 
 def relation_display(relations: Sequence[str], labels: Mapping[str, str]) -> tuple[str, ...]:
@@ -420,6 +431,6 @@ def relation_display(relations: Sequence[str], labels: Mapping[str, str]) -> tup
 
 def labels_entry(relations: Sequence[str], labels: Mapping[str, str]) -> dict[str, Any]:
     """``{"relation_labels": {relation: label}}`` for run.json / metrics.json, or ``{}`` when
-    no relation has a label (ConceptNet: its files stay as they were)."""
+    no relation has a label (ConceptNet: its files carry no empty entry)."""
     kept = {r: labels[r] for r in relations if labels.get(r)}
     return {"relation_labels": kept} if kept else {}

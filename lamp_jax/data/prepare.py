@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 
 from lamp_jax.data.encode import EncodedPrompts, encode_facts
-from lamp_jax.data.lama_sets import fetch_lama, read_for_config, requested_relations
+from lamp_jax.data.lama_archive import fetch_lama
+from lamp_jax.data.lama_sets import read_for_config, requested_relations
 from lamp_jax.data.splits import reference_protocol_split, split_by_fact
+from lamp_jax.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class PreparedData:
 
 def resolve_sources(config: ml_collections.ConfigDict) -> tuple[str, Path]:
     """Where the model and the LAMA data come from ("embedded" = the shipped toy world; "lama"
-    = LAMA's official zip, downloaded on first use)."""
+    = LAMA's data folder, unzipped from LAMA's official archive on first use, for every set)."""
     model = config.model
     source = config.data.source
     if model == "embedded" or source == "embedded":
@@ -59,7 +61,12 @@ def resolve_sources(config: ml_collections.ConfigDict) -> tuple[str, Path]:
 def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
                  log=print) -> PreparedData:
     """Reads, encodes and splits ``path`` as ``config.data`` says; prints what was kept and
-    skipped, per reason."""
+    skipped, per reason.
+
+    Raises :class:`~lamp_jax.errors.UsageError` (:class:`~lamp_jax.errors.MissingFileError` for
+    a missing ``path``) when the data cannot give what the config asks: a relation it does not
+    hold, a malformed line, or no usable prompt at all.
+    """
     wanted = requested_relations(config.data.relations) or None
     read = read_for_config(config.data, path)  # the LAMA set config.data.lama_set names
     facts, present = read.facts, read.relations
@@ -69,10 +76,10 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
                                           max_length=config.data.max_length, labels=read.labels)
     log(encode_report.summary())
     if len(encoded) == 0:
-        raise ValueError(f"no usable prompts in {path} (see the report above)")
+        raise UsageError(f"no usable prompts in {path} (see the report above)")
     empty = [r for r, n in zip(relations, encoded.counts_per_relation(), strict=True) if n == 0]
     if empty and wanted:
-        raise ValueError(f"config.data.relations lists {empty}, which have no usable prompts in "
+        raise UsageError(f"config.data.relations lists {empty}, which have no usable prompts in "
                          f"{path}; relations with prompts: {sorted(set(present) - set(empty))}")
     if empty:  # nothing was asked for by name: train the others, and say which were left out
         log(f"relations skipped: {len(empty)} ({', '.join(empty)}): every prompt was dropped "

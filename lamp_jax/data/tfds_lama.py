@@ -10,9 +10,11 @@ TFDS shuffles examples on write). There is a single ``"test"`` split, the offici
 into train/dev/test by fact is :mod:`lamp_jax.data.splits`' job.
 
 Where the jsonl comes from, in order: the config's ``jsonl_path``; ``test.jsonl`` in the
-download config's ``manual_dir``; else :func:`~lamp_jax.data.lama.download_lama_conceptnet` into
-the TFDS download directory. :func:`load_tfds_lama` names the config after the file's content hash,
-so two different files never share a cache entry.
+download config's ``manual_dir``; else LAMA's archive, fetched by
+:func:`~lamp_jax.data.lama_archive.fetch_lama` (the one download of every set) into the TFDS
+download directory. The file is read by :func:`~lamp_jax.data.lama_sets.read_lama_set`, as a
+training run reads it. :func:`load_tfds_lama` names the config after the file's content hash, so
+two different files never share a cache entry.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from lamp_jax.data.lama import Fact, download_lama_conceptnet, read_lama_jsonl
+from lamp_jax.data.lama import Fact
+from lamp_jax.data.lama_archive import CONCEPTNET_FILE, fetch_lama
+from lamp_jax.data.lama_sets import read_lama_set
 
 _VERSION = "1.0.0"
 
@@ -97,13 +101,13 @@ class LamaConceptnet(tfds.core.GeneratorBasedBuilder):
             manual = None
         if manual is not None and manual.is_file():
             return manual
-        return download_lama_conceptnet(Path(os.fspath(dl_manager.download_dir)))
+        return fetch_lama("conceptnet", os.fspath(dl_manager.download_dir)) / CONCEPTNET_FILE
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         return {"test": self._generate_examples(self._jsonl_path(dl_manager))}
 
     def _generate_examples(self, path: Path) -> Any:
-        facts, _ = read_lama_jsonl(path)
+        facts = read_lama_set(path).facts
         for f_idx, fact in enumerate(facts):
             for s_idx, sentence in enumerate(fact.sentences):
                 yield (
@@ -149,7 +153,7 @@ def load_tfds_lama(
 ) -> list[Fact]:
     """Build the TFDS dataset if needed and read it back as facts, without TensorFlow.
 
-    Returns the same facts, in the same order, as ``read_lama_jsonl(jsonl_path)[0]`` (the
+    Returns the same facts, in the same order, as ``read_lama_set(jsonl_path).facts`` (the
     builder reads strictly and keeps every relation).
     """
     builder = make_builder(data_dir, jsonl_path)
