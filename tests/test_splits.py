@@ -234,6 +234,20 @@ def test_template_disjoint_holds_every_training_template_out(world, tokenizer):
     _check_counts_add_up(held, facts, tokenizer)
 
 
+def test_a_relation_a_protocol_cannot_hold_out_is_not_run(world, tokenizer):
+    facts, _ = world
+    # Eats keeps two objects: one for train, one for test, none for dev (fractions 0.5/0.2/0.3).
+    two = sorted({f.obj.lower() for f in facts if f.relation == "Eats"})[:2]
+    kept = [f for f in facts if f.relation != "Eats" or f.obj.lower() in two]
+    held = _split("object_disjoint", kept, tokenizer)
+    assert held.relations == ("LivesIn", "Fears", "Likes")
+    assert held.report.dropped_relations == {"Eats": "no dev prompts under object_disjoint"}
+    eats = sum(len(f.sentences) for f in kept if f.relation == "Eats")
+    assert held.report.dropped_prompts["relation not run"] == {"Eats": eats}
+    assert "Eats (no dev prompts under object_disjoint)" in held.report.summary()
+    assert held.encoded.relations == held.relations  # re-encoded without it
+
+
 def test_a_protocol_that_holds_nothing_out_says_why(world, tokenizer):
     facts, _ = world
     with pytest.raises(UsageError, match="Fears: one template"):
