@@ -16,8 +16,9 @@ For one masked matrix of ``n`` weights, masks A and B pruning ``k1`` and ``k2`` 
 
 ``total`` pools every masked matrix of a relation: ``J`` of the union of its pruned sets, and as
 chance the ratio of expectations ``sum E|A & B| / sum E|A | B|`` over matrices (its exact
-``E[J]`` would need the convolution of the matrices' hypergeometrics; with thousands of weights
-per matrix the two differ by far less than the Monte Carlo error of any estimate of them).
+``E[J]`` would need the convolution of the matrices' hypergeometrics; the mean pooled J of 4000
+pairs of random masks over 288 weights agrees with the ratio within 4 standard errors,
+tests/test_stability.py, and the gap shrinks as the matrices grow).
 
 Compared: the relations of one run (:func:`overlap_between_relations`, an ``R x R`` matrix per
 matrix and ``total``; the diagonal is a mask with itself, J = 1) and the seeds of one
