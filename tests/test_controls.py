@@ -210,6 +210,12 @@ def test_candidate_matrix_and_restricted_rank_match_numpy():
             best = np.flatnonzero(candidates[prompt_rel[i]])[
                 np.argmax(logits[i, candidates[prompt_rel[i]]])]
             assert (got[i] == 1) == (best == prompt_obj[i])
+    last = np.asarray(restricted_rank(jnp.asarray(logits), jnp.asarray(prompt_obj),
+                                      jnp.asarray(candidates[prompt_rel]), outside="last"))
+    inside = candidates[prompt_rel, prompt_obj]
+    assert (~inside).sum() >= 5 and inside.sum() >= 5
+    assert np.array_equal(last[inside], got[inside])
+    assert np.array_equal(last[~inside], 1 + candidates[prompt_rel[~inside]].sum(axis=1))
     every = np.asarray(restricted_rank(jnp.asarray(logits), jnp.asarray(prompt_obj),
                                        jnp.ones(30, bool)))
     assert np.array_equal(every, 1 + np.sum(logits > logits[np.arange(64), prompt_obj][:, None],

@@ -59,15 +59,24 @@ def candidate_matrix(relation: np.ndarray, obj_id: np.ndarray, num_relations: in
     return out
 
 
-def restricted_rank(logits: jax.Array, obj_id: jax.Array, candidates: jax.Array) -> jax.Array:
+def restricted_rank(logits: jax.Array, obj_id: jax.Array, candidates: jax.Array,
+                    outside: str = "ranked") -> jax.Array:
     """``[B]`` 1 + the number of candidates scored strictly higher than the object (the tie
     convention of :func:`lamp_jax.ranking.object_rank`), over ``candidates`` ``[V]`` or
     ``[B, V]`` (e.g. ``candidate_matrix(...)[relation]``).
 
-    The object is ranked whether or not it is a candidate: an object outside the set that
-    outscores every candidate gets rank 1, although a prediction restricted to the set could
-    not name it. To count such prompts as misses, combine with ``candidates[obj]``.
+    ``outside`` says what an object that is not a candidate gets: ``"ranked"`` ranks it among
+    the candidates all the same (it gets rank 1 when it outscores every candidate, although a
+    prediction restricted to the set could not name it); ``"last"`` places it after every
+    candidate (rank = number of candidates + 1), so it is never within P@k for k up to the
+    set's size, as for a model that can only answer with a candidate.
     """
+    if outside not in ("ranked", "last"):
+        raise ValueError(f"outside must be 'ranked' or 'last', not {outside!r}")
+    candidates = jnp.broadcast_to(jnp.asarray(candidates, bool), logits.shape)
     target = jnp.take_along_axis(logits, obj_id[:, None], axis=-1)
-    above = (logits > target) & jnp.broadcast_to(jnp.asarray(candidates, bool), logits.shape)
-    return 1 + jnp.sum(above, axis=-1)
+    rank = 1 + jnp.sum((logits > target) & candidates, axis=-1)
+    if outside == "last":
+        is_candidate = jnp.take_along_axis(candidates, obj_id[:, None], axis=-1)[:, 0]
+        rank = jnp.where(is_candidate, rank, 1 + jnp.sum(candidates, axis=-1))
+    return rank
