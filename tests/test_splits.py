@@ -269,8 +269,8 @@ def embedded_tokenizer():
     return BertTokenizerFast.from_pretrained(model)
 
 
-# split.json of `python train.py` on the embedded default before the held-out protocols existed
-# (sha256 of /work/base_runs/default/split.json).
+# sha256 of the split.json that `python train.py` wrote on the embedded default before the
+# held-out protocols existed.
 DEFAULT_SPLIT_SHA256 = "fdd393422a44005e40eba6017aad29c9fdef35b21032ad517e3e3d23022ed8c6"
 
 
