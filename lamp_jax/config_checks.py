@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS
+from lamp_jax.data.splits import HELD_OUT_PROTOCOLS
 from lamp_jax.masks import MATRIX_PATHS
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
-    "data.split": ("by_fact", "reference"),
+    "data.split": (*HELD_OUT_PROTOCOLS, "reference"),
     "data.on_error": ("stop", "skip"),
     "data.lama_set": LAMA_SETS,
     "data.prompts": PROMPTS,

@@ -85,3 +85,19 @@ def write_run_plots(directory: str | os.PathLike, relations, full, pruned, spars
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def overlap_heatmap(relations: Sequence[str], matrix: np.ndarray,
+                    label: str = "Jaccard overlap of pruned weights", vmax: float | None = 1.0):
+    """``matrix[a, b]``: how much relation a's and relation b's masks overlap
+    (:func:`lamp_jax.analysis.stability.overlap_between_relations`); ``vmax=None`` scales the
+    colours to the data (for ratios to chance)."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(relations) + 2),) * 2)
+    image = ax.imshow(matrix, vmin=0, vmax=vmax, cmap="viridis")
+    ax.set_xticks(range(len(relations)), relations, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(relations)), relations, fontsize=8)
+    ax.set_xlabel("mask of relation")
+    ax.set_ylabel("mask of relation")
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    return fig

@@ -27,7 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = "~/.cache/lamp_jax"  # where "lama" downloads to
     c.data.relations = ()  # relation names to train; empty = every relation in the data
     c.data.max_length = 64  # prompts longer than this (in tokens) are skipped and counted
-    c.data.split = "by_fact"  # "by_fact" (held-out facts) or "reference" (train = test, as LAMP)
+    # "by_fact" (held-out facts), "subject_disjoint" / "object_disjoint" (no held-out subject /
+    # object is a training one of its relation), "template_disjoint" (held-out facts in held-out
+    # phrasings; lamp_jax/data/splits.py) or "reference" (train = test, as LAMP).
+    c.data.split = "by_fact"
     c.data.fractions = (0.5, 0.2, 0.3)  # train / dev / test share of each relation's facts
     c.data.seed = 0  # which facts are held out
     c.data.on_error = "stop"  # malformed jsonl line: "stop" (name file:line) or "skip" (count)

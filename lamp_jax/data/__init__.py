@@ -22,6 +22,8 @@ from lamp_jax.data.lama_sets import (
     relation_display,
 )
 from lamp_jax.data.splits import (
+    HELD_OUT_PROTOCOLS,
+    held_out_split,
     reference_protocol_split,
     split_by_fact,
     split_fact_ids,
@@ -37,6 +39,7 @@ from lamp_jax.data.triples import (
 
 __all__ = [
     "CKBC_TO_LAMA",
+    "HELD_OUT_PROTOCOLS",
     "LAMA_CONCEPTNET_RELATIONS",
     "LAMA_SETS",
     "PROMPTS",
@@ -50,6 +53,7 @@ __all__ = [
     "Triple",
     "encode_facts",
     "fetch_lama",
+    "held_out_split",
     "labels_entry",
     "read_ckbc",
     "read_for_config",

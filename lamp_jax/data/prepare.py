@@ -20,7 +20,7 @@ import numpy as np
 from lamp_jax.data.encode import EncodedPrompts, encode_facts
 from lamp_jax.data.lama_archive import fetch_lama
 from lamp_jax.data.lama_sets import read_for_config, requested_relations
-from lamp_jax.data.splits import reference_protocol_split, split_by_fact
+from lamp_jax.data.splits import held_out_split, reference_protocol_split, split_by_fact
 from lamp_jax.errors import UsageError
 
 
@@ -90,8 +90,22 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
     if config.data.split == "reference":
         log("split: reference protocol (train = dev = test = all prompts; NOT held-out numbers)")
         splits = reference_protocol_split(len(encoded))
-    else:
+    elif config.data.split == "by_fact":
         splits = split_by_fact(encoded, tuple(config.data.fractions), config.data.seed)
+    else:
+        held = held_out_split(
+            config.data.split, facts, encoded,
+            lambda fs, rels: encode_facts(fs, tokenizer, rels, max_length=config.data.max_length,
+                                          labels=read.labels)[0],
+            tuple(config.data.fractions), config.data.seed)
+        log(held.report.summary())
+        named = [r for r in (wanted or ()) if r in held.report.dropped_relations]
+        if named:
+            raise UsageError(
+                f"config.data.relations lists {named}, which config.data.split = "
+                f"{config.data.split!r} cannot hold out: "
+                + "; ".join(f"{r}: {held.report.dropped_relations[r]}" for r in named))
+        relations, encoded, facts, splits = held.relations, held.encoded, held.facts, held.indices
     data = {name: encoded.subset(idx) for name, idx in splits.items()}
     log("prompts per split: " + ", ".join(f"{k}={len(v)}" for k, v in data.items()))
     return PreparedData(tuple(relations), data, _facts_by_split(facts, data))
