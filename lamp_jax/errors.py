@@ -1,4 +1,6 @@
-"""The one exception type for mistakes in what a user asked for.
+"""The exception types the command line turns into one line: mistakes in what a user asked for
+(:class:`UsageError`, exit status 2) and failed writes to a run's storage (:class:`StorageError`,
+exit status 75).
 
 A missing file, a bad config value, a model directory that is not one, an unknown relation, a
 prompt without ``[MASK]``: raise :class:`UsageError` (or :class:`MissingFileError`) with a
@@ -17,3 +19,10 @@ class UsageError(ValueError):
 
 class MissingFileError(UsageError, FileNotFoundError):
     """A file or directory the user named does not exist (or is not what it should be)."""
+
+
+class StorageError(OSError):
+    """A write to the run's storage failed (a full disk, a bucket error, a permission lost
+    mid-run): the run stopped with its last committed checkpoint intact. The command line
+    prints ``error: <message>`` (naming the path and the error) and exits with status 75
+    (EX_TEMPFAIL, as a preemption): rerun the same command once the storage is fixed."""
