@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from lamp_jax.errors import UsageError
+from lamp_jax.hosts import progress
 from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks, sparsity_stats
 from lamp_jax.models import LoadedMLM, load_mlm, mlm_forward, save_mlm
 from lamp_jax.paths import as_path
@@ -90,8 +92,7 @@ class Run:
                        self.mode.threshold)
 
     def relation_index(self, relation: str) -> int:
-        if relation not in self.relations:
-            raise KeyError(f"unknown relation {relation!r}; this run has {list(self.relations)}")
+        check_relation(relation, self.relations)
         return self.relations.index(relation)
 
     def masked_params(self, relation: str, kind: str | None = None) -> Any:
@@ -106,12 +107,14 @@ class Run:
                 kind: str | None = None) -> list[tuple[str, float]]:
         """Top-k tokens and probabilities at the prompt's ``[MASK]`` (write ``[MASK]`` for any
         tokenizer). ``relation=None`` uses the full, unpruned model."""
+        check_prompt(prompt)
         tokenizer = self.mlm.tokenizer
         text = prompt.replace("[MASK]", tokenizer.mask_token)
         encoded = tokenizer([text], return_tensors="np")
         positions = np.flatnonzero(encoded["input_ids"][0] == tokenizer.mask_token_id)
-        if len(positions) != 1:
-            raise ValueError(f"the prompt must contain exactly one [MASK]: {prompt!r}")
+        if len(positions) != 1:  # the tokenizer's own mask token was written too
+            raise UsageError(f"the prompt must contain exactly one [MASK], and no "
+                             f"{tokenizer.mask_token}: {prompt!r}")
         params = self.mlm.params if relation is None else self.masked_params(relation, kind)
         logits = mlm_forward(params, encoded["input_ids"], encoded["attention_mask"],
                              config=self.mlm.config, output_positions=positions[:1],
@@ -145,6 +148,19 @@ class Run:
         return sparsity_stats(self.mask_logits, self.spec, self.mode.threshold)
 
 
+def check_relation(relation: str, relations: Sequence[str]) -> None:
+    """UsageError naming ``relation`` and the run's relations when it is not one of them."""
+    if relation not in relations:
+        raise UsageError(f"unknown relation {relation!r}; this run has {', '.join(relations)}")
+
+
+def check_prompt(prompt: str) -> None:
+    """UsageError unless ``prompt`` has exactly one ``[MASK]`` (where the answer goes)."""
+    if prompt.count("[MASK]") != 1:
+        raise UsageError(f"the prompt must contain exactly one [MASK] (it has "
+                         f"{prompt.count('[MASK]')}): {prompt!r}")
+
+
 def load_run(workdir: str | Path, model: str | None = None) -> Run:
     """Opens a run directory written by ``train.py`` or by a sweep (each of its runs): a local
     path or a URL such as ``gs://bucket/runs/x`` (:mod:`lamp_jax.paths`). ``model`` overrides
@@ -152,6 +168,9 @@ def load_run(workdir: str | Path, model: str | None = None) -> Run:
     offline machine)."""
     directory = RunDirectory(workdir)
     manifest = directory.manifest()
-    mlm = load_mlm(model or manifest.model, dtype=DTYPES[manifest.dtype])
+    source = model or manifest.model
+    with progress(total=1, desc=f"loading the model ({Path(source).name})", unit="model") as bar:
+        mlm = load_mlm(source, dtype=DTYPES[manifest.dtype])
+        bar.update()
     return Run(as_path(workdir), mlm, manifest.relations, manifest.spec, manifest.eval_mode,
                directory.best_masks(), directory.metrics(), manifest.labels)

@@ -1,15 +1,20 @@
-"""Checks a run configuration before anything is loaded or compiled.
+"""Checks a run configuration before anything is loaded, compiled or written.
 
-Every problem names the config field (``config.mask.tau``) and what is allowed, and all problems
-are reported at once, so a bad command line fails in a second instead of after model loading.
+:func:`validate_config` checks the values: every problem names the config field
+(``config.mask.tau``) and what is allowed, and all problems are reported at once.
+:func:`check_sources` checks that the model and the data the config names are there, and that
+the data holds the relations it lists. Both raise :class:`~lamp_jax.errors.UsageError`, so a
+bad command line fails in a second, with one line, instead of after model loading.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS
+from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS, read_for_config, requested_relations
 from lamp_jax.data.splits import HELD_OUT_PROTOCOLS
+from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.masks import MATRIX_PATHS
 
 _CHOICES = {
@@ -65,7 +70,7 @@ def _in_range(value: Any, low: Any, high: Any, inclusive: bool) -> bool:
 
 
 def validate_config(config: Any) -> None:
-    """Raises ValueError listing every out-of-range or unknown field of a train.py config."""
+    """Raises UsageError listing every out-of-range or unknown field of a train.py config."""
     problems = []
     for field, allowed in _CHOICES.items():
         value = _get(config, field)
@@ -102,5 +107,41 @@ def validate_config(config: Any) -> None:
     target = config.loss.target_sparsity
     if target is not None and not 0.0 < target < 1.0:
         problems.append(f"config.loss.target_sparsity = {target}; must be in (0, 1) or None")
+    if len(problems) == 1:
+        raise UsageError(f"invalid configuration: {problems[0]}")
     if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise UsageError(f"invalid configuration, {len(problems)} problems:\n  "
+                         + "\n  ".join(problems))
+
+
+def check_sources(config: Any) -> None:
+    """Refuses a model or a data source that is not there, and relations that the data does not
+    hold, before anything is loaded or written: the checks that need the files but not the
+    model. A hub id is checked when it is fetched. The data is read here only when
+    ``config.data.relations`` lists relations (it is read again once the tokenizer is loaded)."""
+    from lamp_jax.data.prepare import resolve_sources  # "lama": downloads LAMA's data once
+
+    model, data = resolve_sources(config)
+    _check_model_source(str(model), str(config.model))
+    if not data.exists():
+        raise MissingFileError(
+            f"config.data.source = {str(config.data.source)!r}: {data} does not exist "
+            "(config.data.source takes 'embedded', 'lama' to download LAMA's data, the path of "
+            "LAMA's data/ folder, or a jsonl file in LAMA's ConceptNet format)")
+    if requested_relations(config.data.get("relations", ())):
+        read_for_config(config.data, data)  # UsageError naming the relations the data holds
+
+
+def _check_model_source(model: str, named: str) -> None:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MissingFileError(
+                f"config.model = {named!r}: {path} is not a model directory (no config.json; "
+                "save_pretrained writes config.json and model.safetensors)")
+        return
+    if path.exists() or model.startswith((".", "/", "~")):
+        what = "not a directory" if path.exists() else "no such directory"
+        raise MissingFileError(
+            f"config.model = {named!r}: {what} (config.model takes a hub id such as "
+            "'bert-base-uncased', a directory that save_pretrained wrote, or 'embedded')")

@@ -117,6 +117,14 @@ def main_log(log):
     return log if is_main() else (lambda *args, **kwargs: None)
 
 
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm progress bar on process 0, shown only when it writes to a terminal (tqdm's
+    ``disable=None``): a log file or a pipe gets no bar lines."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if is_main() else True, **kwargs)
+
+
 def to_host(tree: Any) -> Any:
     """Every leaf as a numpy array holding its global value, on every process.
 

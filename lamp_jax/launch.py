@@ -1,7 +1,7 @@
 """Runs one command as N joined JAX processes on this machine (a pod in miniature).
 
-    python -m lamp_jax.launch --processes 2 -- python train.py --workdir runs/two
-    python -m lamp_jax.launch --processes 2 -- python -m lamp_jax.evaluate --workdir runs/two
+    lamp-jax launch --processes 2 -- lamp-jax train --workdir runs/two
+    lamp-jax launch --processes 2 -- lamp-jax evaluate --workdir runs/two
 
 Every process gets the environment that ``train.py``, ``lamp_jax.evaluate`` and
 ``lamp_jax.report`` read to join the run (:mod:`lamp_jax.hosts`): a loopback coordinator
@@ -12,13 +12,14 @@ index. When a process fails, the others are stopped after ``--grace`` seconds (t
 stop by themselves sooner, when the coordinator misses the dead process's heartbeats) and the
 launcher exits with the first failure's code. A SIGTERM to the launcher (a scheduler's
 preemption notice) is passed on to every process: train.py and the sweep save their state at
-one step and exit with status 75, and so does the launcher.
+one step and exit with status 75, and so does the launcher. ``python -m lamp_jax.launch`` is
+``lamp-jax launch`` (:mod:`lamp_jax.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.hosts import (
     ENV_ADDRESS,
     ENV_HEARTBEAT,
@@ -71,9 +73,12 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int = 0,
            grace: float = 30.0, heartbeat_timeout: int = 20, port: int = 0) -> int:
     """Starts ``command`` ``processes`` times, joined; returns 0 or the first failure's code."""
     if processes < 1:
-        raise ValueError(f"--processes must be >= 1, got {processes}")
+        raise UsageError(f"--processes must be >= 1, got {processes}")
     if not command:
-        raise ValueError("no command given; e.g. -- python train.py")
+        raise UsageError("no command given; e.g. -- lamp-jax train")
+    if shutil.which(command[0]) is None:
+        raise MissingFileError(f"{command[0]}: no such command (the command after -- must be a "
+                               "program on PATH or the path of one, e.g. -- lamp-jax train)")
     devices = devices_per_process or max(1, available_cores() // processes)
     envs = process_environments(processes, port or free_port(), devices, heartbeat_timeout)
     children, relays = [], []
@@ -145,24 +150,7 @@ def _describe(code: int) -> str:
     return f"code {code}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--" not in argv:
-        sys.exit("usage: python -m lamp_jax.launch --processes N [options] -- COMMAND ...")
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, required=True, help="processes to start")
-    parser.add_argument("--devices-per-process", type=int, default=0,
-                        help="CPU devices per process (0 = the cores divided among them)")
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="seconds the others get to stop by themselves after a failure")
-    parser.add_argument("--heartbeat-timeout", type=int, default=20,
-                        help="seconds without a heartbeat before a process counts as dead")
-    parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")
-    args = parser.parse_args(argv[:split])
-    sys.exit(launch(argv[split + 1:], args.processes, args.devices_per_process, args.grace,
-                    args.heartbeat_timeout, args.port))
-
-
 if __name__ == "__main__":
-    main()
+    from lamp_jax.cli import launch as launch_command
+
+    sys.exit(launch_command())

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lamp_jax import placement, plots
 from lamp_jax.checkpoint import BestMasks, open_state_checkpoints
-from lamp_jax.config_checks import validate_config
+from lamp_jax.config_checks import check_sources, validate_config
 from lamp_jax.hosts import (
     PreemptionNotice,
     is_main,
@@ -48,6 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     (``{"stopped_at": step, "preempted": bool, ...}`` when ``config.stop_after`` or a
     preemption notice stopped it first)."""
     validate_config(config)  # before anything is written
+    check_sources(config)  # the model and data are there, and the data holds the relations
     # Before JAX starts its backends (a no-op once they have, e.g. later in a notebook).
     placement.use_cpu_devices(config.cpu_devices)
     log, clock = main_log(log), PhaseClock()

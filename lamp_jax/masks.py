@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lamp_jax import threefry
+from lamp_jax.errors import UsageError
 from lamp_jax.hosts import to_host
 from lamp_jax.models import FAMILIES, ModelConfig, ModernBertConfig, family_of, matrix_paths
 
@@ -66,14 +67,14 @@ class MaskSpec:
         first = config.num_layers // 2 if first_layer is None else first_layer
         last = config.num_layers - 1 if last_layer is None else last_layer
         if not 0 <= first <= last < config.num_layers:
-            raise ValueError(
+            raise UsageError(
                 f"mask layers {first}..{last} are not within the model's 0..{config.num_layers - 1}"
-            )
+                " (config.mask.first_layer, config.mask.last_layer)")
         own = family_of(config).default_matrices
         matrices = own if matrices is None else tuple(matrices)
         foreign = [m for m in matrices if m not in own]
         if foreign:
-            raise ValueError(f"a {config.family} model has no matrices {foreign}; choose from "
+            raise UsageError(f"a {config.family} model has no matrices {foreign}; choose from "
                              f"{own} (config.mask.matrices)")
         return cls(tuple(range(first, last + 1)), matrices)
 

@@ -14,7 +14,7 @@ Token ids are compared, never decoded strings.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
 from typing import Any
 
@@ -197,6 +197,7 @@ def specialization_matrix(
     batches: Sequence[dict[str, np.ndarray]],
     relations: Sequence[str],
     put_batch=None,
+    on_pass: Callable[[], Any] | None = None,
 ) -> np.ndarray:
     """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a. The
     diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
@@ -207,7 +208,7 @@ def specialization_matrix(
     ordinary evaluation fills the k-th diagonal. R passes fill the matrix, each as light as a
     dev evaluation. (Moving relation a's masks to every relation's slot instead gathered all
     relations' logits onto every device: bert-base x 16 relations on 2 CPU devices, +5 GiB
-    per row.)
+    per row.) ``on_pass`` is called after each of the R passes (a progress bar).
     """
     num = len(relations)
     matrix = np.zeros((num, num))
@@ -218,4 +219,6 @@ def specialization_matrix(
         result = evaluate(rank_fn, mask_logits, frozen_params, moved, relations,
                           put_batch=put_batch)
         matrix[rows, (rows + shift) % num] = result.precision_at(1)
+        if on_pass is not None:
+            on_pass()
     return matrix

@@ -1,6 +1,7 @@
 """Analyses of a saved run, written to ``DIR/report/`` with an ``index.md``.
 
-    python -m lamp_jax.report --workdir runs/default [--ckbc PATH/conceptnet_ckbc/test.txt]
+    lamp-jax report --workdir runs/default [--ckbc PATH/conceptnet_ckbc/test.txt]
+    write_report("runs/default", ckbc="PATH/conceptnet_ckbc/test.txt")
 
 The run directory may be a URL (``gs://bucket/runs/x``, :mod:`lamp_jax.paths`); the report is
 written into it.
@@ -10,11 +11,14 @@ search over combined masks), ``kbc.json`` (knowledge-base completion: CKBC tripl
 for the embedded world its own facts), ``representations.json/png`` (PCA of [MASK] states with
 silhouette scores, [MASK] attention full vs subnetwork), and with ``--qa`` ``qa.json``
 (zero-shot multiple-choice accuracy, full model vs combined subnetworks).
+
+What the user named is checked before anything is loaded or written: the run directory, the
+``--ckbc`` and ``--qa`` files and the ``--qa-relations`` (:class:`~lamp_jax.errors.UsageError`).
+``python -m lamp_jax.report`` is ``lamp-jax report`` (:mod:`lamp_jax.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -27,7 +31,8 @@ from lamp_jax import plots  # also picks matplotlib's headless backend outside n
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
 from lamp_jax.api import Run, load_run
 from lamp_jax.data import Triple, read_ckbc
-from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
+from lamp_jax.errors import MissingFileError, UsageError
+from lamp_jax.hosts import is_main, main_log, progress, write_text
 from lamp_jax.masks import multiply_masks
 from lamp_jax.paths import as_path, save_figure
 from lamp_jax.ranking import make_rank_fn, specialization_matrix
@@ -56,11 +61,17 @@ def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str,
 def combination_section(run: Run, out: epath.Path, max_size: int) -> dict[str, Any]:
     """Which single combined mask serves all relations' dev prompts best (macro P@1)."""
 
-    def score(multipliers):
-        return run.evaluate("dev", masks=multipliers).macro(1)
+    candidates = range(len(run.relations))
+    bar = progress(total=len(combine.combinations_to_score(candidates, max_size)),
+                   desc="combined masks", unit="mask", leave=False)
 
-    found = combine.choose_combination(score, run.mask_logits, range(len(run.relations)),
-                                       max_size)
+    def score(multipliers):
+        value = run.evaluate("dev", masks=multipliers).macro(1)
+        bar.update()
+        return value
+
+    found = combine.choose_combination(score, run.mask_logits, candidates, max_size)
+    bar.close()
     names = [", ".join(run.relations[i] for i in row["relations"]) + f" ({row['method']})"
              for row in found["search"][:12]]
     for row in found["search"]:
@@ -143,33 +154,64 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
                  log=print, qa_file: str | None = None, qa_format: str = "csqa",
                  qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> epath.Path:
     workdir, log = as_path(workdir), main_log(log)
+    manifest = RunDirectory(workdir).manifest()  # MissingFileError: not a run directory
+    config = manifest.config
+    check_report_inputs(manifest.relations, ckbc, qa_file, qa_relations, qa_method)
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
-    config = RunDirectory(workdir).manifest().config
     test_batches = run.eval_batches("test")
-    sections = {
-        "specialization": specialization_section(run, test_batches, out),
-        "combination": combination_section(run, out, max_size),
-        "representations": representation_section(run, test_batches[0], out),
-    }
-    kbc_results = {}
-    if config.model == "embedded":
-        triples, templates = world_triples()
-        kbc_results["embedded world facts"] = kbc.knowledge_base_completion(
-            triples, run.mlm, run.mask_logits, run.relations, run.mode, templates)
-    if ckbc:
-        kbc_results[str(ckbc)] = kbc.knowledge_base_completion(
-            read_ckbc(ckbc), run.mlm, run.mask_logits, run.relations, run.mode)
-    sections["kbc"] = kbc_results
+    steps = ["specialization", "combination", "representations", "kbc"] + (
+        ["qa"] if qa_file else [])
+    bar = progress(total=len(steps), desc="report", unit="section")
+    sections = {}
+
+    def section(name: str, make) -> None:
+        bar.set_description(f"report: {name}")
+        sections[name] = make()
+        bar.update()
+
+    section("specialization", lambda: specialization_section(run, test_batches, out))
+    section("combination", lambda: combination_section(run, out, max_size))
+    section("representations", lambda: representation_section(run, test_batches[0], out))
+
+    def kbc_results() -> dict[str, Any]:
+        results = {}
+        if config.model == "embedded":
+            triples, templates = world_triples()
+            results["embedded world facts"] = kbc.knowledge_base_completion(
+                triples, run.mlm, run.mask_logits, run.relations, run.mode, templates)
+        if ckbc:
+            results[str(ckbc)] = kbc.knowledge_base_completion(
+                read_ckbc(ckbc), run.mlm, run.mask_logits, run.relations, run.mode)
+        return results
+
+    section("kbc", kbc_results)
     if qa_file:
-        sections["qa"] = qa_section(run, qa_file, qa_format, list(qa_relations), qa_method)
+        section("qa", lambda: qa_section(run, qa_file, qa_format, list(qa_relations), qa_method))
+    bar.close()
     for name, result in sections.items():
         write_text(out / f"{name}.json", json.dumps(result, indent=2))
     seeds = {"seed": config.get("seed"), "data_seed": config.data.get("seed")}
     write_text(out / "index.md", _index(sections, seeds))
     log(f"report written to {out / 'index.md'}")
     return out
+
+
+def check_report_inputs(relations: tuple[str, ...], ckbc: str | None, qa_file: str | None,
+                        qa_relations: tuple[str, ...], qa_method: str) -> None:
+    """UsageError for what a report cannot use, before anything is loaded or written: a
+    missing ``ckbc`` or ``qa_file``, a ``qa_relations`` entry the run has not, an unknown
+    ``qa_method``."""
+    for flag, path in (("--ckbc", ckbc), ("--qa", qa_file)):
+        if path and not epath.Path(path).is_file():
+            raise MissingFileError(f"{flag} {path}: no such file")
+    unknown = [r for r in qa_relations if r not in relations]
+    if unknown:
+        raise UsageError(f"--qa-relations names {unknown}, which this run has not; it has "
+                         f"{', '.join(relations)}")
+    if qa_method not in combine.METHODS:
+        raise UsageError(f"--qa-method {qa_method!r}: choose one of {combine.METHODS}")
 
 
 def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str:
@@ -210,21 +252,9 @@ def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--ckbc", default=None, help="a ConceptNet triples file to complete")
-    parser.add_argument("--max-size", type=int, default=2, help="largest mask combination")
-    parser.add_argument("--qa", default=None, help="a CommonsenseQA jsonl or COPA xml file")
-    parser.add_argument("--qa-format", choices=("csqa", "copa"), default="csqa")
-    parser.add_argument("--qa-relations", default="", help="comma-separated; default: all")
-    parser.add_argument("--qa-method", choices=combine.METHODS, default="or")
-    args = parser.parse_args(argv)
-    initialize_if_requested()  # started by lamp_jax.launch: every process takes part
-    relations = tuple(r for r in args.qa_relations.split(",") if r)
-    write_report(args.workdir, args.ckbc, args.max_size, qa_file=args.qa,
-                 qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method)
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from lamp_jax.cli import report
+
+    sys.exit(report())

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from lamp_jax.data import labels_entry, relation_display
+from lamp_jax.hosts import progress
 from lamp_jax.masks import sparsity_stats
 from lamp_jax.ranking import RankingResult, specialization_matrix
 
@@ -41,10 +42,20 @@ def final_report(setup: Any, best: Any, split: str = "test",
     the specialization matrix (``config.specialization``)."""
     kind = setup.eval_mode.kind
     other = other_kind(kind)
-    pruned = setup.scores(best, split)
-    full = full if full is not None else setup.scores(None, split)
-    soft_or_binary = setup.scores(best, split, other)
     relations = setup.relations
+    with_dev = split != "dev" and "dev" in setup.eval_sets
+    passes = (2 + (full is None) + 2 * with_dev  # subnetworks of both kinds, the full model
+              + len(relations) * bool(setup.config.specialization))
+    bar = progress(total=passes, desc=f"evaluating on {split}", unit="pass", leave=False)
+
+    def scores(masks, on, kind=None) -> RankingResult:
+        result = setup.scores(masks, on, kind) if kind else setup.scores(masks, on)
+        bar.update()
+        return result
+
+    pruned = scores(best, split)
+    full = full if full is not None else scores(None, split)
+    soft_or_binary = scores(best, split, other)
     sparsity = {k: x[:len(relations)] for k, x in
                 sparsity_stats(best, setup.spec, setup.mode.threshold).items()}
     summary = {split: {"pruned": pruned.summary(), "full": full.summary(),
@@ -52,14 +63,16 @@ def final_report(setup: Any, best: Any, split: str = "test",
                "split": setup.config.data.split,
                "sparsity": {k: x.tolist() for k, x in sparsity.items()},
                "relations": list(relations), **labels_entry(relations, setup.data.labels)}
-    if split != "dev" and "dev" in setup.eval_sets:
-        summary["dev"] = {"pruned": setup.scores(best, "dev").summary(),
-                          f"pruned_{other}": setup.scores(best, "dev", other).summary()}
+    if with_dev:
+        summary["dev"] = {"pruned": scores(best, "dev").summary(),
+                          f"pruned_{other}": scores(best, "dev", other).summary()}
     matrix = None
     if setup.config.specialization:
         matrix = specialization_matrix(setup.rank_fn(kind), best, setup.frozen,
-                                       setup.eval_sets[split], relations, setup.put)
+                                       setup.eval_sets[split], relations, setup.put,
+                                       on_pass=bar.update)
         summary["specialization"] = matrix.tolist()
+    bar.close()
     return FinalReport(summary, full, pruned, sparsity, matrix,
                        relation_display(relations, setup.data.labels))
 

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 
 from lamp_jax.checkpoint import export_binary_masks, restore_best_masks, restore_latest_masks
+from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.hosts import append_text, is_main, sync, write_text
 from lamp_jax.masks import MaskMode, MaskSpec
 from lamp_jax.paths import absolute
@@ -80,7 +81,7 @@ class RunDirectory:
         """``run.json`` as written."""
         path = self.path / "run.json"
         if not path.exists():
-            raise FileNotFoundError(f"{self.path} is not a lamp-jax run directory (no run.json)")
+            raise MissingFileError(f"{self.path} is not a lamp-jax run directory (no run.json)")
         return json.loads(path.read_text())
 
     def manifest(self) -> RunManifest:
@@ -108,7 +109,7 @@ class RunDirectory:
                        for key in ("layers", "matrices", "mode")
                        if previous["mask"][key] != manifest["mask"][key]]
         if mismatches:
-            raise ValueError(f"{self.path} holds another run; its checkpoints do not fit this "
+            raise UsageError(f"{self.path} holds another run; its checkpoints do not fit this "
                              "configuration:\n  " + "\n  ".join(mismatches)
                              + "\nUse another --workdir or delete that one.")
 

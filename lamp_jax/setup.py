@@ -31,7 +31,7 @@ import numpy as np
 from lamp_jax import placement
 from lamp_jax.data import RelationBatcher
 from lamp_jax.data.prepare import PreparedData, prepare_data, resolve_sources
-from lamp_jax.hosts import is_main, use_compile_cache
+from lamp_jax.hosts import is_main, progress, use_compile_cache
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, insert_path, logit
 from lamp_jax.models import LoadedMLM, load_mlm
 from lamp_jax.optim import OptimConfig, make_optimizer, max_logit_travel
@@ -202,7 +202,10 @@ def load_model_and_data(config: ml_collections.ConfigDict, log=print, *,
     model_source, data_path = sources or (
         (str(mlm.source), Path("<in memory>")) if mlm is not None else resolve_sources(config))
     if mlm is None:
-        mlm = load_mlm(model_source, dtype=DTYPES[config.dtype])
+        with progress(total=1, desc=f"loading the model ({Path(model_source).name})",
+                      unit="model") as bar:
+            mlm = load_mlm(model_source, dtype=DTYPES[config.dtype])
+            bar.update()
     log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
         f"hidden {mlm.config.hidden_size}); data: {data_path}")
     if data is None:

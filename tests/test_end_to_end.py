@@ -14,6 +14,7 @@ from lamp_jax.api import load_run
 from lamp_jax.checkpoint import load_binary_masks
 from lamp_jax.configs import default
 from lamp_jax.data import read_lama_set
+from lamp_jax.errors import UsageError
 from lamp_jax.loop import train_and_evaluate
 from lamp_jax.masks import hard_mask, multiply_masks
 from lamp_jax.models import ModelConfig, init_params, save_mlm
@@ -229,7 +230,7 @@ def test_notebook_api_and_mask_export(finished_run):
     # The subnetwork is not the full model: its top-3 probabilities differ.
     assert (run.predict(prompt, relation="AtLocation", k=3) != run.predict(prompt, k=3))
     np.testing.assert_allclose(run.sparsity()["total"], summary["sparsity"]["total"])
-    with pytest.raises(KeyError, match="unknown relation"):
+    with pytest.raises(UsageError, match="unknown relation 'NoSuchRelation'; this run has "):
         run.masked_params("NoSuchRelation")
 
     bits, spec, relations = load_binary_masks(workdir / "masks.npz")
@@ -297,11 +298,11 @@ def test_workdir_of_another_model_relation_set_or_mask_layout_is_refused(
 
 
 def test_reevaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):
-    from lamp_jax.evaluate import main
+    from lamp_jax.cli import main
 
     workdir, summary = tmp_path / "run", finished_run[1]
     shutil.copytree(finished_run[0], workdir)
-    main(["--workdir", str(workdir)])
+    assert main(["evaluate", "--workdir", str(workdir)]) == 0
     again = json.loads((workdir / "eval_test.json").read_text())
     assert again["test"] == summary["test"]
     np.testing.assert_equal(again["specialization"], summary["specialization"])  # NaN: no prompts

@@ -1,5 +1,6 @@
 """What `pip install` gives a user: the package with its configs and embedded model, and the
-three console commands; packaged configs by name on the command line."""
+console commands (`lamp-jax` and its three aliases); packaged configs by name on the command
+line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lamp_jax.cli import CONFIG_DIR, resolve_config_argument
+from lamp_jax.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,8 @@ def test_the_wheel_carries_configs_model_and_console_commands(tmp_path):
     for asset in ("config.json", "model.safetensors", "vocab.txt", "lama_probe.jsonl"):
         assert f"lamp_jax/assets/embedded_mlm/{asset}" in names
     assert not any(n.startswith(("tests/", "configs/", "bench/")) for n in names)
-    for command, target in (("lamp-jax-train", "lamp_jax.cli:train"),
+    for command, target in (("lamp-jax", "lamp_jax.cli:main"),
+                            ("lamp-jax-train", "lamp_jax.cli:train"),
                             ("lamp-jax-evaluate", "lamp_jax.cli:evaluate"),
                             ("lamp-jax-report", "lamp_jax.cli:report")):
         assert f"{command} = {target}" in entry_points
@@ -46,7 +49,7 @@ def test_config_names_resolve_to_packaged_files(tmp_path, monkeypatch):
     mine = tmp_path / "mine.py"
     mine.write_text("")
     assert resolve_config_argument(["x", f"--config={mine}"]) == ["x", f"--config={mine}"]
-    with pytest.raises(SystemExit, match="not a packaged config .*default, "):
+    with pytest.raises(UsageError, match="not a packaged config .*default, "):
         resolve_config_argument(["x", "--config=nope"])
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         resolve_config_argument(["x", "--config=elsewhere/default.py"])

@@ -235,16 +235,17 @@ def test_train_to_a_bucket_and_resume_from_it(gs_run):
 def test_load_run_evaluate_and_report_from_a_bucket(gs_run):
     from etils import epath
 
-    from lamp_jax import evaluate, load_run, report
+    from lamp_jax import load_run
+    from lamp_jax.cli import main
 
     run = load_run(RUN)
     assert os.fspath(run.workdir) == RUN
     assert run.metrics["steps"] == 6 and list(run.relations) == gs_run["summary"]["relations"]
     np.testing.assert_allclose(run.sparsity()["total"], gs_run["summary"]["sparsity"]["total"])
-    evaluate.main(["--workdir", RUN])
+    assert main(["evaluate", "--workdir", RUN]) == 0
     again = json.loads(epath.Path(f"{RUN}/eval_test.json").read_text())
     assert again["test"] == gs_run["summary"]["test"]
-    report.main(["--workdir", RUN, "--max-size", "1"])
+    assert main(["report", "--workdir", RUN, "--max-size", "1"]) == 0
     out = epath.Path(f"{RUN}/report")
     assert "# lamp-jax report" in (out / "index.md").read_text()
     assert (out / "specialization.png").read_bytes()[:4] == b"\x89PNG"

@@ -37,6 +37,19 @@ def combine(mask_logits: Any, relations: Sequence[int], method: str = "or",
     return combine_masks(binary, relations, method)
 
 
+def combinations_to_score(candidates: Sequence[int], max_size: int = 2,
+                          methods: Sequence[str] = METHODS) -> list[tuple[tuple[int, ...], str]]:
+    """Every (subset of ``candidates`` of size 1..max_size, method) that
+    :func:`choose_combination` scores, in its order."""
+    out = []
+    for size in range(1, max_size + 1):
+        for subset in itertools.combinations(candidates, size):
+            # For one relation every method gives its own mask (soft: its expectation).
+            out += [(subset, method) for method in (methods if size > 1 else ("or", "soft"))
+                    if method in methods]
+    return out
+
+
 def choose_combination(
     score: Callable[[Any], float],
     mask_logits: Any,
@@ -48,13 +61,8 @@ def choose_combination(
     """Scores every (subset of ``candidates`` of size 1..max_size, method) with ``score`` on its
     multiplier tree; returns the best and the whole search, best first."""
     search = []
-    for size in range(1, max_size + 1):
-        for subset in itertools.combinations(candidates, size):
-            # For one relation every method gives its own mask (soft: its expectation).
-            for method in methods if size > 1 else ("or", "soft"):
-                if method not in methods:
-                    continue
-                value = float(score(combine(mask_logits, subset, method, threshold)))
-                search.append({"relations": list(subset), "method": method, "score": value})
+    for subset, method in combinations_to_score(candidates, max_size, methods):
+        value = float(score(combine(mask_logits, subset, method, threshold)))
+        search.append({"relations": list(subset), "method": method, "score": value})
     search.sort(key=lambda row: -row["score"])
     return {"best": search[0], "search": search}

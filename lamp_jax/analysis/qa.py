@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lamp_jax.errors import UsageError
 from lamp_jax.models import mlm_forward
 
 
@@ -41,7 +42,7 @@ class Question:
 
 def read_commonsenseqa(path: str | Path) -> list[Question]:
     """CommonsenseQA jsonl: {"id", "question": {"stem", "choices": [{"label", "text"}]},
-    "answerKey"}. A malformed line raises ValueError naming file:line."""
+    "answerKey"}. A malformed line raises UsageError naming file:line."""
     questions = []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -54,7 +55,7 @@ def read_commonsenseqa(path: str | Path) -> list[Question]:
                                       tuple(c["text"] for c in choices),
                                       labels.index(record["answerKey"])))
         except (json.JSONDecodeError, KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{path}:{lineno}: not a CommonsenseQA record ({err})") from None
+            raise UsageError(f"{path}:{lineno}: not a CommonsenseQA record ({err})") from None
     return questions
 
 
@@ -65,7 +66,7 @@ def read_copa(path: str | Path) -> list[Question]:
     for item in ET.parse(path).getroot().iter("item"):
         asks = item.get("asks-for")
         if asks not in ("cause", "effect"):
-            raise ValueError(f"{path}: item {item.get('id')} asks-for={asks!r}")
+            raise UsageError(f"{path}: item {item.get('id')} asks-for={asks!r}")
         premise = item.findtext("p").strip().rstrip(".")
         choices = tuple(item.findtext(t).strip().rstrip(".") for t in ("a1", "a2"))
         questions.append(Question(item.get("id"), premise, tuple(c[:1].lower() + c[1:]

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from lamp_jax.data.lama import LAMA_CONCEPTNET_RELATIONS, MASK, Fact
+from lamp_jax.errors import UsageError
 
 #: Every relation name that occurs in the CKBC release (its rel.txt lists them in lower case).
 CKBC_RELATIONS: tuple[str, ...] = (
@@ -91,7 +92,7 @@ def read_ckbc(path: str | os.PathLike[str]) -> list[Triple]:
 
     Relation names are normalised with :func:`canonical_relation`. Blank lines are ignored; a line
     with another column count, an empty field, or a label other than 0/1 raises
-    ``ValueError("file:line: ...")``. The column count must be the same on every line.
+    ``UsageError("file:line: ...")``. The column count must be the same on every line.
     """
     path = Path(path)
     triples: list[Triple] = []
@@ -104,14 +105,14 @@ def read_ckbc(path: str | os.PathLike[str]) -> list[Triple]:
             where = f"{path}:{lineno}"
             cols = line.split("\t")
             if len(cols) not in (3, 4):
-                raise ValueError(f"{where}: expected 3 or 4 tab-separated columns, got {len(cols)}")
+                raise UsageError(f"{where}: expected 3 or 4 tab-separated columns, got {len(cols)}")
             if width is None:
                 width = len(cols)
             elif len(cols) != width:
-                raise ValueError(f"{where}: {len(cols)} columns, but earlier lines have {width}")
+                raise UsageError(f"{where}: {len(cols)} columns, but earlier lines have {width}")
             rel, head, tail = (c.strip() for c in cols[:3])
             if not rel or not head or not tail:
-                raise ValueError(f"{where}: empty relation, head or tail")
+                raise UsageError(f"{where}: empty relation, head or tail")
             label = None
             if width == 4:
                 raw = cols[3].strip()
@@ -120,7 +121,7 @@ def read_ckbc(path: str | os.PathLike[str]) -> list[Triple]:
                 except ValueError:
                     value = None
                 if value not in (0.0, 1.0):
-                    raise ValueError(f"{where}: label must be 0 or 1, got {raw!r}")
+                    raise UsageError(f"{where}: label must be 0 or 1, got {raw!r}")
                 label = int(value)
             triples.append(Triple(canonical_relation(rel), head, tail, label))
     return triples

@@ -1,8 +1,12 @@
 """Hyperparameter sweeps: every (configuration, seed) trial is a train.py run, and the trials
 that share a program train together, in one jitted step mapped over their runs axis.
 
-    python -m lamp_jax.sweep --grid mask.mode=stochastic,deterministic \\
+    lamp-jax sweep --grid mask.mode=stochastic,deterministic \\
         --grid optim.learning_rate=0.01,0.1,0.3 --seeds 3 --workdir runs/sweep
+
+    out = run_sweep(base_config, ["optim.learning_rate=0.1,1.0"], seeds=3, workdir="runs/lr")
+
+(``lamp-jax sweep`` parses its flags in :mod:`lamp_jax.cli` and calls :func:`run_sweep`.)
 
 Trials that differ only in values (learning rate, mask init, seed: :data:`VALUE_KEYS`) form a
 group: train.py's step is mapped over a leading runs axis of their stacked states
@@ -30,7 +34,8 @@ from typing import Any
 
 import ml_collections
 
-from lamp_jax.config_checks import validate_config
+from lamp_jax.config_checks import check_sources, validate_config
+from lamp_jax.errors import UsageError
 from lamp_jax.hosts import is_main, main_log, write_text
 from lamp_jax.paths import absolute
 from lamp_jax.placement import use_cpu_devices
@@ -48,11 +53,12 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
     """Every grid configuration x seed, side by side per group; writes every run's directory,
     the table and the plot. Rerun after an interruption, it resumes where it stopped."""
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: at least 1")
+        raise UsageError(f"--seeds {seeds}: at least 1")
     groups = plan_groups(base, parse_grid(base, grid), seeds)
     for fixed, trials in groups:  # every configuration, before anything is written
         for trial in trials:
             validate_config(trial.config(with_overrides(base, fixed)))
+        check_sources(with_overrides(base, fixed))
     use_cpu_devices(base.cpu_devices)  # before JAX starts its backends
     log = main_log(log)
     workdir = absolute(workdir)
@@ -86,33 +92,3 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
     log(f"written: {workdir / 'sweep.md'}, {workdir / 'sweep.json'}, {workdir / 'sweep.png'}, "
         f"and a run directory per run under {workdir / 'runs'}")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    from lamp_jax.cli import CONFIG_DIR, resolve_config_argument
-
-    config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "default.py"),
-                                    "Base configuration: a file, or a packaged config's name.")
-    flags.DEFINE_multi_string("grid", [], "key=v1,v2,...: values of one config field "
-                              "(repeat for more fields; the sweep takes every combination)")
-    flags.DEFINE_integer("seeds", 3, "seeds per configuration: config.seed, +1, ...")
-    flags.DEFINE_string("workdir", "runs/sweep", "where sweep.json, sweep.md, sweep.png go")
-
-    def run(_):
-        from lamp_jax import hosts
-
-        logging.set_verbosity(logging.WARNING)
-        hosts.initialize_if_requested()  # started by lamp_jax.launch: every process takes part
-        f = flags.FLAGS
-        with hosts.stop_with_peers():
-            out = run_sweep(f.config, f.grid, f.seeds, f.workdir)
-        if out.get("preempted"):  # every process: the group's state is saved
-            sys.exit(hosts.PREEMPTED_EXIT)
-
-    argv = sys.argv if argv is None else argv
-    app.run(run, argv=resolve_config_argument(list(argv)))

@@ -1,5 +1,7 @@
-"""``python -m lamp_jax.sweep``: :func:`lamp_jax.sweep.main`."""
+"""``python -m lamp_jax.sweep``: ``lamp-jax sweep`` (:mod:`lamp_jax.cli`)."""
 
-from lamp_jax.sweep import main
+import sys
 
-main()
+from lamp_jax.cli import sweep
+
+sys.exit(sweep())

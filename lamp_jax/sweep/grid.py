@@ -16,6 +16,8 @@ from typing import Any
 
 import ml_collections
 
+from lamp_jax.errors import UsageError
+
 # Settings that only change values, not the program: the trials of a group may differ in
 # these, and in nothing else.
 VALUE_KEYS = ("seed", "optim.learning_rate", "mask.init", "mask.init_value", "mask.init_std",
@@ -59,22 +61,24 @@ def with_overrides(base: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def parse_grid(base: ml_collections.ConfigDict, grid: Sequence[str]) -> dict[str, list[Any]]:
     """``["optim.learning_rate=0.01,0.1", ...]`` -> ``{"optim.learning_rate": [0.01, 0.1]}``,
-    each value converted to the type of the config's field."""
+    each value converted to the type of the config's field; UsageError naming the ``--grid``
+    item that names no field, repeats one, or gives a value of the wrong type."""
     out: dict[str, list[Any]] = {}
     for item in grid:
         key, sep, values = item.partition("=")
         if not sep or not values:
-            raise ValueError(f"--grid {item!r}: expected key=value1,value2,...")
+            raise UsageError(f"--grid {item!r}: expected key=value1,value2,...")
         try:
             current = with_overrides(base, {})
             for part in key.split("."):
                 current = current[part]
         except (KeyError, AttributeError) as err:
-            raise ValueError(f"--grid {item!r}: the config has no field {key!r}") from err
+            raise UsageError(f"--grid {item!r}: the config has no field {key!r} (lamp-jax sweep "
+                             "--help-config lists every field)") from err
         if key in out:
-            raise ValueError(f"--grid {key} is given twice")
+            raise UsageError(f"--grid {key} is given twice")
         if key == "seed":
-            raise ValueError("--grid seed=...: use --seeds N (seeds config.seed .. + N - 1)")
+            raise UsageError("--grid seed=...: use --seeds N (seeds config.seed .. + N - 1)")
         out[key] = [_convert(v.strip(), current, key) for v in values.split(",")]
     return out
 
@@ -82,16 +86,19 @@ def parse_grid(base: ml_collections.ConfigDict, grid: Sequence[str]) -> dict[str
 def _convert(text: str, current: Any, key: str) -> Any:
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
-            raise ValueError(f"--grid {key}: {text!r} is not true/false")
+            raise UsageError(f"--grid {key}: {text!r} is not true/false")
         return text.lower() == "true"
     if isinstance(current, int):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"--grid {key}: {text!r} is not a whole number") from None
     if isinstance(current, float) or current is None:
         try:
             return float(text)
         except ValueError:
             if current is not None:
-                raise ValueError(f"--grid {key}: {text!r} is not a number") from None
+                raise UsageError(f"--grid {key}: {text!r} is not a number") from None
     return text
 
 
