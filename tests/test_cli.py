@@ -227,6 +227,9 @@ MISTAKES = [
      rf"unknown relation 'NotARelation'; this run has {TINY_RELATIONS}$", False),
     ("export: unknown relation", ["export", "{w}/modelless_run", "NotARelation", "{w}/new"],
      rf"unknown relation 'NotARelation'; this run has {TINY_RELATIONS}$", False),
+    ("a required flag left out", ["evaluate", "--split", "dev"],
+     r"lamp-jax evaluate: the following arguments are required: --workdir \(lamp-jax evaluate "
+     r"--help lists the flags\)", False),
     ("not a run directory", ["evaluate", "--workdir", "{w}/not_a_run"],
      r"not_a_run is not a lamp-jax run directory \(no run.json\)", False),
     ("report: missing --qa file", ["report", "--workdir", "{w}/modelless_run", "--qa",
