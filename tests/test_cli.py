@@ -50,9 +50,10 @@ def _run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedPr
         return {name: future.result() for name, future in done.items()}
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+def _files(directory: Path) -> dict[str, bytes | None]:
+    """Every file under ``directory`` with its bytes, and every folder (None)."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
 
 
 # --- help -----------------------------------------------------------------------------------
@@ -170,18 +171,16 @@ def test_the_older_forms_give_the_same_help(helps):
 
 # --- user mistakes ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_run) -> Path:
-    """What the bad commands are given: a copy of a finished run, a copy whose run.json names
-    a model that is not there (commands that refuse before loading the model cannot tell),
+def _make_world(root: Path, run: Path) -> Path:
+    """What a bad command is given: a copy of a finished run, a copy whose run.json names a
+    model that is not there (commands that refuse before loading the model cannot tell),
     directories that are not runs, and a data file with a malformed line."""
-    root = tmp_path_factory.mktemp("cli_world")
-    shutil.copytree(tiny_run[0], root / "run")
-    shutil.copytree(tiny_run[0], root / "modelless_run")
+    shutil.copytree(run, root / "run")
+    shutil.copytree(run, root / "modelless_run")
     manifest = json.loads((root / "modelless_run" / "run.json").read_text())
     manifest["model"] = str(root / "no_model_here")
     (root / "modelless_run" / "run.json").write_text(json.dumps(manifest))
-    for empty in ("not_a_run", "empty_a", "empty_b"):  # each used by one command at a time
+    for empty in ("not_a_run", "empty"):
         (root / empty).mkdir()
     lines = FIXTURE.read_text().splitlines()
     (root / "bad.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
@@ -189,7 +188,7 @@ def world(tmp_path_factory, tiny_run) -> Path:
 
 
 # (name, arguments, what the error line says, whether the model may load first). {w} is the
-# world; {w}/new must not exist afterwards.
+# command's own world (_make_world); nothing in it may be created or changed.
 MISTAKES = [
     ("missing data file", ["train", "--config.data.source=/nonexistent.jsonl", "--workdir={w}/new"],
      r"config.data.source = '/nonexistent.jsonl': /nonexistent.jsonl does not exist", False),
@@ -214,10 +213,10 @@ MISTAKES = [
      r"unknown flag --work_dir; did you mean --workdir\?", False),
     ("--grid on no field", ["sweep", "--grid", "optim.lr=0.1,1.0", "--workdir={w}/new"],
      r"--grid 'optim.lr=0.1,1.0': the config has no field 'optim.lr'", False),
-    ("bad data line", ["train", "--config.data.source={w}/bad.jsonl", "--workdir={w}/empty_a"],
+    ("bad data line", ["train", "--config.data.source={w}/bad.jsonl", "--workdir={w}/empty"],
      r"bad.jsonl:3: malformed JSON", True),
     ("layers the model has not", ["train", "--config.mask.first_layer=2",
-                                  "--config.mask.last_layer=9", "--workdir={w}/empty_b"],
+                                  "--config.mask.last_layer=9", "--workdir={w}/empty"],
      r"mask layers 2..9 are not within the model's 0..3 \(config.mask.first_layer", True),
     ("prompt without [MASK]", ["predict", "{w}/modelless_run", "a prompt without a mask ."],
      r"the prompt must contain exactly one \[MASK\] \(it has 0\): 'a prompt without a mask .'",
@@ -242,20 +241,23 @@ MISTAKES = [
 
 
 @pytest.fixture(scope="module")
-def refused(world) -> tuple[dict[str, subprocess.CompletedProcess], dict, dict]:
-    """Every mistake, each in its own fresh process; the world's files before and after."""
-    before = _files(world)
-    commands = {name: _lamp_jax(*(a.replace("{w}", str(world)) for a in args))
+def refused(tmp_path_factory, tiny_run) -> dict[str, tuple]:
+    """Every mistake, each in its own fresh process and its own world: ``name -> (result,
+    world, its files before, its files after)``."""
+    worlds = {name: _make_world(tmp_path_factory.mktemp("world"), tiny_run[0])
+              for name, *_ in MISTAKES}
+    before = {name: _files(world) for name, world in worlds.items()}
+    commands = {name: _lamp_jax(*(a.replace("{w}", str(worlds[name])) for a in args))
                 for name, args, _, _ in MISTAKES}
     results = _run_all(commands)
-    return results, before, _files(world)
+    return {name: (results[name], worlds[name], before[name], _files(worlds[name]))
+            for name in worlds}
 
 
 @pytest.mark.parametrize("name,args,message,may_load", MISTAKES, ids=[m[0] for m in MISTAKES])
 def test_a_mistake_is_one_error_line_exit_2_no_traceback_and_nothing_written(
-        refused, world, name, args, message, may_load):
-    results, before, after = refused
-    done = results[name]
+        refused, name, args, message, may_load):
+    done, world, before, after = refused[name]
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
@@ -264,8 +266,7 @@ def test_a_mistake_is_one_error_line_exit_2_no_traceback_and_nothing_written(
     assert re.search(message, errors[0]), errors[0]
     if not may_load:  # refused before the model loaded ("model: ..." is logged once it has)
         assert "model: " not in done.stdout, done.stdout
-    assert after == before  # no file of the world created or changed
-    assert not (world / "new").exists()
+    assert after == before  # no file or folder created or changed ({w}/new included)
 
 
 # --- the error boundary, in-process -----------------------------------------------------------
