@@ -3,7 +3,7 @@
 Rebuilds the data split exactly as training did (from ``DIR/run.json``), restores the best masks
 onto this process's devices (whatever devices or processes trained them) and prints and writes
 (``DIR/eval_<split>.json``) the full-vs-pruned metrics on that split, with both inference kinds,
-and the specialization matrix. Under ``python -m lamp_jax.launch`` it runs as one job over all
+and the specialization matrix. Under ``lamp-jax launch`` it runs as one job over all
 the processes. ``DIR`` may be a URL (``gs://bucket/runs/x``, :mod:`lamp_jax.paths`).
 ``python -m lamp_jax.evaluate`` is ``lamp-jax evaluate`` (:mod:`lamp_jax.cli`).
 """

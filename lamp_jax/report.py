@@ -220,7 +220,7 @@ def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str
     lines = ["# lamp-jax report", "",
              f"Every figure below is from one run: seed {seeds.get('seed')} (mask init, noise, "
              f"batch order), held-out facts of data seed {seeds.get('data_seed')}. For a mean "
-             "+- std over seeds, train with `python -m lamp_jax.sweep --seeds 3`.", "",
+             "+- std over seeds, train with `lamp-jax sweep --seeds 3`.", "",
              "## Specialization (test P@1, macro)", "",
              f"own subnetwork {s['own_mask_macro_P@1']:.3f}, other relations' subnetworks "
              f"{s['other_masks_macro_P@1']:.3f}, full model {s['full_model_macro_P@1']:.3f}", "",

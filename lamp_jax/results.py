@@ -89,7 +89,7 @@ def log_report(report: FinalReport, split: str, seed: int, log=print) -> None:
     log("\n".join(lines))
     log(f"{split} macro P@1: full {full.macro(1):.3f} -> pruned {pruned.macro(1):.3f}; "
         f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f} (one run, seed "
-        f"{seed}; mean +- std over seeds: python -m lamp_jax.sweep --seeds 3)")
+        f"{seed}; mean +- std over seeds: lamp-jax sweep --seeds 3)")
     matrix = report.specialization
     if matrix is not None:
         off = matrix[~np.eye(len(matrix), dtype=bool)].reshape(len(matrix), -1)

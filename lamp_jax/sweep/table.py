@@ -74,8 +74,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], full: float) -> str:
     runs = [(row["label"], seed, link) for row in rows
             for seed, link in zip(row["seeds"], row.get("run_dirs", ()), strict=False)]
     if runs:
-        lines.append("\nRun directories (`lamp_jax.load_run`, `python -m lamp_jax.report "
-                     "--workdir`, `python -m lamp_jax.evaluate --workdir`):\n")
+        lines.append("\nRun directories (`lamp_jax.load_run`, `lamp-jax report --workdir`, "
+                     "`lamp-jax evaluate --workdir`):\n")
         lines += [f"- [{label}, seed {seed}]({link}/)" for label, seed, link in runs]
     return "\n".join(lines)
 
