@@ -115,6 +115,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Exit(Exception):
+    """argparse finished the command itself (``--help``) with this exit status."""
+
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
@@ -295,7 +297,8 @@ def _config_command_help(command: str, summary: str, flags: Sequence[Flag], conf
              ("-h, --help", "show this help")]
     shown = Path(config_name.partition(":")[0]).stem
     fields = dict(config_fields(config))
-    common = [(f"--config.{name}={fields[name]}", text) for name, text in COMMON_FIELDS]
+    common = [(f"--config.{name}={fields.get(name, '(not in this config)')}", text)
+              for name, text in COMMON_FIELDS]
     lines = [f"usage: {PROG} {command} [--config=NAME_OR_FILE] [--config.FIELD=VALUE ...] "
              "[flags]", "", *textwrap.wrap(summary, HELP_WIDTH), "", "flags:", *_columns(rows),
              "", *textwrap.wrap(f"packaged configs: {', '.join(packaged_configs())}", HELP_WIDTH),
