@@ -5,11 +5,14 @@
 The run directory may be a URL (``gs://bucket/runs/x``, :mod:`lamp_jax.paths`); the report is
 written into it.
 
-Writes: ``specialization.json/png`` (all R x R pairs in one pass), ``combination.json/png`` (the
-search over combined masks), ``kbc.json`` (knowledge-base completion: CKBC triples if given, and
-for the embedded world its own facts), ``representations.json/png`` (PCA of [MASK] states with
-silhouette scores, [MASK] attention full vs subnetwork), and with ``--qa`` ``qa.json``
-(zero-shot multiple-choice accuracy, full model vs combined subnetworks).
+Writes: ``findings.json`` with ``overlap.png`` and ``sparsity_curve.png`` (what the masks found,
+against the controls: :mod:`lamp_jax.analysis.findings`; ``--control DIR`` sets a random-weight
+run of the same recipe beside this one), ``specialization.json/png`` (all R x R pairs in one
+pass), ``combination.json/png`` (the search over combined masks), ``kbc.json``
+(knowledge-base completion: CKBC triples if given, and for the embedded world its own facts),
+``representations.json/png`` (PCA of [MASK] states with silhouette scores, [MASK] attention full
+vs subnetwork), and with ``--qa`` ``qa.json`` (zero-shot multiple-choice accuracy, full model vs
+combined subnetworks).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from etils import epath
 
 from lamp_jax import plots  # also picks matplotlib's headless backend outside notebooks
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
+from lamp_jax.analysis import findings as evidence
 from lamp_jax.api import Run, load_run
 from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
@@ -139,9 +143,27 @@ def qa_section(run: Run, path: str, fmt: str, relations: list[str], method: str)
             "combined_accuracy": qa.accuracy(combined, run.mlm, questions)}
 
 
+def findings(run: Run, out: epath.Path, control: str | None = None) -> dict[str, Any]:
+    """What the masks found (:mod:`lamp_jax.analysis.findings`): the run's controls, the
+    random-weight run ``control`` beside it, the overlap heat map, the sparsity curve and the
+    necessity test; ``{}`` for a run trained without controls."""
+    if "controls" not in (run.metrics or {}):
+        return {}
+    found = evidence.controls_section(run, control)
+    found["overlap_figure"] = _save(evidence.overlap_figure(run, found["controls"]),
+                                    out / "overlap.png")
+    found["curve"] = evidence.curve_section(run, out, _save)
+    found["necessity"] = evidence.necessity_section(run)
+    return found
+
+
 def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: int = 2,
                  log=print, qa_file: str | None = None, qa_format: str = "csqa",
-                 qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> epath.Path:
+                 qa_relations: tuple[str, ...] = (), qa_method: str = "or",
+                 control: str | None = None) -> epath.Path:
+    """Writes ``workdir/report/`` (module docstring). ``control``: the run directory of the
+    same recipe on a random-weight model (``config.model_weights="random"``), set beside this
+    run in "What the masks found"."""
     workdir, log = as_path(workdir), main_log(log)
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +171,7 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
     config = RunDirectory(workdir).manifest().config
     test_batches = run.eval_batches("test")
     sections = {
+        "findings": findings(run, out, control),
         "specialization": specialization_section(run, test_batches, out),
         "combination": combination_section(run, out, max_size),
         "representations": representation_section(run, test_batches[0], out),
@@ -179,6 +202,7 @@ def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str
              f"Every figure below is from one run: seed {seeds.get('seed')} (mask init, noise, "
              f"batch order), held-out facts of data seed {seeds.get('data_seed')}. For a mean "
              "+- std over seeds, train with `python -m lamp_jax.sweep --seeds 3`.", "",
+             *(evidence.index_lines(sections["findings"]) if sections["findings"] else []),
              "## Specialization (test P@1, macro)", "",
              f"own subnetwork {s['own_mask_macro_P@1']:.3f}, other relations' subnetworks "
              f"{s['other_masks_macro_P@1']:.3f}, full model {s['full_model_macro_P@1']:.3f}", "",
@@ -219,11 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qa-format", choices=("csqa", "copa"), default="csqa")
     parser.add_argument("--qa-relations", default="", help="comma-separated; default: all")
     parser.add_argument("--qa-method", choices=combine.METHODS, default="or")
+    parser.add_argument("--control", default=None,
+                        help="a run of the same recipe on a random-weight model "
+                             "(--config.model_weights=random), set beside this one")
     args = parser.parse_args(argv)
     initialize_if_requested()  # started by lamp_jax.launch: every process takes part
     relations = tuple(r for r in args.qa_relations.split(",") if r)
     write_report(args.workdir, args.ckbc, args.max_size, qa_file=args.qa,
-                 qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method)
+                 qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method,
+                 control=args.control)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from lamp_jax import placement
+from lamp_jax.analysis.baselines import typed_candidates
 from lamp_jax.data import RelationBatcher
 from lamp_jax.data.prepare import PreparedData, prepare_data, resolve_sources
 from lamp_jax.hosts import is_main, use_compile_cache
@@ -243,9 +244,13 @@ def setup_evaluation(config: ml_collections.ConfigDict, log=print, *,
     features = {name: frozen_prefix(mlm.config, frozen, data.splits[name], start_layer,
                                     DTYPES[config.dtype], mesh) for name in splits}
     lap("prefix")
-    eval_sets = {name: list(RelationBatcher(data.splits[name], config.batch_size,
-                                            mode="per_relation", row_features=features[name])
-                            .eval_batches()) for name in splits}
+    # Every evaluation batch carries the answers each relation can have, so that one forward
+    # pass also gives the typed ranking among them (lamp_jax.ranking.restricted_rank).
+    candidates = typed_candidates(data.splits, config.data.split, len(relations),
+                                  mlm.config.vocab_size)
+    eval_sets = {name: [dict(b, candidates=candidates) for b in RelationBatcher(
+        data.splits[name], config.batch_size, mode="per_relation",
+        row_features=features[name]).eval_batches()] for name in splits}
 
     mask_params = sum(int(np.prod(_kernel(mlm.params, p).shape)) for p in spec.paths())
     state_bytes = slots * mask_params * 4 if state_bytes is None else state_bytes

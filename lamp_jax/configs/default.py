@@ -99,6 +99,18 @@ def get_config() -> ml_collections.ConfigDict:
     # compiling its step). "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.
     c.compile_cache_dir = "~/.cache/lamp_jax/jax_compile"
     c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
+    # "pretrained", or "random": the same architecture with weights drawn by the model family's
+    # own initialiser (transformers' rules), seeded by config.seed: masks on a model that knows
+    # nothing, the control that says how much a recipe finds without any knowledge to find.
+    c.model_weights = "pretrained"
+    # The controls every final report computes on the held-out split (lamp_jax/controls.py):
+    # relation prior, typed rankings, random and magnitude masks at the learned sparsity, and a
+    # fact bootstrap interval for every difference.
+    c.controls = ml_collections.ConfigDict()
+    c.controls.enabled = True
+    c.controls.random_draws = 5  # random masks per relation and matrix (each one more pass)
+    c.controls.resamples = 1000  # bootstrap resamples of the held-out facts
+    c.controls.confidence = 0.95
     c.plots = True
     c.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" (name step, relation) or "skip"
     # A workdir whose checkpoints all fail to read: "stop" (say which and why, change nothing)

@@ -253,6 +253,8 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
         best_masks = directory.best_masks(setup.mask_layout)
         report = final_report(setup, best_masks, "test", full=full)
         directory.write_masks(best_masks, setup.spec, relations, setup.mode.threshold)
+        if report.prompt_ranks is not None:
+            directory.write_prompt_ranks(report.prompt_ranks, "test")
         summaries.append(dict(report.summary, history=history[v],
                               best_dev_macro_P1=best[v].score(),
                               resumed_from=directory.resumes(), steps=setup.num_steps))
