@@ -32,11 +32,13 @@ _CHOICES = {
     "on_unreadable_checkpoints": ("stop", "start_over"),
     "cache_frozen_prefix": (True, False),
     "model_weights": ("pretrained", "random"),
+    "data.answers": ("single_token", "any_length"),
     "controls.enabled": (True, False),
 }
 # field -> (lowest, highest, whether the bounds themselves are allowed)
 _RANGES = {
     "data.max_length": (4, None, True),
+    "data.max_answer_tokens": (1, None, True),
     "mask.tau": (0.0, None, False),
     "mask.threshold": (0.0, 1.0, False),
     "mask.init_std": (0.0, None, True),

@@ -32,10 +32,11 @@ from lamp_jax.analysis.baselines import object_fact_counts, prior_ranks
 from lamp_jax.analysis.control_masks import magnitude_masks, random_masks
 from lamp_jax.analysis.evidence import paired_bootstrap
 from lamp_jax.analysis.stability import overlap_between_relations
+from lamp_jax.data.answers import gold_candidates
 from lamp_jax.hosts import to_host
 from lamp_jax.masks import logit
 from lamp_jax.placement import shard_relations
-from lamp_jax.ranking import RankingResult
+from lamp_jax.ranking import DEFAULT_KS, RankingResult
 
 
 def as_mask_logits(multipliers: Any, threshold: float) -> Any:
@@ -62,10 +63,15 @@ def control_rankings(setup: Any, best: Any, split: str, draws: int, seed: int
     random = [score(random_masks(rng, host, threshold)) for _ in range(draws)]
     magnitude = score(magnitude_masks(setup.frozen, best, threshold))
     train, held = setup.data.splits["train"], setup.data.splits[split]
-    counts = object_fact_counts(train.relation, train.obj_id, train.fact_index,
-                                len(setup.relations), setup.mlm.config.vocab_size)
-    prior = RankingResult.from_ranks(setup.relations, random[0].ks if random else (1,),
-                                     prior_ranks(counts, held.relation, held.obj_id),
+    # The prior ranks what the run ranks: the vocabulary, or each relation's candidates.
+    candidates = setup.data.candidates
+    answer = ((lambda e: e.obj_id) if candidates is None
+              else (lambda e: gold_candidates(e, candidates)))
+    size = setup.mlm.config.vocab_size if candidates is None else candidates.ids.shape[1]
+    counts = object_fact_counts(train.relation, answer(train), train.fact_index,
+                                len(setup.relations), size)
+    prior = RankingResult.from_ranks(setup.relations, random[0].ks if random else DEFAULT_KS,
+                                     prior_ranks(counts, held.relation, answer(held)),
                                      held.relation)
     return {"random": random, "magnitude": magnitude, "prior": prior}
 

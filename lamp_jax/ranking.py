@@ -263,16 +263,16 @@ def _arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def specialization_matrix(
-    rank_fn,
+    score,
     mask_logits: Any,
-    frozen_params: Any,
     batches: Sequence[dict[str, np.ndarray]],
     relations: Sequence[str],
-    put_batch=None,
 ) -> np.ndarray:
-    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a. The
-    diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
-    diagonal (the paper's Figure: another relation's mask hurts).
+    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
+    ``score(mask_logits, batches) -> RankingResult`` evaluates the masks on batches whose
+    relation axis is the masks'. The diagonal is each relation's own subnetwork; a specialised
+    subnetwork scores lower off the diagonal (the paper's Figure: another relation's mask
+    hurts).
 
     The masks stay where they are; the prompts move. Pass ``k`` rolls the batches' relation
     axis by ``k`` on the host, so that mask a meets relation a + k's prompts, and one
@@ -287,7 +287,5 @@ def specialization_matrix(
     for shift in range(num):
         moved = [{k: np.roll(v[:num], -shift, axis=0) for k, v in batch.items()}
                  for batch in batches]
-        result = evaluate(rank_fn, mask_logits, frozen_params, moved, relations,
-                          put_batch=put_batch)
-        matrix[rows, (rows + shift) % num] = result.precision_at(1)
+        matrix[rows, (rows + shift) % num] = score(mask_logits, moved).precision_at(1)
     return matrix

@@ -34,7 +34,7 @@ from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.hosts import initialize_if_requested, is_main, main_log, write_text
 from lamp_jax.masks import multiply_masks
 from lamp_jax.paths import as_path, save_figure
-from lamp_jax.ranking import make_rank_fn, specialization_matrix
+from lamp_jax.ranking import specialization_matrix
 from lamp_jax.run_dir import RunDirectory
 
 
@@ -46,9 +46,7 @@ def _save(fig, path: epath.Path) -> str:
 
 
 def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str, Any]:
-    rank_fn = make_rank_fn(run.mlm.config, run.mode, dtype=run.mlm.dtype)
-    matrix = specialization_matrix(rank_fn, run.mask_logits, run.mlm.params, test_batches,
-                                   run.relations)
+    matrix = specialization_matrix(run.scorer(), run.mask_logits, test_batches, run.relations)
     full = run.evaluate("test", masks=None).precision_at(1)
     result = {"matrix": matrix.tolist(), "relations": list(run.relations),
               **specialization.summarize(matrix, full)}

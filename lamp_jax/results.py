@@ -61,8 +61,8 @@ def final_report(setup: Any, best: Any, split: str = "test",
                           f"pruned_{other}": setup.scores(best, "dev", other).summary()}
     matrix = None
     if setup.config.specialization:
-        matrix = specialization_matrix(setup.rank_fn(kind), best, setup.frozen,
-                                       setup.eval_sets[split], relations, setup.put)
+        matrix = specialization_matrix(setup.scorer(kind), best, setup.eval_sets[split],
+                                       relations)
         summary["specialization"] = matrix.tolist()
     ranks = None
     if setup.config.controls.enabled:

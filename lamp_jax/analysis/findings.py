@@ -13,7 +13,6 @@ from lamp_jax.analysis.curves import necessity, sparsity_curve
 from lamp_jax.analysis.evidence import paired_bootstrap
 from lamp_jax.controls import as_mask_logits
 from lamp_jax.errors import UsageError
-from lamp_jax.ranking import evaluate, make_rank_fn
 from lamp_jax.run_dir import RunDirectory
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -58,15 +57,10 @@ def controls_section(run: Any, control_dir: str | None = None) -> dict[str, Any]
 def _threshold_score(run: Any, split: str = "test"):
     """Macro P@1 on ``split`` of per-relation 0/1 multiplier trees, by the run's binary
     ranking."""
-    mode = run.mode.for_inference("threshold")
-    rank_fn = make_rank_fn(run.mlm.config, mode, dtype=run.mlm.dtype)
+    score = run.scorer("threshold")
     batches = run.eval_batches(split)
-
-    def score(multipliers) -> float:
-        return evaluate(rank_fn, as_mask_logits(multipliers, mode.threshold), run.mlm.params,
-                        batches, run.relations).macro(1)
-
-    return score
+    return lambda multipliers: score(as_mask_logits(multipliers, run.mode.threshold),
+                                     batches).macro(1)
 
 
 def curve_section(run: Any, out: Any, save) -> dict[str, Any]:

@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = "~/.cache/lamp_jax"  # where "lama" downloads to
     c.data.relations = ()  # relation names to train; empty = every relation in the data
     c.data.max_length = 64  # prompts longer than this (in tokens) are skipped and counted
+    # "single_token" (LAMA's convention: objects of one token, ranked over the vocabulary) or
+    # "any_length" (objects of up to max_answer_tokens tokens, each as many mask tokens, ranked
+    # among the relation's objects; what causal LMs read: lamp_jax/data/answers.py).
+    c.data.answers = "single_token"
+    c.data.max_answer_tokens = 5
     # "by_fact" (held-out facts), "subject_disjoint" / "object_disjoint" (no held-out subject /
     # object is a training one of its relation), "template_disjoint" (held-out facts in held-out
     # phrasings; lamp_jax/data/splits.py) or "reference" (train = test, as LAMP).
