@@ -87,9 +87,7 @@ def _kept_prompts(facts: Sequence[Fact], tokenizer: Any, relations: Sequence[str
     space = is_space_prefixed(tokenizer)
     cache: dict[str, list[int] | None] = {}
     prompts = []
-    bos = getattr(tokenizer, "bos_token_id", None)
-    adds_bos = bool(causal and bos is not None
-                    and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos])
+    begins = causal and adds_bos(tokenizer)
 
     for f_idx, fact in enumerate(facts):
         report.sentences += len(fact.sentences)
@@ -117,11 +115,19 @@ def _kept_prompts(facts: Sequence[Fact], tokenizer: Any, relations: Sequence[str
                     report._skip("answer_not_last", origin)
                     continue
                 text = before.rstrip()
-                if not text and not adds_bos:
+                if not text and not begins:
                     report._skip("empty_prefix", origin)
                     continue
             prompts.append(Prompt(f_idx, rel_index[fact.relation], tuple(answer), text))
     return prompts
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts a text with its beginning-of-sequence token (Llama's do,
+    GPT-2's does not): a causal prefix starts with it, and then may be empty. Anything a
+    tokenizer appends (an end-of-sequence token) never enters a prefix."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
 def _masked_text(text: str, tokenizer: Any, count: int, space_prefixed: bool) -> str:
@@ -139,9 +145,8 @@ def _read(tokenizer: Any, text: str, answer: Sequence[int], causal: bool,
     tokens, default as many as the answer has; causal: prefix + answer), and the positions
     whose logits predict the answer's tokens; None when the masks do not come out as asked."""
     if causal:
-        prefix = list(tokenizer(text, add_special_tokens=True)["input_ids"]) if text else []
-        if not prefix:
-            prefix = [tokenizer.bos_token_id]
+        prefix = ([tokenizer.bos_token_id] if adds_bos(tokenizer) else []) + (
+            list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else [])
         ids = prefix + list(answer[:-1])
         return ids, [len(prefix) - 1 + j for j in range(len(answer))]
     count = len(answer) if masks is None else masks
