@@ -114,6 +114,7 @@ def control_lines(controls: dict[str, Any]) -> str:
                      f"[{macro['low']:+.3f}, {macro['high']:+.3f}]"
                      f"{' *' if macro['excludes_zero'] else ''}")
     ratio = controls["overlap_between_relations"]["mean_ratio"]
-    lines.append(f"  subnetwork, typed: {controls['pruned_typed']['macro_P@1']:.3f}; pruned sets "
-                 f"of two relations overlap {ratio:.2f}x chance (Jaccard)")
+    overlap = ("the masks prune nothing" if np.isnan(ratio) else
+               f"pruned sets of two relations overlap {ratio:.2f}x chance (Jaccard)")
+    lines.append(f"  subnetwork, typed: {controls['pruned_typed']['macro_P@1']:.3f}; {overlap}")
     return "\n".join(lines)

@@ -135,10 +135,13 @@ def index_lines(found: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {shown} | {m['observed']:+.3f} [{m['low']:+.3f}, "
                      f"{m['high']:+.3f}]{' *' if m['excludes_zero'] else ''} |")
     overlap = c["overlap_between_relations"]
-    lines += ["", f"Two relations' pruned sets overlap {overlap['mean_jaccard']:.3f} (Jaccard) "
-              f"where independent random sets of the same sizes would overlap "
-              f"{overlap['mean_chance']:.3f}: {overlap['mean_ratio']:.2f}x chance.", "",
-              f"![overlap]({found['overlap_figure']})", ""]
+    if np.isnan(overlap["mean_ratio"]):
+        lines += ["", "The masks prune nothing: there are no pruned sets to compare.", ""]
+    else:
+        lines += ["", f"Two relations' pruned sets overlap {overlap['mean_jaccard']:.3f} "
+                  f"(Jaccard) where independent random sets of the same sizes would overlap "
+                  f"{overlap['mean_chance']:.3f}: {overlap['mean_ratio']:.2f}x chance.", "",
+                  f"![overlap]({found['overlap_figure']})", ""]
     curve = found.get("curve")
     if curve:
         auc = curve["auc"]

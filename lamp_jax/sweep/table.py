@@ -125,7 +125,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], full: float,
         cells.append(f"{macro['observed']:+.3f} [{macro['low']:+.3f}, {macro['high']:+.3f}]"
                      f"{' *' if macro['excludes_zero'] else ''}" if macro else "-")
         overlap = found.get("seed_overlap")
-        cells.append(f"{overlap['ratio']:.2f}" if overlap else "-")
+        cells.append("-" if not overlap else "nothing pruned" if np.isnan(overlap["ratio"])
+                     else f"{overlap['ratio']:.2f}")
         label = f"**{row['label']}**" if row["label"] == best else row["label"]
         lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines.append(f"\nFull model (no masks), test macro P@1: {full:.3f}. Bold: the best dev "
