@@ -23,7 +23,7 @@ from etils import epath
 from lamp_jax.errors import UsageError
 from lamp_jax.hosts import progress
 from lamp_jax.masks import MaskMode, MaskSpec, apply_masks, multiply_masks, sparsity_stats
-from lamp_jax.models import LoadedMLM, load_mlm, mlm_forward, save_mlm
+from lamp_jax.models import LoadedMLM, family_of, load_mlm, mlm_forward, save_mlm
 from lamp_jax.paths import as_path
 from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
 from lamp_jax.run_dir import RunDirectory
@@ -45,6 +45,7 @@ class Run:
     # birth"); relations are always named by their id.
     relation_labels: dict[str, str] = dataclasses.field(default_factory=dict)
     _batches: dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
+    any_length: bool = False  # set once the batches are built (config.data.answers)
 
     @property
     def shown_relations(self) -> tuple[str, ...]:
@@ -57,31 +58,46 @@ class Run:
         """The run's ``split`` ("train", "dev" or "test") as ``[R, B, ...]`` evaluation batches,
         rebuilt from ``run.json`` exactly as training split the data (cached)."""
         if split not in self._batches:
-            from lamp_jax.data import RelationBatcher
             from lamp_jax.data.prepare import prepare_data
+            from lamp_jax.setup import evaluation_batches
 
             manifest = RunDirectory(self.workdir).manifest()
             data = prepare_data(manifest.config, self.mlm.tokenizer, Path(manifest.data),
-                                log=lambda *_: None)
+                                log=lambda *_: None, causal=family_of(self.mlm.config).causal)
+            self.any_length = data.candidates is not None
             for name, encoded in data.splits.items():
-                self._batches[name] = list(RelationBatcher(encoded, manifest.config.batch_size)
-                                           .eval_batches())
+                self._batches[name] = evaluation_batches(
+                    manifest.config, self.mlm, data, encoded, {}, self.mlm.params, 0, None)
         return self._batches[split]
+
+    def scorer(self, kind: str | None = None):
+        """``score(mask_logits, batches) -> RankingResult`` with ``kind`` masks (default: the
+        run's inference mode), on this process's default device: the vocabulary ranking, or
+        for answers of any length the ranking among each relation's candidates."""
+        from lamp_jax.answer_ranking import evaluate_candidates, make_candidate_fn
+
+        mode = self.mode if kind is None else self.mode.for_inference(kind)
+        self.eval_batches("test")  # tells which ranking the run's data takes
+        make, evaluate_fn = ((make_candidate_fn, evaluate_candidates) if self.any_length
+                             else (make_rank_fn, evaluate))
+        rank_fn = make(self.mlm.config, mode, dtype=self.mlm.dtype)
+        return lambda mask_logits, batches, params=None: evaluate_fn(
+            rank_fn, mask_logits, self.mlm.params if params is None else params, batches,
+            self.relations)
 
     def evaluate(self, split: str = "test", masks: Any = "own",
                  kind: str | None = None) -> RankingResult:
         """P@k and MRR per relation on ``split``. ``masks``: "own" (each relation's own
         subnetwork), None (the full model), or one multiplier tree for every relation (e.g.
         :meth:`combine`)."""
-        mode = self.mode if kind is None else self.mode.for_inference(kind)
-        rank_fn = make_rank_fn(self.mlm.config, mode, dtype=self.mlm.dtype)
+        score = self.scorer(kind)
         batches = self.eval_batches(split)
         if isinstance(masks, str):
             if masks != "own":
                 raise ValueError(f"masks must be 'own', None or a multiplier tree, not {masks!r}")
-            return evaluate(rank_fn, self.mask_logits, self.mlm.params, batches, self.relations)
+            return score(self.mask_logits, batches)
         params = self.mlm.params if masks is None else multiply_masks(self.mlm.params, masks)
-        return evaluate(rank_fn, None, params, batches, self.relations)
+        return score(None, batches, params)
 
     def combine(self, relations: Sequence[str], method: str = "or") -> Any:
         """One mask (a multiplier tree) from several relations' masks: "or" (union of the

@@ -502,6 +502,8 @@ def _report(argv: list[str]) -> int:
                         help="the relations whose masks --qa combines (default: all)")
     parser.add_argument("--qa-method", choices=("or", "and", "vote", "soft"), default="or",
                         help="how --qa combines their masks (default: or)")
+    parser.add_argument("--control", default=None, metavar="RUN",
+                        help="a run of the same recipe on random weights, to set beside")
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -512,7 +514,8 @@ def _report(argv: list[str]) -> int:
 
     relations = tuple(r.strip() for r in args.qa_relations.split(",") if r.strip())
     write_report(args.workdir, args.ckbc, args.max_size, qa_file=args.qa,
-                 qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method)
+                 qa_format=args.qa_format, qa_relations=relations, qa_method=args.qa_method,
+                 control=args.control)
     return 0
 
 

@@ -9,8 +9,11 @@ bad command line fails in a second, with one line, instead of after model loadin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import ml_collections
 
 from lamp_jax.data.lama_sets import LAMA_SETS, PROMPTS, read_for_config, requested_relations
 from lamp_jax.data.splits import HELD_OUT_PROTOCOLS
@@ -33,10 +36,14 @@ _CHOICES = {
     "on_nonfinite": ("stop", "skip"),
     "on_unreadable_checkpoints": ("stop", "start_over"),
     "cache_frozen_prefix": (True, False),
+    "model_weights": ("pretrained", "random"),
+    "data.answers": ("single_token", "any_length"),
+    "controls.enabled": (True, False),
 }
 # field -> (lowest, highest, whether the bounds themselves are allowed)
 _RANGES = {
     "data.max_length": (4, None, True),
+    "data.max_answer_tokens": (1, None, True),
     "mask.tau": (0.0, None, False),
     "mask.threshold": (0.0, 1.0, False),
     "mask.init_std": (0.0, None, True),
@@ -53,6 +60,9 @@ _RANGES = {
     "relation_parallelism": (0, None, True),
     "cpu_devices": (0, None, True),
     "stop_after": (0, None, True),
+    "controls.random_draws": (0, None, True),
+    "controls.resamples": (1, None, True),
+    "controls.confidence": (0.0, 1.0, False),
 }
 
 
@@ -67,6 +77,25 @@ def _in_range(value: Any, low: Any, high: Any, inclusive: bool) -> bool:
     if inclusive:
         return (low is None or value >= low) and (high is None or value <= high)
     return (low is None or value > low) and (high is None or value < high)
+
+
+def with_defaults(stored: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A configuration saved by a run (``run.json``), completed with today's defaults for
+    fields added since it was written (e.g. ``controls``), so that older run directories
+    still evaluate and report."""
+    from lamp_jax.configs import default
+
+    def merge(base: Any, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and key in base and isinstance(base[key], Mapping):
+                merge(base[key], value)
+            else:
+                base[key] = value
+
+    config = default.get_config()
+    with config.ignore_type():
+        merge(config, stored)
+    return config
 
 
 def validate_config(config: Any) -> None:

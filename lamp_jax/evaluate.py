@@ -36,6 +36,8 @@ def reevaluate(workdir: str | os.PathLike, split: str = "test", model: str | Non
     report = final_report(setup, directory.best_masks(setup.mask_layout), split)
     log_report(report, split, manifest.config.seed, log)
     directory.write_metrics(report.summary, f"eval_{split}.json")
+    if report.prompt_ranks is not None:
+        directory.write_prompt_ranks(report.prompt_ranks, split)
     return report.summary
 
 

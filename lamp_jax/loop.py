@@ -138,6 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                    resumed_from=directory.resumes(), train_seconds=trained,
                    steps=setup.num_steps, resources=clock.resources())
     directory.write_masks(best_masks, setup.spec, setup.relations, setup.mode.threshold)
+    if report.prompt_ranks is not None:
+        directory.write_prompt_ranks(report.prompt_ranks, "test")
     if config.plots and is_main():
         plots.write_run_plots(directory.path / "plots", report.shown_relations, report.full,
                               report.pruned, report.sparsity, setup.spec, report.specialization)

@@ -45,6 +45,28 @@ def object_rank(logits: jax.Array, obj_id: jax.Array) -> jax.Array:
     return 1 + jnp.sum(logits > target, axis=-1)
 
 
+def restricted_rank(logits: jax.Array, obj_id: jax.Array, candidates: jax.Array,
+                    outside: str = "ranked") -> jax.Array:
+    """``[B]`` 1 + the number of candidates scored strictly higher than the object (the tie
+    convention of :func:`object_rank`), over ``candidates`` ``[V]`` or ``[B, V]`` (bool).
+
+    ``outside`` says what an object that is not a candidate gets: ``"ranked"`` ranks it among
+    the candidates all the same (it gets rank 1 when it outscores every candidate, although a
+    prediction restricted to the set could not name it); ``"last"`` places it after every
+    candidate (rank = number of candidates + 1), so it is never within P@k for k up to the
+    set's size, as for a model that can only answer with a candidate.
+    """
+    if outside not in ("ranked", "last"):
+        raise ValueError(f"outside must be 'ranked' or 'last', not {outside!r}")
+    candidates = jnp.broadcast_to(jnp.asarray(candidates, bool), logits.shape)
+    target = jnp.take_along_axis(logits, obj_id[:, None], axis=-1)
+    rank = 1 + jnp.sum((logits > target) & candidates, axis=-1)
+    if outside == "last":
+        is_candidate = jnp.take_along_axis(candidates, obj_id[:, None], axis=-1)[:, 0]
+        rank = jnp.where(is_candidate, rank, 1 + jnp.sum(candidates, axis=-1))
+    return rank
+
+
 def batch_rank_stats(
     mask_logits: Any | None,
     frozen_params: Any,
@@ -61,7 +83,10 @@ def batch_rank_stats(
     """Per-relation sums over one ``[R, B, ...]`` batch: ``hits`` [R, K], ``rr`` [R], ``count`` [R].
 
     ``mask_logits=None`` evaluates the full (unpruned) model on every relation's prompts.
-    Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses.
+    Also returns ``rank`` [R, B] (0 where the row is padding) for per-prompt analyses. A batch
+    that carries ``candidates`` [R, V] (bool: the answers each relation can have) also gets
+    the *typed* ranking among them (:func:`restricted_rank`, an object outside the set placed
+    last): ``typed_hits``, ``typed_rr`` and ``typed_rank``, from the same forward pass.
     ``start_layer`` > 0: the batch carries ``hidden`` [R, B, L, H], the frozen output of layer
     ``start_layer - 1`` (:mod:`lamp_jax.prefix`), and the forward pass starts there.
     ``relation_chunk`` relations per device at a time, over ``relation_shards`` devices
@@ -75,8 +100,13 @@ def batch_rank_stats(
         rank = object_rank(logits, b["obj_id"])
         w = b["weight"].astype(jnp.float32)
         hits = jnp.stack([jnp.sum((rank <= k) * w) for k in ks])
-        return {"hits": hits, "rr": jnp.sum(w / rank), "count": jnp.sum(w),
-                "rank": jnp.where(w > 0, rank, 0)}
+        out = {"hits": hits, "rr": jnp.sum(w / rank), "count": jnp.sum(w),
+               "rank": jnp.where(w > 0, rank, 0)}
+        if "candidates" in b:
+            typed = restricted_rank(logits, b["obj_id"], b["candidates"], outside="last")
+            out.update(typed_hits=jnp.stack([jnp.sum((typed <= k) * w) for k in ks]),
+                       typed_rr=jnp.sum(w / typed), typed_rank=jnp.where(w > 0, typed, 0))
+        return out
 
     if mask_logits is None:
         return jax.vmap(partial(with_params, frozen_params))(batch)
@@ -93,18 +123,39 @@ class RankingResult:
     hits: np.ndarray  # [R, K] number of prompts with rank <= k
     reciprocal_rank_sum: np.ndarray  # [R]
     count: np.ndarray  # [R]
+    # Per prompt (row of the split's encoded prompts): "rank" and, with candidates,
+    # "typed_rank"; 0 for rows no batch held.
+    prompt_ranks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    typed: RankingResult | None = None  # the ranking among each relation's candidates
 
     @classmethod
     def from_sums(cls, relations: Sequence[str], ks: Sequence[int],
-                  sums: dict[str, np.ndarray]) -> RankingResult:
+                  sums: dict[str, np.ndarray],
+                  prompt_ranks: dict[str, np.ndarray] | None = None) -> RankingResult:
         """From :func:`sum_rank_stats` (no batches: all zero), the first ``len(relations)``
-        entries of the relation axis."""
+        entries of the relation axis; with ``typed_*`` sums, also the typed result."""
         num = len(relations)
         if not sums:
             return cls(tuple(relations), tuple(ks), np.zeros((num, len(ks))), np.zeros(num),
                        np.zeros(num))
+        typed = None
+        if "typed_hits" in sums:
+            typed = cls(tuple(relations), tuple(ks), sums["typed_hits"][:num],
+                        sums["typed_rr"][:num], sums["count"][:num],
+                        {"rank": prompt_ranks["typed_rank"]} if prompt_ranks else {})
         return cls(tuple(relations), tuple(ks), sums["hits"][:num], sums["rr"][:num],
-                   sums["count"][:num])
+                   sums["count"][:num], dict(prompt_ranks or {}), typed)
+
+    @classmethod
+    def from_ranks(cls, relations: Sequence[str], ks: Sequence[int], rank: np.ndarray,
+                   relation: np.ndarray) -> RankingResult:
+        """From per-prompt ranks ``[N]`` and each prompt's relation index (a ranking computed
+        without the model, e.g. the relation prior)."""
+        num = len(relations)
+        rank, relation = np.asarray(rank, np.float64), np.asarray(relation)
+        hits = np.stack([np.bincount(relation, rank <= k, num) for k in ks], axis=1)
+        return cls(tuple(relations), tuple(ks), hits, np.bincount(relation, 1 / rank, num),
+                   np.bincount(relation, minlength=num).astype(np.float64), {"rank": rank})
 
     def precision_at(self, k: int) -> np.ndarray:
         """[R] P@k per relation (NaN for relations without prompts)."""
@@ -165,23 +216,44 @@ def evaluate(
     ks: Sequence[int] = DEFAULT_KS,
     put_batch=None,
 ) -> RankingResult:
-    """Accumulates :func:`batch_rank_stats` over batches (e.g. ``batcher.eval_batches()``).
+    """Accumulates :func:`batch_rank_stats` over batches (e.g. ``batcher.eval_batches()``),
+    with each prompt's rank by the batches' ``index`` (the prompt's row; -1 for padding).
 
     ``ks`` must be the ones ``rank_fn`` was made with. ``put_batch`` may pad the relation axis
     with inert slots (:func:`lamp_jax.placement.shard_batch`); only the first
     ``len(relations)`` are counted.
     """
-    sums = sum_rank_stats(rank_fn(mask_logits, frozen_params, put_batch(b) if put_batch else b)
-                          for b in (_arrays(batch) for batch in batches))
-    return RankingResult.from_sums(relations, ks, sums)
+    num, totals, ranks = len(relations), [], []
+    for batch in batches:
+        stats = rank_fn(mask_logits, frozen_params,
+                        put_batch(_arrays(batch)) if put_batch else _arrays(batch))
+        totals.append(stats)
+        if "index" in batch:
+            ranks.append((batch["index"][:num], to_host(
+                {k: stats[k][:num] for k in ("rank", "typed_rank") if k in stats})))
+    return RankingResult.from_sums(relations, ks, sum_rank_stats(totals),
+                                   _by_row(ranks) if ranks else None)
+
+
+def _by_row(ranks: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """Per-prompt values scattered to their rows (``index`` -1: padding, dropped)."""
+    rows = max(int(index.max()) for index, _ in ranks) + 1
+    out = {key: np.zeros(rows, np.int64) for key in ranks[0][1]}
+    for index, values in ranks:
+        real = index >= 0
+        for key, value in values.items():
+            out[key][index[real]] = value[real]
+    return out
 
 
 def sum_rank_stats(stats: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """``hits``, ``rr`` and ``count`` summed over the batches' :func:`batch_rank_stats`, on
-    the host (their relation axis may still hold inert slots)."""
+    """``hits``, ``rr`` and ``count`` (and ``typed_hits``, ``typed_rr``) summed over the
+    batches' :func:`batch_rank_stats`, on the host (their relation axis may still hold inert
+    slots)."""
     total: dict[str, np.ndarray] = {}
     for batch_stats in stats:
-        for key, value in to_host({k: batch_stats[k] for k in ("hits", "rr", "count")}).items():
+        keys = [k for k in ("hits", "rr", "count", "typed_hits", "typed_rr") if k in batch_stats]
+        for key, value in to_host({k: batch_stats[k] for k in keys}).items():
             total[key] = total[key] + value if key in total else value.astype(np.float64)
     return total
 
@@ -191,17 +263,17 @@ def _arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def specialization_matrix(
-    rank_fn,
+    score,
     mask_logits: Any,
-    frozen_params: Any,
     batches: Sequence[dict[str, np.ndarray]],
     relations: Sequence[str],
-    put_batch=None,
     on_pass: Callable[[], Any] | None = None,
 ) -> np.ndarray:
-    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a. The
-    diagonal is each relation's own subnetwork; a specialised subnetwork scores lower off the
-    diagonal (the paper's Figure: another relation's mask hurts).
+    """``M[a, b]`` = P@1 on relation b's prompts of the subnetwork learned for relation a.
+    ``score(mask_logits, batches) -> RankingResult`` evaluates the masks on batches whose
+    relation axis is the masks'. The diagonal is each relation's own subnetwork; a specialised
+    subnetwork scores lower off the diagonal (the paper's Figure: another relation's mask
+    hurts).
 
     The masks stay where they are; the prompts move. Pass ``k`` rolls the batches' relation
     axis by ``k`` on the host, so that mask a meets relation a + k's prompts, and one
@@ -216,9 +288,7 @@ def specialization_matrix(
     for shift in range(num):
         moved = [{k: np.roll(v[:num], -shift, axis=0) for k, v in batch.items()}
                  for batch in batches]
-        result = evaluate(rank_fn, mask_logits, frozen_params, moved, relations,
-                          put_batch=put_batch)
-        matrix[rows, (rows + shift) % num] = result.precision_at(1)
+        matrix[rows, (rows + shift) % num] = score(mask_logits, moved).precision_at(1)
         if on_pass is not None:
             on_pass()
     return matrix

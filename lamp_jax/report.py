@@ -6,15 +6,19 @@
 The run directory may be a URL (``gs://bucket/runs/x``, :mod:`lamp_jax.paths`); the report is
 written into it.
 
-Writes: ``specialization.json/png`` (all R x R pairs in one pass), ``combination.json/png`` (the
-search over combined masks), ``kbc.json`` (knowledge-base completion: CKBC triples if given, and
-for the embedded world its own facts), ``representations.json/png`` (PCA of [MASK] states with
-silhouette scores, [MASK] attention full vs subnetwork), and with ``--qa`` ``qa.json``
-(zero-shot multiple-choice accuracy, full model vs combined subnetworks).
+Writes: ``findings.json`` with ``overlap.png`` and ``sparsity_curve.png`` (what the masks found,
+against the controls: :mod:`lamp_jax.analysis.findings`; ``--control DIR`` sets a random-weight
+run of the same recipe beside this one), ``specialization.json/png`` (all R x R pairs in one
+pass), ``combination.json/png`` (the search over combined masks), ``kbc.json``
+(knowledge-base completion: CKBC triples if given, and for the embedded world its own facts),
+``representations.json/png`` (PCA of [MASK] states with silhouette scores, [MASK] attention full
+vs subnetwork), and with ``--qa`` ``qa.json`` (zero-shot multiple-choice accuracy, full model vs
+combined subnetworks).
 
 What the user named is checked before anything is loaded or written: the run directory, the
-``--ckbc`` and ``--qa`` files and the ``--qa-relations`` (:class:`~lamp_jax.errors.UsageError`).
-``python -m lamp_jax.report`` is ``lamp-jax report`` (:mod:`lamp_jax.cli`).
+``--control`` run, the ``--ckbc`` and ``--qa`` files and the ``--qa-relations``
+(:class:`~lamp_jax.errors.UsageError`). ``python -m lamp_jax.report`` is ``lamp-jax report``
+(:mod:`lamp_jax.cli`).
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from etils import epath
 
 from lamp_jax import plots  # also picks matplotlib's headless backend outside notebooks
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
+from lamp_jax.analysis import findings as evidence
 from lamp_jax.api import Run, load_run
 from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.hosts import is_main, main_log, progress, write_text
 from lamp_jax.masks import multiply_masks
 from lamp_jax.paths import as_path, save_figure
-from lamp_jax.ranking import make_rank_fn, specialization_matrix
+from lamp_jax.ranking import specialization_matrix
 from lamp_jax.run_dir import RunDirectory
 
 
@@ -47,9 +52,7 @@ def _save(fig, path: epath.Path) -> str:
 
 
 def specialization_section(run: Run, test_batches, out: epath.Path) -> dict[str, Any]:
-    rank_fn = make_rank_fn(run.mlm.config, run.mode, dtype=run.mlm.dtype)
-    matrix = specialization_matrix(rank_fn, run.mask_logits, run.mlm.params, test_batches,
-                                   run.relations)
+    matrix = specialization_matrix(run.scorer(), run.mask_logits, test_batches, run.relations)
     full = run.evaluate("test", masks=None).precision_at(1)
     result = {"matrix": matrix.tolist(), "relations": list(run.relations),
               **specialization.summarize(matrix, full)}
@@ -150,18 +153,38 @@ def qa_section(run: Run, path: str, fmt: str, relations: list[str], method: str)
             "combined_accuracy": qa.accuracy(combined, run.mlm, questions)}
 
 
+def findings(run: Run, out: epath.Path, control: str | None = None) -> dict[str, Any]:
+    """What the masks found (:mod:`lamp_jax.analysis.findings`): the run's controls, the
+    random-weight run ``control`` beside it, the overlap heat map, the sparsity curve and the
+    necessity test; ``{}`` for a run trained without controls."""
+    if "controls" not in (run.metrics or {}):
+        return {}
+    found = evidence.controls_section(run, control)
+    found["overlap_figure"] = _save(evidence.overlap_figure(run, found["controls"]),
+                                    out / "overlap.png")
+    found["curve"] = evidence.curve_section(run, out, _save)
+    found["necessity"] = evidence.necessity_section(run)
+    return found
+
+
 def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: int = 2,
                  log=print, qa_file: str | None = None, qa_format: str = "csqa",
-                 qa_relations: tuple[str, ...] = (), qa_method: str = "or") -> epath.Path:
+                 qa_relations: tuple[str, ...] = (), qa_method: str = "or",
+                 control: str | None = None) -> epath.Path:
+    """Writes ``workdir/report/`` (module docstring). ``control``: the run directory of the
+    same recipe on a random-weight model (``config.model_weights="random"``), set beside this
+    run in "What the masks found"."""
     workdir, log = as_path(workdir), main_log(log)
     manifest = RunDirectory(workdir).manifest()  # MissingFileError: not a run directory
     config = manifest.config
     check_report_inputs(manifest.relations, ckbc, qa_file, qa_relations, qa_method)
+    if control is not None:
+        RunDirectory(control).manifest()  # MissingFileError: --control is not a run directory
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(workdir)
     test_batches = run.eval_batches("test")
-    steps = ["specialization", "combination", "representations", "kbc"] + (
+    steps = ["findings", "specialization", "combination", "representations", "kbc"] + (
         ["qa"] if qa_file else [])
     bar = progress(total=len(steps), desc="report", unit="section")
     sections = {}
@@ -171,6 +194,7 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
         sections[name] = make()
         bar.update()
 
+    section("findings", lambda: findings(run, out, control))
     section("specialization", lambda: specialization_section(run, test_batches, out))
     section("combination", lambda: combination_section(run, out, max_size))
     section("representations", lambda: representation_section(run, test_batches[0], out))
@@ -221,6 +245,7 @@ def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str
              f"Every figure below is from one run: seed {seeds.get('seed')} (mask init, noise, "
              f"batch order), held-out facts of data seed {seeds.get('data_seed')}. For a mean "
              "+- std over seeds, train with `lamp-jax sweep --seeds 3`.", "",
+             *(evidence.index_lines(sections["findings"]) if sections["findings"] else []),
              "## Specialization (test P@1, macro)", "",
              f"own subnetwork {s['own_mask_macro_P@1']:.3f}, other relations' subnetworks "
              f"{s['other_masks_macro_P@1']:.3f}, full model {s['full_model_macro_P@1']:.3f}", "",

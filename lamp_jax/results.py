@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from lamp_jax.controls import control_report
 from lamp_jax.data import labels_entry, relation_display
 from lamp_jax.hosts import progress
 from lamp_jax.masks import sparsity_stats
@@ -27,6 +28,8 @@ class FinalReport:
     sparsity: dict[str, np.ndarray]
     specialization: np.ndarray | None
     shown_relations: tuple[str, ...]  # as tables and plots name them: "P19 (place of birth)"
+    # Per held-out prompt, every system's rank (config.controls; lamp_jax.controls), else None.
+    prompt_ranks: dict[str, np.ndarray] | None = None
 
 
 def other_kind(kind: str) -> str:
@@ -38,8 +41,9 @@ def final_report(setup: Any, best: Any, split: str = "test",
                  full: RankingResult | None = None) -> FinalReport:
     """The best masks (``[slots, ...]`` on the setup's mesh) of the run set up by
     :mod:`lamp_jax.setup`: its subnetworks (the run's inference kind and the other one) and the
-    full model on ``split`` (``full``: already computed), the masks on dev, their sparsity, and
-    the specialization matrix (``config.specialization``)."""
+    full model on ``split`` (``full``: already computed), the masks on dev, their sparsity, the
+    specialization matrix (``config.specialization``) and the controls
+    (``config.controls``, :mod:`lamp_jax.controls`)."""
     kind = setup.eval_mode.kind
     other = other_kind(kind)
     relations = setup.relations
@@ -68,13 +72,15 @@ def final_report(setup: Any, best: Any, split: str = "test",
                           f"pruned_{other}": scores(best, "dev", other).summary()}
     matrix = None
     if setup.config.specialization:
-        matrix = specialization_matrix(setup.rank_fn(kind), best, setup.frozen,
-                                       setup.eval_sets[split], relations, setup.put,
-                                       on_pass=bar.update)
+        matrix = specialization_matrix(setup.scorer(kind), best, setup.eval_sets[split],
+                                       relations, on_pass=bar.update)
         summary["specialization"] = matrix.tolist()
     bar.close()
+    ranks = None
+    if setup.config.controls.enabled:
+        summary["controls"], ranks = control_report(setup, best, split, full, pruned)
     return FinalReport(summary, full, pruned, sparsity, matrix,
-                       relation_display(relations, setup.data.labels))
+                       relation_display(relations, setup.data.labels), ranks)
 
 
 def log_report(report: FinalReport, split: str, seed: int, log=print) -> None:
@@ -90,8 +96,37 @@ def log_report(report: FinalReport, split: str, seed: int, log=print) -> None:
     log(f"{split} macro P@1: full {full.macro(1):.3f} -> pruned {pruned.macro(1):.3f}; "
         f"micro P@1: full {full.micro(1):.3f} -> pruned {pruned.micro(1):.3f} (one run, seed "
         f"{seed}; mean +- std over seeds: lamp-jax sweep --seeds 3)")
+    controls = report.summary.get("controls")
+    if controls:
+        log(control_lines(controls))
     matrix = report.specialization
     if matrix is not None:
         off = matrix[~np.eye(len(matrix), dtype=bool)].reshape(len(matrix), -1)
         log(f"specialization: own mask P@1 {np.nanmean(np.diag(matrix)):.3f}, other relations' "
             f"masks {np.nanmean(off):.3f}, full model {full.macro(1):.3f}")
+
+
+def control_lines(controls: dict[str, Any]) -> str:
+    """The controls in a few lines: each one's macro P@1 and the subnetwork's difference from it
+    with its interval (``*``: the interval excludes zero)."""
+    names = {"full": "full model", "full_typed": "full model, typed", "prior": "relation prior",
+             "magnitude": "magnitude masks", "random": "random masks"}
+    scores = {"full_typed": controls["full_typed"]["macro_P@1"],
+              "prior": controls["prior"]["macro_P@1"],
+              "magnitude": controls["magnitude_masks"]["macro_P@1"],
+              "random": controls["random_masks"].get("macro_P@1")}
+    lines = [f"controls ({controls['split']}, {controls['protocol']} split; subnetwork minus "
+             f"control, macro P@1, {controls['intervals']['pruned - full']['confidence']:.0%} "
+             "interval over held-out facts):"]
+    for key, interval in controls["intervals"].items():
+        other = key.removeprefix("pruned - ")
+        macro = interval["macro"]
+        score = f"{scores[other]:.3f}, " if scores.get(other) is not None else ""
+        lines.append(f"  {names[other]:<18} {score}difference {macro['observed']:+.3f} "
+                     f"[{macro['low']:+.3f}, {macro['high']:+.3f}]"
+                     f"{' *' if macro['excludes_zero'] else ''}")
+    ratio = controls["overlap_between_relations"]["mean_ratio"]
+    overlap = ("the masks prune nothing" if np.isnan(ratio) else
+               f"pruned sets of two relations overlap {ratio:.2f}x chance (Jaccard)")
+    lines.append(f"  subnetwork, typed: {controls['pruned_typed']['macro_P@1']:.3f}; {overlap}")
+    return "\n".join(lines)

@@ -26,18 +26,20 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from lamp_jax.checkpoint import export_binary_masks, restore_best_masks, restore_latest_masks
+from lamp_jax.config_checks import with_defaults
 from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.hosts import append_text, is_main, sync, write_text
 from lamp_jax.masks import MaskMode, MaskSpec
-from lamp_jax.paths import absolute
+from lamp_jax.paths import absolute, load_npz, save_npz
 
 # What a run directory holds about the training that made it (checkpoints, best masks, the
 # logs of its steps), as opposed to what describes the run (run.json, split.json, plots):
 # deleted when a run starts over.
 RUN_RECORDS = ("checkpoints", "best", "best_score.json", "metrics.jsonl", "metrics.json",
-               "masks.npz", "events.out.tfevents.*")
+               "masks.npz", "prompt_ranks_*.npz", "events.out.tfevents.*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ class RunDirectory:
                        tuple(run["relations"]), dict(run.get("relation_labels", {})),
                        MaskSpec(tuple(mask["layers"]), tuple(mask["matrices"])), mode,
                        mode.for_inference(mask["eval_kind"]),
-                       ml_collections.ConfigDict(run["config"]))
+                       with_defaults(run["config"]))
 
     def check_resumable(self, manifest: dict[str, Any]) -> None:
         """Refuses a directory whose earlier run used another model, relation set or mask
@@ -150,6 +152,20 @@ class RunDirectory:
     def metrics(self) -> dict[str, Any] | None:
         path = self.path / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else None
+
+    def write_prompt_ranks(self, ranks: dict[str, np.ndarray], split: str) -> None:
+        """Every system's rank of each held-out prompt of ``split``, with the prompt's relation
+        index and fact (``prompt_ranks_<split>.npz``): what the controls' intervals were computed
+        from, so that a report or a sweep can recompute and combine them."""
+        if is_main():
+            save_npz(self.path / f"prompt_ranks_{split}.npz", **ranks)
+
+    def prompt_ranks(self, split: str = "test") -> dict[str, np.ndarray] | None:
+        path = self.path / f"prompt_ranks_{split}.npz"
+        if not path.exists():
+            return None
+        with load_npz(path) as data:
+            return {key: data[key] for key in data.files}
 
     def write_masks(self, mask_logits: Any, spec: MaskSpec, relations: Sequence[str],
                     threshold: float) -> None:

@@ -29,11 +29,19 @@ import ml_collections
 import numpy as np
 
 from lamp_jax import placement
+from lamp_jax.analysis.baselines import typed_candidates
+from lamp_jax.answer_ranking import (
+    HOST_KEYS,
+    evaluate_candidates,
+    make_candidate_fn,
+    scoring_batches,
+)
 from lamp_jax.data import RelationBatcher
+from lamp_jax.data.answers import gold_candidates, scoring_rows
 from lamp_jax.data.prepare import PreparedData, prepare_data, resolve_sources
 from lamp_jax.hosts import is_main, progress, use_compile_cache
 from lamp_jax.masks import MaskInit, MaskMode, MaskSpec, init_mask_logits, insert_path, logit
-from lamp_jax.models import LoadedMLM, load_mlm
+from lamp_jax.models import LoadedMLM, family_of, load_mlm
 from lamp_jax.optim import OptimConfig, make_optimizer, max_logit_travel
 from lamp_jax.prefix import prefix_hidden_states
 from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
@@ -73,22 +81,39 @@ class EvalSetup:
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A host batch ``[R, ...]`` padded with inert slots and placed on the mesh."""
-        return placement.shard_batch({k: v for k, v in batch.items() if k != "index"},
+        return placement.shard_batch({k: v for k, v in batch.items() if k not in HOST_KEYS},
                                      self.mesh, self.slots)
+
+    @property
+    def any_length(self) -> bool:
+        """Whether answers of any length are ranked among each relation's candidates
+        (config.data.answers; :mod:`lamp_jax.answer_ranking`), not single tokens over the
+        vocabulary."""
+        return self.data.candidates is not None
 
     def rank_fn(self, kind: str, chunk: int | None = None) -> Callable[..., Any]:
         """The jitted ranking of ``kind`` masks ("threshold" or "expectation"), ``chunk``
-        relations per device at a time (default: the run's)."""
-        return make_rank_fn(self.mlm.config, self.mode.for_inference(kind),
-                            relation_chunk=chunk or self.chunk, dtype=self.dtype,
-                            start_layer=self.start_layer,
-                            relation_shards=self.mesh.shape[placement.RELATION])
+        relations per device at a time (default: the run's): per-relation statistics over the
+        vocabulary, or with answers of any length each candidate's score."""
+        make = make_candidate_fn if self.any_length else make_rank_fn
+        return make(self.mlm.config, self.mode.for_inference(kind),
+                    relation_chunk=chunk or self.chunk, dtype=self.dtype,
+                    start_layer=self.start_layer,
+                    relation_shards=self.mesh.shape[placement.RELATION])
+
+    def scorer(self, kind: str | None = None) -> Callable[[Any, Any], RankingResult]:
+        """``score(mask_logits, batches) -> RankingResult`` with ``kind`` masks (default: the
+        eval mode's)."""
+        rank_fn = self.rank_fn(kind or self.eval_mode.kind)
+        evaluate_fn = evaluate_candidates if self.any_length else evaluate
+        return lambda mask_logits, batches: evaluate_fn(rank_fn, mask_logits, self.frozen,
+                                                        batches, self.relations,
+                                                        put_batch=self.put)
 
     def scores(self, mask_logits: Any, split: str, kind: str | None = None) -> RankingResult:
         """P@k and MRR of each relation on ``split`` (``mask_logits=None``: the full model),
         with ``kind`` masks (default: the eval mode's)."""
-        return evaluate(self.rank_fn(kind or self.eval_mode.kind), mask_logits, self.frozen,
-                        self.eval_sets[split], self.relations, put_batch=self.put)
+        return self.scorer(kind)(mask_logits, self.eval_sets[split])
 
     @cached_property
     def mask_layout(self) -> Any:
@@ -209,7 +234,8 @@ def load_model_and_data(config: ml_collections.ConfigDict, log=print, *,
     log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
         f"hidden {mlm.config.hidden_size}); data: {data_path}")
     if data is None:
-        data = prepare_data(config, mlm.tokenizer, data_path, log)
+        data = prepare_data(config, mlm.tokenizer, data_path, log,
+                            causal=family_of(mlm.config).causal)
     return model_source, data_path, mlm, data
 
 
@@ -246,9 +272,8 @@ def setup_evaluation(config: ml_collections.ConfigDict, log=print, *,
     features = {name: frozen_prefix(mlm.config, frozen, data.splits[name], start_layer,
                                     DTYPES[config.dtype], mesh) for name in splits}
     lap("prefix")
-    eval_sets = {name: list(RelationBatcher(data.splits[name], config.batch_size,
-                                            mode="per_relation", row_features=features[name])
-                            .eval_batches()) for name in splits}
+    eval_sets = {name: evaluation_batches(config, mlm, data, data.splits[name], features[name],
+                                          frozen, start_layer, mesh) for name in splits}
 
     mask_params = sum(int(np.prod(_kernel(mlm.params, p).shape)) for p in spec.paths())
     state_bytes = slots * mask_params * 4 if state_bytes is None else state_bytes
@@ -319,6 +344,28 @@ def setup_training(config: ml_collections.ConfigDict, log=print, *,
         f"{chunk or 'all'}; training state {state_bytes / 2**30:.2f} GiB (mask logits + Adam "
         f"moments in {optim.moment_dtype})")
     return setup
+
+
+def evaluation_batches(config: ml_collections.ConfigDict, mlm: LoadedMLM, data: PreparedData,
+                       encoded: Any, features: dict[str, np.ndarray], frozen: Any,
+                       start_layer: int, mesh: jax.sharding.Mesh) -> list[dict[str, np.ndarray]]:
+    """One split's evaluation batches ``[R, B, ...]``. Single tokens: the prompts, each batch
+    with the answers each relation can have, so that one forward pass also gives the typed
+    ranking among them (:func:`lamp_jax.ranking.restricted_rank`). Answers of any length: the
+    rows that score every candidate (:func:`lamp_jax.data.answers.scoring_rows`), with their
+    own frozen prefix."""
+    num = len(data.relations)
+    if data.candidates is None:
+        candidates = typed_candidates(data.splits, config.data.split, num,
+                                      mlm.config.vocab_size)
+        return [dict(b, candidates=candidates) for b in RelationBatcher(
+            encoded, config.batch_size, mode="per_relation", row_features=features)
+            .eval_batches()]
+    rows = scoring_rows(encoded, mlm.tokenizer, data.candidates, family_of(mlm.config).causal)
+    prefix = [frozen_prefix(mlm.config, frozen, group, start_layer, DTYPES[config.dtype], mesh)
+              for group in rows]
+    return scoring_batches(rows, data.candidates, gold_candidates(encoded, data.candidates),
+                           num, config.batch_size, prefix)
 
 
 def optim_settings(config: ml_collections.ConfigDict) -> OptimConfig:

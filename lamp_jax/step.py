@@ -84,7 +84,10 @@ def relation_loss(
     model_config: ModelConfig,
     loss_config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted mean cross-entropy of the object token at [MASK] for ONE relation's batch."""
+    """Weighted mean cross-entropy of the object token at [MASK] for ONE relation's batch; for
+    answers of several tokens (``obj_mask`` ``[B, T]``: :mod:`lamp_jax.data.answers`), of the
+    sum over the answer's tokens, each predicted at its position in ``mask_pos`` ``[B, T]``
+    (masks of a masked LM, or the tokens before each answer token for a causal LM)."""
     check_start_layer(mask_logits, loss_config.start_layer)
     params = apply_masks(frozen_params, mask_logits, loss_config.mode, rng)
     logits = mlm_forward(
@@ -100,15 +103,19 @@ def relation_loss(
     weight = batch["weight"].astype(jnp.float32)
     count = weight.sum()
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["obj_id"])
+    # Rank 1 as lamp_jax.ranking counts it (no token scored strictly higher); also cheaper
+    # than argmax, a variadic reduce that XLA:CPU does not vectorise.
+    target = jnp.take_along_axis(logits, batch["obj_id"][..., None], axis=-1)[..., 0]
+    top = target >= jnp.max(logits, axis=-1)
+    if "obj_mask" in batch:  # an answer of several tokens: the sum over its tokens
+        ce = jnp.sum(ce * batch["obj_mask"], axis=-1)
+        top = jnp.all(top | (batch["obj_mask"] == 0), axis=-1)
     ce = jnp.sum(ce * weight) / jnp.maximum(count, 1.0)
     loss = ce
     if loss_config.sparsity_weight:
         loss = loss + sparsity_penalty(mask_logits, loss_config.mode, loss_config.sparsity_weight,
                                        loss_config.target_sparsity)
-    # Rank 1 as lamp_jax.ranking counts it (no token scored strictly higher); also cheaper
-    # than argmax, a variadic reduce that XLA:CPU does not vectorise.
-    target = jnp.take_along_axis(logits, batch["obj_id"][:, None], axis=-1)[:, 0]
-    correct = jnp.sum((target >= jnp.max(logits, axis=-1)) * weight)
+    correct = jnp.sum(top * weight)
     metrics = {"ce": ce, "loss": loss, "correct": correct, "count": count}
     return loss, metrics
 

@@ -111,3 +111,23 @@ def pseudo_log_likelihood(forward, params, tokenizer, before: str, choice: str,
         logits = forward(params, masked, np.ones_like(masked))["logits"][0, position]
         logps.append(log_softmax(logits)[target])
     return float(np.mean(logps)) if logps else float("nan")
+
+
+def typed_top(forward, params, tokenizer, prompts: Sequence[tuple[str, str]],
+              candidates: Sequence[int]) -> list:
+    """For each ``(sentence, object)``: whether the object is the argmax at [MASK] over the
+    token ids ``candidates`` only (False when the object is not one of them), None when the
+    object is not one token. One unpadded forward pass per prompt."""
+    allowed = np.asarray(sorted(set(candidates)))
+    out = []
+    for sentence, obj in prompts:
+        ids = tokenizer(sentence.replace("[MASK]", tokenizer.mask_token))["input_ids"]
+        target = tokenizer(obj, add_special_tokens=False)["input_ids"]
+        if len(target) != 1 or ids.count(tokenizer.mask_token_id) != 1:
+            out.append(None)
+            continue
+        batch = np.asarray([ids], np.int32)
+        logits = np.asarray(forward(params, batch, np.ones_like(batch))["logits"])[0]
+        scores = logits[ids.index(tokenizer.mask_token_id), allowed]
+        out.append(bool(allowed[int(np.argmax(scores))] == target[0]))
+    return out

@@ -54,8 +54,9 @@ def test_specialization_matrix_equals_each_mask_broadcast_to_every_relation(run,
 
     batches = _test_batches(run, run_dir)
     rank_fn = make_rank_fn(run.mlm.config, run.mode)
-    matrix = specialization_matrix(rank_fn, run.mask_logits, run.mlm.params, batches,
-                                   run.relations)
+    matrix = specialization_matrix(
+        lambda g, b: evaluate(rank_fn, g, run.mlm.params, b, run.relations), run.mask_logits,
+        batches, run.relations)
     num = len(run.relations)
     for a in range(num):
         broadcast = jax.tree.map(lambda g, a=a: np.repeat(g[a:a + 1], num, axis=0),
@@ -249,8 +250,10 @@ def test_report_sections_agree_with_independent_computations(run_dir, run, world
     dev = run.eval_batches("dev")
     expected = {}
     for method, mode in (("or", run.mode), ("soft", run.mode.for_inference("expectation"))):
-        matrix = specialization_matrix(make_rank_fn(run.mlm.config, mode), run.mask_logits,
-                                       run.mlm.params, dev, run.relations)
+        rank_fn = make_rank_fn(run.mlm.config, mode)
+        matrix = specialization_matrix(
+            lambda g, b, rank_fn=rank_fn: evaluate(rank_fn, g, run.mlm.params, b, run.relations),
+            run.mask_logits, dev, run.relations)
         expected.update({(r, method): float(np.nanmean(matrix[a]))
                          for a, r in enumerate(relations)})
     search = section["combination"]["search"]

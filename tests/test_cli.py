@@ -69,7 +69,7 @@ FLAGS = {
                  "--debug", "-h, --help"),
     "report": ("--workdir RUN", "--ckbc FILE", "--max-size K", "--qa FILE",
                "--qa-format {csqa,copa}", "--qa-relations R1,R2",
-               "--qa-method {or,and,vote,soft}", "--debug", "-h, --help"),
+               "--qa-method {or,and,vote,soft}", "--control RUN", "--debug", "-h, --help"),
     "predict": ("RUN", "PROMPT", "--relation RELATION", "-k K", "--kind {threshold,expectation}",
                 "--model DIR", "--debug", "-h, --help"),
     "export": ("RUN", "RELATION", "DIR", "--kind {threshold,expectation}", "--model DIR",

@@ -80,7 +80,7 @@ def test_control_masks_prune_exactly_the_learned_counts(learned):
     assert [np.asarray(c).tolist() for _, _, c in iter_masks(
         pruned_counts(logits, THRESHOLD), SPEC)] == [e.tolist() for e in expected]
     assert any(0 in e for e in expected) and any(30 in e for e in expected)  # the edges occur
-    draws = random_mask_draws(jax.random.PRNGKey(0), logits, draws=5, threshold=THRESHOLD)
+    draws = random_mask_draws(0, logits, draws=5, threshold=THRESHOLD)
     magnitude = magnitude_masks(params, logits, THRESHOLD)
     for index, (_, _, leaf) in enumerate(iter_masks(draws, SPEC)):
         leaf = np.asarray(leaf)
@@ -91,15 +91,15 @@ def test_control_masks_prune_exactly_the_learned_counts(learned):
         assert np.sum(np.asarray(leaf) == 0, axis=(1, 2)).tolist() == expected[index].tolist()
 
 
-def test_random_draws_differ_between_keys_and_draws(learned):
+def test_random_draws_differ_between_seeds_and_draws(learned):
     _, logits = learned
-    a = random_masks(jax.random.PRNGKey(1), logits, THRESHOLD)
-    b = random_masks(jax.random.PRNGKey(2), logits, THRESHOLD)
-    same = random_masks(jax.random.PRNGKey(1), logits, THRESHOLD)
+    a = random_masks(1, logits, THRESHOLD)
+    b = random_masks(2, logits, THRESHOLD)
+    same = random_masks(1, logits, THRESHOLD)
     leaf = lambda tree: np.asarray(tree["layer_1"]["ffn_in"]["kernel"])  # noqa: E731
     assert not np.array_equal(leaf(a), leaf(b))
     assert np.array_equal(leaf(a), leaf(same))
-    draws = leaf(random_mask_draws(jax.random.PRNGKey(1), logits, 5, THRESHOLD))
+    draws = leaf(random_mask_draws(1, logits, 5, THRESHOLD))
     assert len({d.tobytes() for d in draws}) == 5
     assert not np.array_equal(draws[0, 0], draws[0, 3])  # relations draw independently
 
@@ -109,7 +109,7 @@ def test_random_masks_choose_every_subset_equally_often():
     leaf = jnp.asarray([[[-1.0, 2.0, 2.0], [2.0, -1.0, 2.0]]])
     logits = {"layer_0": {"ffn_in": {"kernel": leaf}}}
     draws = 15 * 400
-    leaves = np.asarray(random_mask_draws(jax.random.PRNGKey(7), logits, draws)["layer_0"]
+    leaves = np.asarray(random_mask_draws(7, logits, draws)["layer_0"]
                         ["ffn_in"]["kernel"]).reshape(draws, 6)
     found = collections.Counter(tuple(np.flatnonzero(row == 0).tolist()) for row in leaves)
     subsets = list(itertools.combinations(range(6), 2))
@@ -138,7 +138,7 @@ def test_magnitude_masks_prune_the_smallest_weights(learned):
 
 def test_control_masks_plug_into_multiply_masks(learned):
     params, logits = learned
-    masks = random_masks(jax.random.PRNGKey(4), logits, THRESHOLD)
+    masks = random_masks(4, logits, THRESHOLD)
     pruned = multiply_masks(params, relation_multipliers(masks, 2))
     kernel = np.asarray(params["layer_0"]["ffn_in"]["kernel"])
     mask = np.asarray(masks["layer_0"]["ffn_in"]["kernel"][2])

@@ -361,3 +361,58 @@ def test_embedded_run_metrics_recomputed_from_its_files_with_transformers_pytorc
         assert metrics["per_relation"][relation]["MRR"] == pytest.approx(values["MRR"], rel=1e-3)
     assert metrics["macro_P@1"] == pytest.approx(want["macro_P@1"])
     assert 0.2 < want["macro_P@1"] < 1  # subnetworks that work, not a comparison of zeros
+
+
+def test_the_controls_equal_plain_forwards_and_counts_from_the_run_files(embedded_run_dir):
+    """Every control of the embedded run's report (metrics.json "controls"), recomputed from
+    its files without lamp_jax's ranking: the typed full model and subnetworks by plain
+    forward passes and an argmax over the relation's training objects (split.json), the
+    relation prior by counting split.json's training facts, and each interval's observed
+    difference from those per-relation values."""
+    metrics = json.loads((embedded_run_dir / "metrics.json").read_text())
+    controls = metrics["controls"]
+    split = json.loads((embedded_run_dir / "split.json").read_text())
+    run = load_run(embedded_run_dir)
+    tok, forward = run.mlm.tokenizer, by_hand.forward_fn(run.mlm.config)
+    token = lambda word: tok(word, add_special_tokens=False)["input_ids"]  # noqa: E731
+    typed = {"full_typed": {}, "pruned_typed": {}}
+    prior = {}
+    for r, relation in enumerate(run.relations):
+        train = [f["object"] for f in split["train"] if f["relation"] == relation]
+        ids = [token(o)[0] for o in train if len(token(o)) == 1]
+        prompts = [(s, row["object"]) for row in split["test"] if row["relation"] == relation
+                   for s in row["sentences"]]
+        pruned = by_hand.with_multipliers(run.mlm.params, by_hand.relation_multipliers(
+            run.mask_logits, run.spec.paths(), r, "threshold"))
+        for name, params in (("full_typed", run.mlm.params), ("pruned_typed", pruned)):
+            hits = [h for h in by_hand.typed_top(forward, params, tok, prompts, ids)
+                    if h is not None]
+            typed[name][relation] = float(np.mean(hits))
+        counts = {}
+        for i in ids:  # distinct training facts per object; ties: the smallest token id
+            counts[i] = counts.get(i, 0) + 1
+        top = min(counts, key=lambda i: (-counts[i], i))
+        answers = [token(o) for _, o in prompts]
+        prior[relation] = float(np.mean([a == [top] for a in answers if len(a) == 1]))
+    for name, values in typed.items():
+        got = {r: v["P@1"] for r, v in controls[name]["per_relation"].items()}
+        assert got == pytest.approx(values, abs=1e-9), name
+        assert controls[name]["macro_P@1"] == pytest.approx(np.mean(list(values.values())))
+    assert {r: v["P@1"] for r, v in controls["prior"]["per_relation"].items()} == \
+        pytest.approx(prior, abs=1e-9)
+    full = {r: v["P@1"] for r, v in metrics["test"]["full"]["per_relation"].items()}
+    pruned = {r: v["P@1"] for r, v in metrics["test"]["pruned"]["per_relation"].items()}
+    for key, other in (("pruned - full", full), ("pruned - full_typed", typed["full_typed"]),
+                       ("pruned - prior", prior)):
+        interval = controls["intervals"][key]
+        want = {r: pruned[r] - other[r] for r in run.relations}
+        assert {r: v["observed"] for r, v in interval["per_relation"].items()} == \
+            pytest.approx(want, abs=1e-9), key
+        assert interval["macro"]["low"] <= interval["macro"]["observed"] <= \
+            interval["macro"]["high"]
+    # Not trivial: the typed ranking raises the full model, and the subnetworks beat both.
+    assert (metrics["test"]["full"]["macro_P@1"] < controls["full_typed"]["macro_P@1"]
+            < metrics["test"]["pruned"]["macro_P@1"])
+    assert 0 < controls["prior"]["macro_P@1"] < controls["full_typed"]["macro_P@1"]
+    random = controls["random_masks"]
+    assert random["draws"] == 5 and len(set(random["macro_P@1_per_draw"])) > 1

@@ -9,7 +9,8 @@ ranking restricted to the answers a relation can have.
 * **Typed candidate sets** (:func:`candidate_matrix`): per relation, a boolean ``[R, vocab]``
   matrix of the objects it has in the prompts given (its training prompts; for an
   object-disjoint split, where no held-out object is a training one, pass every split's prompts
-  to get the relation's whole object set). :func:`restricted_rank` ranks the object among them.
+  to get the relation's whole object set; :func:`typed_candidates` picks by the held-out
+  protocol). :func:`restricted_rank` ranks the object among them.
 
 Arrays follow :class:`lamp_jax.data.encode.EncodedPrompts`: ``relation``, ``obj_id`` and
 ``fact_index`` per prompt.
@@ -17,9 +18,12 @@ Arrays follow :class:`lamp_jax.data.encode.EncodedPrompts`: ``relation``, ``obj_
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from lamp_jax.ranking import restricted_rank
+
+__all__ = ["candidate_matrix", "object_fact_counts", "prior_ranks", "relation_prior",
+           "restricted_rank", "typed_candidates"]
 
 
 def object_fact_counts(relation: np.ndarray, obj_id: np.ndarray, fact_index: np.ndarray,
@@ -59,24 +63,12 @@ def candidate_matrix(relation: np.ndarray, obj_id: np.ndarray, num_relations: in
     return out
 
 
-def restricted_rank(logits: jax.Array, obj_id: jax.Array, candidates: jax.Array,
-                    outside: str = "ranked") -> jax.Array:
-    """``[B]`` 1 + the number of candidates scored strictly higher than the object (the tie
-    convention of :func:`lamp_jax.ranking.object_rank`), over ``candidates`` ``[V]`` or
-    ``[B, V]`` (e.g. ``candidate_matrix(...)[relation]``).
-
-    ``outside`` says what an object that is not a candidate gets: ``"ranked"`` ranks it among
-    the candidates all the same (it gets rank 1 when it outscores every candidate, although a
-    prediction restricted to the set could not name it); ``"last"`` places it after every
-    candidate (rank = number of candidates + 1), so it is never within P@k for k up to the
-    set's size, as for a model that can only answer with a candidate.
-    """
-    if outside not in ("ranked", "last"):
-        raise ValueError(f"outside must be 'ranked' or 'last', not {outside!r}")
-    candidates = jnp.broadcast_to(jnp.asarray(candidates, bool), logits.shape)
-    target = jnp.take_along_axis(logits, obj_id[:, None], axis=-1)
-    rank = 1 + jnp.sum((logits > target) & candidates, axis=-1)
-    if outside == "last":
-        is_candidate = jnp.take_along_axis(candidates, obj_id[:, None], axis=-1)[:, 0]
-        rank = jnp.where(is_candidate, rank, 1 + jnp.sum(candidates, axis=-1))
-    return rank
+def typed_candidates(splits: dict, protocol: str, num_relations: int,
+                     vocab_size: int) -> np.ndarray:
+    """``[R, V]`` bool: the answers a relation's typed ranking chooses among, under the held-out
+    ``protocol``: its training objects; for ``object_disjoint``, where no held-out object is a
+    training one, the objects of every split (as LAMA's common vocabulary does). ``splits``:
+    name -> :class:`~lamp_jax.data.encode.EncodedPrompts`."""
+    names = list(splits) if protocol == "object_disjoint" else ["train"]
+    return np.logical_or.reduce([candidate_matrix(splits[n].relation, splits[n].obj_id,
+                                                  num_relations, vocab_size) for n in names])

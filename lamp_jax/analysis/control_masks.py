@@ -7,14 +7,15 @@ For every (relation, masked matrix) leaf the learned binary mask (``hard_mask``:
 exactly ``k`` entries of the same matrix:
 
 * :func:`random_mask_draws`: ``K`` uniformly random sets of ``k`` entries (every ``k``-subset
-  equally likely), a fresh one per draw, relation and matrix; :func:`random_masks` is one draw.
+  equally likely), a fresh one per draw, relation and matrix; :func:`random_masks` is one draw,
+  drawn on the host in time linear in the weights (:func:`random_subset_mask`).
 * :func:`magnitude_masks`: the ``k`` entries of smallest ``|W|`` of the frozen kernel (ties: the
   lower flat index ``i * out + j`` is pruned first).
 
 Both return 0/1 multiplier trees shaped like the mask logits (``[R, in, out]`` leaves, float32);
 one relation's multipliers (:func:`relation_multipliers`) go to
-:func:`lamp_jax.masks.multiply_masks`. Everything here is jittable (``threshold`` and ``draws``
-static); the pruned counts are data, so one compilation serves every learned mask.
+:func:`lamp_jax.masks.multiply_masks`. The magnitude masks are jitted (``threshold`` static; the
+pruned counts are data, so one compilation serves every learned mask).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lamp_jax.hosts import to_host
 from lamp_jax.masks import logit
 
 
@@ -46,28 +49,46 @@ def prune_lowest(scores: jax.Array, count: jax.Array) -> jax.Array:
     return (rank >= count).astype(jnp.float32).reshape(scores.shape)
 
 
-@partial(jax.jit, static_argnames=("draws", "threshold"))
-def random_mask_draws(key: jax.Array, mask_logits: Mapping[str, Any], draws: int = 5,
-                      threshold: float = 0.5) -> Any:
-    """``draws`` independent uniformly random binary masks with each (relation, leaf)'s learned
-    pruned count: leaves ``[draws, R, in, out]``.
+def random_subset_mask(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
+    """``[size]`` float32 0/1 with exactly ``count`` zeros at a uniformly random set.
 
-    Selecting the ``k`` lowest of i.i.d. uniform scores makes every ``k``-subset equally likely;
-    each leaf draws its scores with its own key split from ``key``, every (draw, relation) its
-    own scores.
-    """
-    leaves, treedef = jax.tree.flatten(mask_logits)
-    counts = jax.tree.leaves(pruned_counts(mask_logits, threshold))
-    prune = jax.vmap(jax.vmap(prune_lowest), in_axes=(0, None))  # over draws, then relations
-    out = [prune(jax.random.uniform(leaf_key, (draws, *g.shape)), k)
-           for leaf_key, g, k in zip(jax.random.split(key, len(leaves)), leaves, counts,
-                                     strict=True)]
-    return jax.tree.unflatten(treedef, out)
+    A Bernoulli draw with the right mean, then its excess removed (or its shortfall added) by
+    uniformly chosen entries: every step treats positions alike, so the law of the result does
+    not change under any permutation of them, and the only such law on the sets of ``count``
+    entries is the uniform one. Linear in ``size``, where selecting the ``count`` lowest of
+    random scores sorts them (bert-base's 42M weights per relation: the difference between a
+    second and a minute per draw on a CPU)."""
+    pruned = rng.random(size) < count / size if size else np.zeros(0, bool)
+    excess = int(pruned.sum()) - count
+    if excess:
+        pool = np.flatnonzero(pruned if excess > 0 else ~pruned)
+        pruned[rng.choice(pool, abs(excess), replace=False)] = excess < 0
+    return (~pruned).astype(np.float32)
 
 
-def random_masks(key: jax.Array, mask_logits: Mapping[str, Any], threshold: float = 0.5) -> Any:
-    """One draw of :func:`random_mask_draws`: leaves ``[R, in, out]``."""
-    return jax.tree.map(lambda m: m[0], random_mask_draws(key, mask_logits, 1, threshold))
+def random_masks(seed: int | np.random.Generator, mask_logits: Mapping[str, Any],
+                 threshold: float = 0.5) -> Any:
+    """One uniformly random binary mask per (relation, leaf) with the learned mask's pruned
+    count (:func:`random_subset_mask`): numpy leaves ``[R, in, out]``. ``seed``: an int or a
+    ``numpy.random.Generator`` (successive calls on one generator give independent draws)."""
+    rng = np.random.default_rng(seed)
+    counts = to_host(pruned_counts(mask_logits, threshold))
+
+    def leaf(g, k):
+        shape = g.shape[1:]
+        return np.stack([random_subset_mask(rng, int(np.prod(shape)), int(k_r)).reshape(shape)
+                         for k_r in k])
+
+    return jax.tree.map(leaf, mask_logits, counts)
+
+
+def random_mask_draws(seed: int | np.random.Generator, mask_logits: Mapping[str, Any],
+                      draws: int = 5, threshold: float = 0.5) -> Any:
+    """``draws`` independent :func:`random_masks`: numpy leaves ``[draws, R, in, out]`` (one
+    copy of the masks per draw: for large models call :func:`random_masks` once per draw)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda *d: np.stack(d),
+                        *[random_masks(rng, mask_logits, threshold) for _ in range(draws)])
 
 
 @partial(jax.jit, static_argnames="threshold")

@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = "~/.cache/lamp_jax"  # where "lama" downloads to
     c.data.relations = ()  # relation names to train; empty = every relation in the data
     c.data.max_length = 64  # prompts longer than this (in tokens) are skipped and counted
+    # "single_token" (LAMA's convention: objects of one token, ranked over the vocabulary) or
+    # "any_length" (objects of up to max_answer_tokens tokens, each as many mask tokens, ranked
+    # among the relation's objects; what causal LMs read: lamp_jax/data/answers.py).
+    c.data.answers = "single_token"
+    c.data.max_answer_tokens = 5
     # "by_fact" (held-out facts), "subject_disjoint" / "object_disjoint" (no held-out subject /
     # object is a training one of its relation), "template_disjoint" (held-out facts in held-out
     # phrasings; lamp_jax/data/splits.py) or "reference" (train = test, as LAMP).
@@ -99,6 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
     # compiling its step). "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.
     c.compile_cache_dir = "~/.cache/lamp_jax/jax_compile"
     c.specialization = True  # compute the mask-a-on-relation-b matrix at the end
+    # "pretrained", or "random": the same architecture with weights drawn by the model family's
+    # own initialiser (transformers' rules), seeded by config.seed: masks on a model that knows
+    # nothing, the control that says how much a recipe finds without any knowledge to find.
+    c.model_weights = "pretrained"
+    # The controls every final report computes on the held-out split (lamp_jax/controls.py):
+    # relation prior, typed rankings, random and magnitude masks at the learned sparsity, and a
+    # fact bootstrap interval for every difference.
+    c.controls = ml_collections.ConfigDict()
+    c.controls.enabled = True
+    c.controls.random_draws = 5  # random masks per relation and matrix (each one more pass)
+    c.controls.resamples = 1000  # bootstrap resamples of the held-out facts
+    c.controls.confidence = 0.95
     c.plots = True
     c.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" (name step, relation) or "skip"
     # A workdir whose checkpoints all fail to read: "stop" (say which and why, change nothing)

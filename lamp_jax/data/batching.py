@@ -113,6 +113,7 @@ class RelationBatcher:
             "obj_id": enc.obj_id[take],
             "weight": valid.astype(np.float32),
             "index": np.where(valid, index, -1).astype(np.int32),
+            **({} if enc.obj_mask is None else {"obj_mask": enc.obj_mask[take]}),
             **{key: values[take] for key, values in self.row_features.items()},
         }
 

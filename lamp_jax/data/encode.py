@@ -43,14 +43,22 @@ class EncodedPrompts:
     Attributes:
       input_ids: [N, L] int32, padded with the tokenizer's pad id.
       attention_mask: [N, L] int32, 1 on real tokens.
-      mask_pos: [N] int32, position of the (single) mask token.
-      obj_id: [N] int32, vocabulary id of the object.
+      mask_pos: [N] int32, position of the (single) mask token; with answers of any length
+        (:mod:`lamp_jax.data.answers`) ``[N, T]``, the positions whose logits predict the
+        object's tokens.
+      obj_id: [N] int32, vocabulary id of the object; with answers of any length ``[N, T]``,
+        the object's tokens (0-padded).
       relation: [N] int32, index into ``relations``.
       fact_index: [N] int32, index into the facts passed to :func:`encode_facts`, so splits can
         keep all prompts of a fact together.
       relations: relation names; defines the relation axis of batches and of the mask pytree.
       relation_labels: relation -> human-readable label ("P19" -> "place of birth") for those
         of ``relations`` that have one; what tables and plots show beside the name.
+      obj_mask: with answers of any length, ``[N, T]`` float32, 1 for each real object token;
+        None for single-token objects.
+      texts: with answers of any length, each row's sentence as the model reads it before the
+        answer is placed (``[MASK]`` where it goes; a causal LM's prefix), for rows that score
+        other answers (:func:`lamp_jax.data.answers.scoring_rows`); None otherwise.
     """
 
     input_ids: np.ndarray
@@ -61,6 +69,8 @@ class EncodedPrompts:
     fact_index: np.ndarray
     relations: tuple[str, ...]
     relation_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    obj_mask: np.ndarray | None = None
+    texts: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -81,6 +91,8 @@ class EncodedPrompts:
             obj_id=self.obj_id[idx],
             relation=self.relation[idx],
             fact_index=self.fact_index[idx],
+            obj_mask=None if self.obj_mask is None else self.obj_mask[idx],
+            texts=None if self.texts is None else tuple(self.texts[i] for i in idx),
         )
 
     def counts_per_relation(self) -> np.ndarray:
@@ -123,9 +135,10 @@ class EncodeReport:
         return text
 
     def _skip(self, reason: str, example: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples[reason]) < _MAX_EXAMPLES:
-            self.examples[reason].append(example)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < _MAX_EXAMPLES:
+            examples.append(example)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:

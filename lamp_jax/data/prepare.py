@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from lamp_jax.data.answers import Candidates, candidates_of, encode_answers
 from lamp_jax.data.encode import EncodedPrompts, encode_facts
 from lamp_jax.data.lama_archive import fetch_lama
 from lamp_jax.data.lama_sets import read_for_config, requested_relations
@@ -33,6 +34,8 @@ class PreparedData:
     relations: tuple[str, ...]
     splits: dict[str, EncodedPrompts]
     facts_by_split: dict[str, list[dict[str, Any]]]
+    # With answers of any length (config.data.answers): each relation's candidate answers.
+    candidates: Candidates | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -59,9 +62,10 @@ def resolve_sources(config: ml_collections.ConfigDict) -> tuple[str, Path]:
 
 
 def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
-                 log=print) -> PreparedData:
+                 log=print, causal: bool = False) -> PreparedData:
     """Reads, encodes and splits ``path`` as ``config.data`` says; prints what was kept and
-    skipped, per reason.
+    skipped, per reason. ``causal``: the prompts are for a causal LM (answers after a prefix;
+    :mod:`lamp_jax.data.answers`), which reads answers of any length only.
 
     Raises :class:`~lamp_jax.errors.UsageError` (:class:`~lamp_jax.errors.MissingFileError` for
     a missing ``path``) when the data cannot give what the config asks: a relation it does not
@@ -72,8 +76,21 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
     facts, present = read.facts, read.relations
     log(read.report.summary())
     relations = wanted or tuple(present)
-    encoded, encode_report = encode_facts(facts, tokenizer, relations,
-                                          max_length=config.data.max_length, labels=read.labels)
+    any_length = config.data.get("answers", "single_token") == "any_length"
+    if causal and not any_length:
+        raise UsageError("a causal LM reads answers after a prefix, of any length: set "
+                         "config.data.answers='any_length' (as configs/gpt2_trex.py does)")
+
+    def encode(facts, relations):
+        if any_length:
+            return encode_answers(facts, tokenizer, relations, causal=causal,
+                                  max_length=config.data.max_length,
+                                  max_answer_tokens=config.data.max_answer_tokens,
+                                  labels=read.labels)
+        return encode_facts(facts, tokenizer, relations, max_length=config.data.max_length,
+                            labels=read.labels)
+
+    encoded, encode_report = encode(facts, relations)
     log(encode_report.summary())
     if len(encoded) == 0:
         raise UsageError(f"no usable prompts in {path} (see the report above)")
@@ -85,19 +102,16 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
         log(f"relations skipped: {len(empty)} ({', '.join(empty)}): every prompt was dropped "
             "at encoding (see the report above)")
         relations = tuple(r for r in relations if r not in empty)
-        encoded, _ = encode_facts(facts, tokenizer, relations, max_length=config.data.max_length,
-                                  labels=read.labels)
+        encoded, _ = encode(facts, relations)
     if config.data.split == "reference":
         log("split: reference protocol (train = dev = test = all prompts; NOT held-out numbers)")
         splits = reference_protocol_split(len(encoded))
     elif config.data.split == "by_fact":
         splits = split_by_fact(encoded, tuple(config.data.fractions), config.data.seed)
     else:
-        held = held_out_split(
-            config.data.split, facts, encoded,
-            lambda fs, rels: encode_facts(fs, tokenizer, rels, max_length=config.data.max_length,
-                                          labels=read.labels)[0],
-            tuple(config.data.fractions), config.data.seed)
+        held = held_out_split(config.data.split, facts, encoded,
+                              lambda fs, rels: encode(fs, rels)[0],
+                              tuple(config.data.fractions), config.data.seed)
         log(held.report.summary())
         named = [r for r in (wanted or ()) if r in held.report.dropped_relations]
         if named:
@@ -108,7 +122,8 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Any, path: Path,
         relations, encoded, facts, splits = held.relations, held.encoded, held.facts, held.indices
     data = {name: encoded.subset(idx) for name, idx in splits.items()}
     log("prompts per split: " + ", ".join(f"{k}={len(v)}" for k, v in data.items()))
-    return PreparedData(tuple(relations), data, _facts_by_split(facts, data))
+    return PreparedData(tuple(relations), data, _facts_by_split(facts, data),
+                        candidates_of(data, facts) if any_length else None)
 
 
 def _facts_by_split(facts, data) -> dict[str, list[dict[str, Any]]]:

@@ -319,7 +319,9 @@ def held_out_split(
                 encoded.relations[r] for r in encoded.relation[
                     np.isin(encoded.fact_index, kept[~placed])])
         elif protocol == "object_disjoint":
-            keys = encoded.obj_id[first].tolist()
+            # An object of any length is its (padded) token sequence.
+            keys = [tuple(k) if isinstance(k, list) else k
+                    for k in encoded.obj_id[first].tolist()]
             placed = np.ones(len(kept), bool)
         else:
             keys = kept.tolist()

@@ -51,6 +51,8 @@ class Family:
     # lists them by default.
     matrices: Mapping[str, tuple[str, ...]]
     tokenizer_classes: Mapping[str, str]  # model_type -> AutoTokenizer's default class
+    # A causal LM reads an answer after a prefix (lamp_jax.data.answers); a masked one at masks.
+    causal: bool = False
 
     @property
     def default_matrices(self) -> tuple[str, ...]:

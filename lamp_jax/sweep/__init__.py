@@ -42,7 +42,7 @@ from lamp_jax.placement import use_cpu_devices
 from lamp_jax.run_dir import RunDirectory
 from lamp_jax.sweep.grid import VALUE_KEYS, Trial, parse_grid, plan_groups, with_overrides
 from lamp_jax.sweep.group import train_group
-from lamp_jax.sweep.table import markdown_table, plot, summarize, trial_row
+from lamp_jax.sweep.table import markdown_table, plot, seed_evidence, summarize, trial_row
 
 __all__ = ["VALUE_KEYS", "Trial", "parse_grid", "plan_groups", "run_sweep", "summarize",
            "with_overrides"]
@@ -81,8 +81,9 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
                            "sweep_seconds": sum(group_seconds), "group_seconds": group_seconds,
                            "groups": group_info}
     summary = summarize(rows)
-    out["table"] = summary
-    table = markdown_table(summary, rows[0]["test_full"])
+    evidence = seed_evidence(rows, workdir)
+    out["table"], out["seed_evidence"] = summary, evidence
+    table = markdown_table(summary, rows[0]["test_full"], evidence)
     write_text(workdir / "sweep.json", json.dumps(out, indent=1))
     write_text(workdir / "sweep.md", table + "\n")
     if is_main():

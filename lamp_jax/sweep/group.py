@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lamp_jax import placement
+from lamp_jax.answer_ranking import candidate_result
 from lamp_jax.checkpoint import BestMasks, open_state_checkpoints
 from lamp_jax.data import RelationBatcher
 from lamp_jax.hosts import (
@@ -253,6 +254,8 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
         best_masks = directory.best_masks(setup.mask_layout)
         report = final_report(setup, best_masks, "test", full=full)
         directory.write_masks(best_masks, setup.spec, relations, setup.mode.threshold)
+        if report.prompt_ranks is not None:
+            directory.write_prompt_ranks(report.prompt_ranks, "test")
         summaries.append(dict(report.summary, history=history[v],
                               best_dev_macro_P1=best[v].score(),
                               resumed_from=directory.resumes(), steps=setup.num_steps))
@@ -360,8 +363,13 @@ class GroupRuns:
         the eval mode's)."""
         setup = self.setup
         rank = self.rank_fns[kind or setup.eval_mode.kind]
-        sums = sum_rank_stats(rank(mask_logits, setup.frozen, setup.put(batch))
-                              for batch in setup.eval_sets[split])
+        batches = setup.eval_sets[split]
+        outputs = [rank(mask_logits, setup.frozen, setup.put(batch)) for batch in batches]
+        if setup.any_length:
+            scores = [to_host(out["scores"]) for out in outputs]
+            return [candidate_result(batches, [s[v] for s in scores], setup.relations)
+                    for v in range(len(self.configs))]
+        sums = sum_rank_stats(outputs)
         return [RankingResult.from_sums(setup.relations, DEFAULT_KS,
                                         {k: x[v] for k, x in sums.items()})
                 for v in range(len(self.configs))]
