@@ -406,7 +406,7 @@ def test_long_phases_show_progress_bars_on_a_terminal(tiny_run, tmp_path):
     for output, bars in ((evaluated, ("loading the model (model): 100%|",
                                       "evaluating on test:  ")),
                          (reported, ("loading the model (model): 100%|",
-                                     "report: specialization:   0%|",
+                                     "report: findings:   0%|", "report: specialization: ",
                                      "combined masks:   0%|", "report: kbc: 100%|"))):
         for bar in bars:
             assert bar in output, (bar, output[-3000:])
