@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -31,7 +31,7 @@ from etils import epath
 
 from lamp_jax.hosts import is_main, to_host, write_text
 from lamp_jax.masks import MATRIX_PATHS, MaskSpec, hard_mask, insert_path, iter_masks
-from lamp_jax.paths import absolute, as_path, load_npz, save_npz
+from lamp_jax.paths import absolute, as_path, load_npz, save_npz, storage_write
 from lamp_jax.step import TrainState
 
 # Gigabytes Orbax serialises at once. Each array in flight costs a host copy (compression
@@ -39,6 +39,7 @@ from lamp_jax.step import TrainState
 # Orbax's default (96) and +0.70 GB with 1, and saved faster (13.9 -> 10.5 s). bert-base x 16
 # relations (8.2 GB of state) ran out of memory in its first save with the default.
 CONCURRENT_GB = 1
+T = TypeVar("T")
 
 
 def _handler() -> ocp.PyTreeCheckpointHandler:
@@ -110,19 +111,25 @@ class StateCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=background,
                                                multiprocessing_options=_barriers("latest"))
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_handlers=_handler())
+        self.manager = _checkpoint_write(self.directory, lambda: ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=_handler()), 0)
+        self._pending_bytes = 0  # of a save that may still be writing in the background
 
     def save(self, state: TrainState, step: int) -> dict[str, float] | None:
         """Saves the state as that of ``step`` (once); returns its bytes and the seconds the
-        call took (in the background, the copy to the host; else the whole write)."""
+        call took (in the background, the copy to the host; else the whole write). A save that
+        fails raises :class:`~lamp_jax.errors.StorageError`: this one, or the one before it,
+        which failed in the background."""
         if step in self.manager.all_steps():
             return None
         tree = _to_saveable(state)
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
         start = time.perf_counter()
-        self.manager.save(step, args=_save(tree))
-        return {"bytes": sum(x.nbytes for x in jax.tree.leaves(tree)),
-                "seconds": time.perf_counter() - start}
+        self.wait()
+        _checkpoint_write(self.directory, lambda: self.manager.save(step, args=_save(tree)),
+                          nbytes)
+        self._pending_bytes = nbytes
+        return {"bytes": nbytes, "seconds": time.perf_counter() - start}
 
     def restore_latest(self, template: TrainState, log=print) -> TrainState | None:
         """The newest readable state, laid out (shapes, dtypes, shardings) like ``template``,
@@ -157,11 +164,30 @@ class StateCheckpoints:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for a save in the background; raises StorageError if it failed."""
+        _checkpoint_write(self.directory, self.manager.wait_until_finished, self._pending_bytes)
+        self._pending_bytes = 0
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def _checkpoint_write(directory: Any, write: Callable[[], T], nbytes: int) -> T:
+    """A checkpoint save or wait (or a manager that creates its directory) as a write to the
+    run's storage (:func:`lamp_jax.paths.storage_write`). Orbax commits a checkpoint by renaming
+    its temporary directory (in a bucket: by writing ``commit_success.txt`` last), so a failed
+    save leaves nothing that a restore would take for a checkpoint."""
+    return storage_write(directory, write, nbytes, failures=(Exception,))
+
+
+def saved_steps(directory: str | Path) -> list[int]:
+    """The steps of the checkpoints under ``directory`` (``<workdir>/checkpoints``) by their
+    names, without opening them: what a rerun will try to resume from."""
+    directory = absolute(directory)
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def open_state_checkpoints(directory: str | Path, template: TrainState, *, background: bool,
@@ -193,14 +219,15 @@ class BestMasks:
         self.workdir = absolute(workdir)
         self._best: tuple[int, float] | None = None  # (step, score) of the saved best masks
         self._pending: tuple[int, float] | None = None  # a save started but not yet waited for
+        self._pending_bytes = 0
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max",
             enable_async_checkpointing=background,
             # A sweep's runs save at once: barriers of one name in flight together fail.
             multiprocessing_options=_barriers(
                 "best_" + hashlib.sha1(str(self.workdir).encode()).hexdigest()[:12]))
-        self.manager = ocp.CheckpointManager(self.workdir / "best", options=options,
-                                             item_handlers=_handler())
+        self.manager = _checkpoint_write(self.workdir / "best", lambda: ocp.CheckpointManager(
+            self.workdir / "best", options=options, item_handlers=_handler()), 0)
 
     def beats(self, score: float) -> bool:
         """Whether ``score`` beats every earlier one (what :meth:`save` keeps)."""
@@ -215,18 +242,21 @@ class BestMasks:
         if not self.beats(score):
             return False
         tree = {"mask_logits": mask_logits, "score": np.float64(score)}
-        self.manager.save(step, args=_save(tree),
-                          metrics={"score": float(score)}, force=True)
-        self._pending = (step, float(score))
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
+        _checkpoint_write(self.workdir / "best", lambda: self.manager.save(
+            step, args=_save(tree), metrics={"score": float(score)}, force=True), nbytes)
+        self._pending, self._pending_bytes = (step, float(score)), nbytes
         if wait:
             self.commit()
         return True
 
     def commit(self) -> None:
-        """Waits for a started save, then caches its score in ``best_score.json``."""
+        """Waits for a started save, then caches its score in ``best_score.json``; raises
+        StorageError if the save failed."""
         if self._pending is None:
             return
-        self.manager.wait_until_finished()
+        _checkpoint_write(self.workdir / "best", self.manager.wait_until_finished,
+                          self._pending_bytes)
         step, score = self._pending
         self._best, self._pending = self._pending, None
         write_text(self.workdir / "best_score.json", json.dumps({"step": step, "score": score}))

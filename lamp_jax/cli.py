@@ -97,7 +97,10 @@ def _guarded(command: Callable[[list[str]], int], argv: list[str]) -> int:
         sys.stdout.flush()
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {err}\n")  # one write: another thread's log cannot split it
+        sys.stderr.flush()
+        if isinstance(err, StorageError) and err.writes_in_flight:
+            os._exit(STORAGE_EXIT)  # not waiting for client threads stuck on failed storage
         return USAGE_EXIT if isinstance(err, UsageError) else STORAGE_EXIT
 
 

@@ -35,6 +35,7 @@ _CHOICES = {
     "batching": ("per_relation", "balanced"),
     "on_nonfinite": ("stop", "skip"),
     "on_unreadable_checkpoints": ("stop", "start_over"),
+    "on_config_change": ("stop", "continue"),
     "cache_frozen_prefix": (True, False),
     "model_weights": ("pretrained", "random"),
     "data.answers": ("single_token", "any_length"),

@@ -25,4 +25,11 @@ class StorageError(OSError):
     """A write to the run's storage failed (a full disk, a bucket error, a permission lost
     mid-run): the run stopped with its last committed checkpoint intact. The command line
     prints ``error: <message>`` (naming the path and the error) and exits with status 75
-    (EX_TEMPFAIL, as a preemption): rerun the same command once the storage is fixed."""
+    (EX_TEMPFAIL, as a preemption): rerun the same command once the storage is fixed.
+
+    ``writes_in_flight``: raised by a real write (:func:`lamp_jax.paths.storage_write`), after
+    which client threads may still be busy with the storage that failed (Orbax's threads of a
+    failed checkpoint wait up to 300 s for one another; a bucket write past its deadline keeps
+    retrying). The command line then leaves at once instead of waiting for them at exit."""
+
+    writes_in_flight = False

@@ -26,14 +26,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 from lamp_jax import paths
-from lamp_jax.paths import as_path, is_url
+from lamp_jax.errors import StorageError, UsageError
+from lamp_jax.paths import as_path, is_url, storage_write
 
 ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
     "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -44,6 +45,9 @@ ENV_HEARTBEAT = "LAMP_JAX_HEARTBEAT_TIMEOUT"
 PEER_LOST_EXIT = 75
 # Exit status of a run that answered a preemption notice with a checkpoint (EX_TEMPFAIL too).
 PREEMPTED_EXIT = 75
+# Exit status of a run stopped by a failed write to its storage (EX_TEMPFAIL: rerun once the
+# storage is fixed, and it resumes from its last committed checkpoint).
+STORAGE_FAILED_EXIT = 75
 # What JAX says when a collective or the coordination service loses a process. Not every
 # barrier error: "barrier ... already ongoing" is a bug in this process, and must say so.
 _PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "heartbeat",
@@ -172,8 +176,37 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def main_first(action: Callable[[], None], name: str) -> None:
+    """Runs ``action`` on process 0 while the other processes wait (``name``: what for). When
+    it raises, every process raises: process 0 its own error, the others a
+    :class:`~lamp_jax.errors.UsageError` or :class:`~lamp_jax.errors.StorageError` with its
+    message (without this they would wait for process 0 until the heartbeat timeout)."""
+    error: Exception | None = None
+    if is_main():
+        try:
+            action()
+        except Exception as err:  # shared below, then raised here too
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        text = f"{type(error).__name__}\n{error}" if error is not None else ""
+        buffer = np.zeros(4096, np.uint8)
+        encoded = np.frombuffer(text.encode()[:4096], np.uint8)
+        buffer[: encoded.size] = encoded
+        shared = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).rstrip(b"\0")
+        if error is None and shared:
+            kind, _, message = shared.decode(errors="replace").partition("\n")
+            raise (StorageError if kind == "StorageError" else UsageError)(
+                f"process 0 ({name}): {message}")
+    if error is not None:
+        raise error
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``path`` atomically (a reader never sees half a file), on process 0 only.
+    """Writes ``path`` atomically (a reader never sees half a file), on process 0 only; a failed
+    write raises :class:`~lamp_jax.errors.StorageError` and leaves the old file as it was
+    (:func:`lamp_jax.paths.storage_write`).
 
     ``path`` may be a URL (``gs://...``, :mod:`lamp_jax.paths`): there one object upload is
     atomic by itself."""
@@ -181,11 +214,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         return
     path = as_path(path)
     if is_url(path):
-        path.write_text(text)
+        storage_write(path, lambda: path.write_text(text))
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+
+    def replace() -> None:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    storage_write(path, replace)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

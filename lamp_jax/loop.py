@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lamp_jax import placement, plots
-from lamp_jax.checkpoint import BestMasks, open_state_checkpoints
+from lamp_jax.checkpoint import BestMasks, open_state_checkpoints, saved_steps
+from lamp_jax.config_changes import describe_changes
 from lamp_jax.config_checks import check_sources, validate_config
 from lamp_jax.hosts import (
     PreemptionNotice,
@@ -37,6 +38,7 @@ from lamp_jax.results import final_report, log_report
 from lamp_jax.run_dir import RunDirectory, manifest
 from lamp_jax.setup import setup_training
 from lamp_jax.summaries import ScalarWriter
+from lamp_jax.workdir_lock import hold_workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -46,14 +48,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     Resumes from ``workdir/checkpoints`` when a run was interrupted. Writes ``run.json``,
     ``metrics.json``, ``masks.npz`` and ``plots/*.png`` into ``workdir`` and returns the metrics
     (``{"stopped_at": step, "preempted": bool, ...}`` when ``config.stop_after`` or a
-    preemption notice stopped it first)."""
+    preemption notice stopped it first). Holds the workdir's lock while it runs
+    (:mod:`lamp_jax.workdir_lock`: another run there is refused with a UsageError); a failed
+    write to it raises :class:`~lamp_jax.errors.StorageError`."""
     validate_config(config)  # before anything is written
     check_sources(config)  # the model and data are there, and the data holds the relations
     # Before JAX starts its backends (a no-op once they have, e.g. later in a notebook).
     placement.use_cpu_devices(config.cpu_devices)
     log, clock = main_log(log), PhaseClock()
     directory = RunDirectory(workdir)
-    directory.ensure_writable()  # fail now, not at the first checkpoint
+    directory.create()
+    # One run at a time in a workdir: a second is refused here, before it loads anything.
+    with hold_workdir(directory.path, log) as lock:
+        directory.ensure_writable()  # fail now, not at the first checkpoint
+        return _train_and_evaluate(config, directory, lock, log, clock)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, directory: RunDirectory, lock: Any,
+                        log, clock: PhaseClock) -> dict[str, Any]:
+    """:func:`train_and_evaluate` in a workdir this process holds (``lock``)."""
+    # A resume under another configuration is refused before the model loads.
+    directory.check_config(config, config.on_config_change,
+                           max(saved_steps(directory.path / "checkpoints"), default=None))
     setup = setup_training(config, log, lap=clock.lap)
 
     # Restore or init. Nothing is written before a refused resume could stop the run.
@@ -64,14 +80,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         directory.path / "checkpoints", setup.state_layout(), background=background,
         on_unreadable=config.on_unreadable_checkpoints, start_over=directory.start_over, log=log)
     state = restored if restored is not None else setup.init_state(log)
+    first = int(state.step)
+    # The step actually resumed from may be older than the newest checkpoint (a damaged one).
+    changes = directory.check_config(config, config.on_config_change,
+                                     first if restored is not None else None)
+    run_json["config_history"] = directory.next_config_history(config, first,
+                                                               restored is not None, changes)
     best = BestMasks(directory.path, background=background)
     sync("run directory checked")  # before process 0 replaces run.json
     directory.write_manifest(run_json, setup.data.facts_by_split)
-    first = int(state.step)
     history = directory.keep_records_until(first)
     if restored is not None:
         log(f"resumed from step {first}")
         directory.append_record({"step": first, "event": "resumed"})
+    if changes:
+        log(f"the configuration changed at step {first}, as config.on_config_change="
+            f"'continue' allows: {'; '.join(describe_changes(changes))} (recorded in "
+            "metrics.jsonl, run.json and metrics.json)")
+        directory.append_record({"step": first, "event": "config_changed", "changes": changes})
     scalars = ScalarWriter(directory.path, first)
     clock.lap("setup")
 
@@ -99,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                     record, dev, to_host(pruned_fraction(state.mask_logits,
                                                          setup.mode.threshold))))
                 clock.lap("evaluation")
+                lock.check()  # a bucket's lock: still this run's
                 if best.save(done, state.mask_logits, dev.macro(1)):
                     record["best"] = True
                 record.update(checkpoint_fields(states.save(state, done)))
@@ -135,8 +162,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     clock.lap("report")
     trained = sum(clock.seconds.get(k, 0.0) for k in ("steps", "evaluation", "checkpoints"))
     summary = dict(report.summary, history=history, best_dev_macro_P1=best.score(),
-                   resumed_from=directory.resumes(), train_seconds=trained,
+                   resumed_from=directory.resumes(),
+                   config_changes=directory.recorded_config_changes(), train_seconds=trained,
                    steps=setup.num_steps, resources=clock.resources())
+    lock.check()
     directory.write_masks(best_masks, setup.spec, setup.relations, setup.mode.threshold)
     if report.prompt_ranks is not None:
         directory.write_prompt_ranks(report.prompt_ranks, "test")

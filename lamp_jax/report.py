@@ -35,6 +35,7 @@ from lamp_jax import plots  # also picks matplotlib's headless backend outside n
 from lamp_jax.analysis import combine, kbc, qa, representations, specialization
 from lamp_jax.analysis import findings as evidence
 from lamp_jax.api import Run, load_run
+from lamp_jax.config_changes import describe_changes
 from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.hosts import is_main, main_log, progress, write_text
@@ -217,7 +218,8 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
     for name, result in sections.items():
         write_text(out / f"{name}.json", json.dumps(result, indent=2))
     seeds = {"seed": config.get("seed"), "data_seed": config.data.get("seed")}
-    write_text(out / "index.md", _index(sections, seeds))
+    changes = RunDirectory(workdir).recorded_config_changes()
+    write_text(out / "index.md", _index(sections, seeds, changes))
     log(f"report written to {out / 'index.md'}")
     return out
 
@@ -238,13 +240,28 @@ def check_report_inputs(relations: tuple[str, ...], ckbc: str | None, qa_file: s
         raise UsageError(f"--qa-method {qa_method!r}: choose one of {combine.METHODS}")
 
 
-def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None) -> str:
+def config_change_lines(changes: list[dict[str, Any]]) -> list[str]:
+    """What the report says of a run resumed under another configuration
+    (``RunDirectory.recorded_config_changes()``; nothing when it never changed)."""
+    if not changes:
+        return []
+    lines = ["**The configuration changed during training** (`config.on_config_change="
+             "continue`; run.json's `config_history` has each configuration):", ""]
+    for change in changes:
+        lines.append(f"- at step {change['step']}: "
+                     + "; ".join(describe_changes(change["changes"])))
+    return [*lines, ""]
+
+
+def _index(sections: dict[str, Any], seeds: dict[str, Any] | None = None,
+           config_changes: list[dict[str, Any]] | None = None) -> str:
     s, c, r = sections["specialization"], sections["combination"], sections["representations"]
     seeds = seeds or {}
     lines = ["# lamp-jax report", "",
              f"Every figure below is from one run: seed {seeds.get('seed')} (mask init, noise, "
              f"batch order), held-out facts of data seed {seeds.get('data_seed')}. For a mean "
              "+- std over seeds, train with `lamp-jax sweep --seeds 3`.", "",
+             *config_change_lines(config_changes or []),
              *(evidence.index_lines(sections["findings"]) if sections["findings"] else []),
              "## Specialization (test P@1, macro)", "",
              f"own subnetwork {s['own_mask_macro_P@1']:.3f}, other relations' subnetworks "

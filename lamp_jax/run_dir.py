@@ -2,15 +2,19 @@
 
 A run directory (``--workdir``, a local path or a ``gs://`` / ``s3://`` URL) holds::
 
-    run.json          the model, data, relations, mask layout and configuration (RunManifest)
+    run.json          the model, data, relations, mask layout and configuration (RunManifest),
+                      and every configuration it trained under with the step each began
+                      ("config_history")
     split.json        per split, the facts it holds: anyone can recompute the metrics
-    metrics.jsonl     one record per dev evaluation, and one per resume ("event": "resumed")
+    metrics.jsonl     one record per dev evaluation, one per resume ("event": "resumed") and
+                      one per resume under a changed configuration ("event": "config_changed")
     metrics.json      the final report (test and dev metrics, sparsity, specialization, ...)
     masks.npz         the best binary masks, one bit per weight
     best/<step>/      the best mask logits by dev score (Orbax)
     checkpoints/      the latest training states, to resume from (Orbax; for a sweep's runs
                       these belong to their group, under the sweep's workdir)
     events.out.tfevents.*, plots/, report/, eval_<split>.json
+    .lock             who trains in it now (lamp_jax.workdir_lock)
 
 :class:`RunDirectory` is the only reader of ``run.json``. Files other than checkpoints are
 written by process 0 only (:mod:`lamp_jax.hosts`).
@@ -29,11 +33,12 @@ import ml_collections
 import numpy as np
 
 from lamp_jax.checkpoint import export_binary_masks, restore_best_masks, restore_latest_masks
+from lamp_jax.config_changes import config_changes, config_record, describe_changes
 from lamp_jax.config_checks import with_defaults
-from lamp_jax.errors import MissingFileError, UsageError
+from lamp_jax.errors import MissingFileError, StorageError, UsageError
 from lamp_jax.hosts import append_text, is_main, sync, write_text
 from lamp_jax.masks import MaskMode, MaskSpec
-from lamp_jax.paths import absolute, load_npz, save_npz
+from lamp_jax.paths import absolute, load_npz, save_npz, unwritable_workdir
 
 # What a run directory holds about the training that made it (checkpoints, best masks, the
 # logs of its steps), as opposed to what describes the run (run.json, split.json, plots):
@@ -66,6 +71,13 @@ class RunDirectory:
     def __repr__(self) -> str:
         return f"RunDirectory({self.path})"
 
+    def create(self) -> None:
+        """Creates the directory (and its parents)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self._unwritable(err) from err
+
     def ensure_writable(self) -> None:
         """Creates the directory and proves it writable now, not at the first checkpoint."""
         probe = self.path / f".write_test.{jax.process_index()}"  # one per process: no races
@@ -74,9 +86,10 @@ class RunDirectory:
             probe.write_bytes(b"x" * 4096)
             probe.unlink()
         except OSError as err:
-            raise OSError(f"cannot write to the workdir {self.path}: {err.strerror or err} "
-                          "(checkpoints, metrics and plots go there; pick another --workdir or "
-                          "free space)") from err
+            raise self._unwritable(err) from err
+
+    def _unwritable(self, err: OSError) -> StorageError:
+        return unwritable_workdir(self.path, err)
 
     # run.json and split.json
     def run_json(self) -> dict[str, Any]:
@@ -114,6 +127,51 @@ class RunDirectory:
             raise UsageError(f"{self.path} holds another run; its checkpoints do not fit this "
                              "configuration:\n  " + "\n  ".join(mismatches)
                              + "\nUse another --workdir or delete that one.")
+
+    # The configurations a run trained under (lamp_jax.config_changes)
+    def config_history(self) -> list[dict[str, Any]]:
+        """``run.json``'s ``config_history``: ``[{"step": 0, "config": {...}}, {"step": N,
+        "config": {...}, "changes": {...}}, ...]``, the configurations the run trained under and
+        the step each began at (empty without run.json; one entry for run.json files written
+        before the history was kept)."""
+        if not (self.path / "run.json").exists():
+            return []
+        run = self.run_json()
+        return run.get("config_history") or [{"step": 0, "config": run["config"]}]
+
+    def config_changes_at(self, config: Any, resume_step: int | None
+                          ) -> dict[str, dict[str, Any]]:
+        """The trajectory fields in which ``config`` differs from the configuration the run
+        trained under at ``resume_step`` (None: not resuming, nothing to compare)."""
+        history = [h for h in self.config_history()
+                   if resume_step is not None and h["step"] <= resume_step]
+        return config_changes(history[-1]["config"], config) if history else {}
+
+    def check_config(self, config: Any, policy: str, resume_step: int | None
+                     ) -> dict[str, dict[str, Any]]:
+        """:meth:`config_changes_at`; with ``policy`` "stop" a change raises UsageError listing
+        every difference, with "continue" the changes are returned, to be recorded."""
+        changes = self.config_changes_at(config, resume_step)
+        if changes and policy != "continue":
+            raise config_change_refused({self.path: changes}, resume_step)
+        return changes
+
+    def next_config_history(self, config: Any, first: int, resumed: bool,
+                            changes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The history to record once the run starts at step ``first``: its past up to that
+        step (nothing when not resumed), and ``config`` from ``first`` on when it is new or
+        changed."""
+        past = [h for h in self.config_history() if h["step"] <= first] if resumed else []
+        if not past:
+            return [{"step": first, "config": config_record(config)}]
+        if changes:
+            return past + [{"step": first, "config": config_record(config), "changes": changes}]
+        return past
+
+    def recorded_config_changes(self) -> list[dict[str, Any]]:
+        """Every change of configuration the run went through: ``[{"step", "changes"}]``."""
+        return [{"step": h["step"], "changes": h["changes"]} for h in self.config_history()
+                if h.get("changes")]
 
     def write_manifest(self, manifest: dict[str, Any], facts_by_split: dict[str, Any]) -> None:
         write_text(self.path / "run.json", json.dumps(manifest, indent=2, default=str))
@@ -191,6 +249,25 @@ class RunDirectory:
                     path.rmtree() if path.is_dir() else path.unlink()
                     log(f"deleted {path}")
         sync("start over: old records deleted")
+
+
+def config_change_refused(changes: dict[Any, dict[str, dict[str, Any]]], resume_step: int
+                          ) -> UsageError:
+    """The refusal of a resume at ``resume_step`` under other settings: every difference of
+    every run directory (``{path: changes}``) at once, old and new value."""
+    runs = [(path, lines) for path, c in changes.items() if (lines := describe_changes(c))]
+    if len(runs) == 1:
+        path, lines = runs[0]
+        listed = "\n  ".join(lines)
+        head = f"{path} was trained to step {resume_step} under another configuration"
+    else:
+        listed = "\n  ".join(f"{path}:\n    " + "\n    ".join(lines) for path, lines in runs)
+        head = f"these runs were trained to step {resume_step} under another configuration"
+    return UsageError(
+        f"{head}; resuming with this one would change how they train:\n  {listed}\nRerun with "
+        "the values they were trained with, or with --config.on_config_change=continue to "
+        "resume under the new ones (the change is recorded in metrics.jsonl, run.json and "
+        "metrics.json), or use another --workdir.")
 
 
 def manifest(setup: Any, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lamp_jax.hosts import is_main
-from lamp_jax.paths import as_path, is_url
+from lamp_jax.paths import as_path, is_url, storage_write, write_bytes
 
 
 def _varint(value: int) -> bytes:
@@ -123,29 +123,36 @@ class ScalarWriter:
             # stopped must not write into the stopped one's file.
             name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
                     f"{uuid.uuid4().hex[:8]}")
-            self._file = open(os.path.join(logdir, name), "wb")  # noqa: SIM115 (kept open)
+            self._path = os.path.join(logdir, name)
             now = time.time()
-            self._file.write(event_record(event_bytes(now, 0, file_version="brain.Event:2")))
+            records = [event_record(event_bytes(now, 0, file_version="brain.Event:2"))]
             if start_step:  # TensorBoard hides what the old file logged from here on
-                self._file.write(event_record(event_bytes(now, start_step,
-                                                          session_start=True)))
-            self._file.flush()
+                records.append(event_record(event_bytes(now, start_step, session_start=True)))
+            self._file = storage_write(self._path, lambda: open(self._path, "wb"))  # noqa: SIM115
+            self._append(records)
 
     def write(self, step: int, scalars: Mapping[str, float | None]) -> None:
         if self._file is None:
             return
         now = time.time()
-        for name, value in scalars.items():
-            # None / NaN: nothing measured (no train data this step, no dev prompts).
-            if value is not None and not math.isnan(value):
-                self._file.write(event_record(event_bytes(now, step,
-                                                          scalar=(name, float(value)))))
-        self._file.flush()  # TensorBoard shows each evaluation as it happens
+        # None / NaN: nothing measured (no train data this step, no dev prompts).
+        self._append([event_record(event_bytes(now, step, scalar=(name, float(value))))
+                      for name, value in scalars.items()
+                      if value is not None and not math.isnan(value)])
         self._upload()
+
+    def _append(self, records: list[bytes]) -> None:
+        """Writes ``records`` and flushes: TensorBoard shows each evaluation as it happens."""
+        def append() -> None:
+            for record in records:
+                self._file.write(record)
+            self._file.flush()
+
+        storage_write(self._path, append)
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            storage_write(self._path, self._file.close)
             self._upload()
             if self._staging is not None:
                 self._staging[0].cleanup()
@@ -157,4 +164,4 @@ class ScalarWriter:
             return
         local, target = self._staging
         for file in sorted(Path(local.name).iterdir()):
-            (target / file.name).write_bytes(file.read_bytes())
+            write_bytes(target / file.name, file.read_bytes())

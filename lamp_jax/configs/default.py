@@ -121,5 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
     # A workdir whose checkpoints all fail to read: "stop" (say which and why, change nothing)
     # or "start_over" (delete them, the best masks and the logs, and train from step 0).
     c.on_unreadable_checkpoints = "stop"
+    # A resume under settings that change how the run trains (learning rate, seed, data, ...;
+    # the table in lamp_jax/config_changes.py): "stop" (refuse, listing every difference) or
+    # "continue" (resume under the new settings and record the change in metrics.jsonl,
+    # run.json and metrics.json). Plots, stop_after, devices and the like never block a resume.
+    c.on_config_change = "stop"
     c.stop_after = 0  # > 0: stop this invocation after N steps (preemption drill; rerun resumes)
     return c

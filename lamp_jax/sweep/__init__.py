@@ -43,6 +43,7 @@ from lamp_jax.run_dir import RunDirectory
 from lamp_jax.sweep.grid import VALUE_KEYS, Trial, parse_grid, plan_groups, with_overrides
 from lamp_jax.sweep.group import train_group
 from lamp_jax.sweep.table import markdown_table, plot, seed_evidence, summarize, trial_row
+from lamp_jax.workdir_lock import hold_workdir
 
 __all__ = ["VALUE_KEYS", "Trial", "parse_grid", "plan_groups", "run_sweep", "summarize",
            "with_overrides"]
@@ -62,12 +63,21 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
     use_cpu_devices(base.cpu_devices)  # before JAX starts its backends
     log = main_log(log)
     workdir = absolute(workdir)
-    RunDirectory(workdir).ensure_writable()
+    RunDirectory(workdir).create()
+    # One sweep (or run) at a time in a workdir: another is refused before it loads anything.
+    with hold_workdir(workdir, log) as lock:
+        RunDirectory(workdir).ensure_writable()
+        return _run_groups(groups, base, grid, seeds, workdir, lock, log)
+
+
+def _run_groups(groups: list, base: ml_collections.ConfigDict, grid: Sequence[str], seeds: int,
+                workdir: Any, lock: Any, log) -> dict[str, Any]:
+    """:func:`run_sweep`'s groups, one after another, in a workdir this process holds."""
     rows, group_seconds, group_info = [], [], []
     for fixed, trials in groups:
         start = time.perf_counter()
         group_base = with_overrides(base, fixed)
-        trained = train_group(group_base, workdir, fixed, trials, log)
+        trained = train_group(group_base, workdir, fixed, trials, log, lock=lock)
         if "stopped" in trained:
             if not trained["stopped"]["preempted"]:
                 log("stopped after config.stop_after steps; run the same command again to "

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from lamp_jax import placement
 from lamp_jax.answer_ranking import candidate_result
-from lamp_jax.checkpoint import BestMasks, open_state_checkpoints
+from lamp_jax.checkpoint import BestMasks, open_state_checkpoints, saved_steps
+from lamp_jax.config_changes import describe_changes
 from lamp_jax.data import RelationBatcher
 from lamp_jax.hosts import (
     PreemptionNotice,
@@ -56,11 +57,12 @@ from lamp_jax.optim import make_optimizer
 from lamp_jax.paths import absolute
 from lamp_jax.ranking import DEFAULT_KS, RankingResult, sum_rank_stats
 from lamp_jax.results import final_report
-from lamp_jax.run_dir import RunDirectory, manifest
+from lamp_jax.run_dir import RunDirectory, config_change_refused, manifest
 from lamp_jax.setup import TrainSetup, noise_key, setup_training
 from lamp_jax.step import TrainState, init_train_state
 from lamp_jax.summaries import ScalarWriter
 from lamp_jax.sweep.grid import Trial, check_group, slug
+from lamp_jax.workdir_lock import Unlocked
 
 # What group.json says of the layout of the group's checkpoints: each leaf of train.py's state
 # with the runs axis in front. Checkpoints without it put the runs on the relation axis.
@@ -146,10 +148,11 @@ class Group:
 
 
 def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, Any],
-                trials: Sequence[Trial], log=print) -> dict[str, Any]:
+                trials: Sequence[Trial], log=print, lock: Any = None) -> dict[str, Any]:
     """Trains (or resumes) the trials of one group side by side, each into its own run
     directory; ``{"stopped": {"stopped_at": step, "preempted": bool}}`` when
-    ``config.stop_after`` or a preemption notice (SIGTERM) stopped it first."""
+    ``config.stop_after`` or a preemption notice (SIGTERM) stopped it first. ``lock``: the
+    sweep workdir's (:mod:`lamp_jax.workdir_lock`), checked at every evaluation."""
     group = Group.plan(base, workdir, fixed, trials)
     if all(d.metrics() is not None for d in group.directories):
         log(f"group {fixed or '(one)'}: its {len(trials)} runs finished earlier")
@@ -157,6 +160,10 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
     log(f"group {fixed or '(one)'}: {len(trials)} runs side by side")
     for directory in group.directories:
         directory.ensure_writable()
+    # A resume under other settings is refused before the model loads, as train.py's.
+    policy = base.on_config_change
+    check_run_configs(group, policy, max(saved_steps(group.state_dir / "checkpoints"),
+                                         default=None))
     clock = PhaseClock()
     setup = setup_training(group.configs[0], log, lap=clock.lap)
     runs = GroupRuns.build(setup, group.configs, log)
@@ -173,17 +180,30 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
         start_over=partial(start_over, group), log=log)
     state = (restored if restored is not None
              else runs.init_state([t.label for t in group.trials], log))
+    first = int(to_host(state.step)[0])  # every run has taken as many steps
+    changes = check_run_configs(group, policy, first if restored is not None else None)
+    for directory, run_json, config, changed in zip(group.directories, run_jsons,
+                                                    group.configs, changes, strict=True):
+        run_json["config_history"] = directory.next_config_history(
+            config, first, restored is not None, changed)
     best = [BestMasks(d.path, background=background) for d in group.directories]
     sync("run directories checked")  # before process 0 replaces run.json
     for directory, run_json in zip(group.directories, run_jsons, strict=True):
         directory.write_manifest(run_json, setup.data.facts_by_split)
     write_text(group.state_dir / "group.json", json.dumps(group.record(), indent=1))
-    first = int(to_host(state.step)[0])  # every run has taken as many steps
     history = [d.keep_records_until(first) for d in group.directories]
     if restored is not None:
         log(f"resumed from step {first}")
         for directory in group.directories:
             directory.append_record({"step": first, "event": "resumed"})
+    for directory, changed in zip(group.directories, changes, strict=True):
+        if changed:
+            log(f"{directory.path.name}: the configuration changed at step {first}, as "
+                f"config.on_config_change='continue' allows: "
+                f"{'; '.join(describe_changes(changed))}")
+            directory.append_record({"step": first, "event": "config_changed",
+                                     "changes": changed})
+    lock = lock or Unlocked()
     scalars = [ScalarWriter(d.path, first) for d in group.directories]
     clock.lap("setup")
 
@@ -213,6 +233,7 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
                 for v, record in enumerate(records):
                     scalars[v].write(done, evaluation_scalars(record, dev[v], pruned[v]))
                 clock.lap("evaluation")
+                lock.check()  # a bucket's lock: still this sweep's
                 improved = [v for v in range(len(dev)) if best[v].beats(dev[v].macro(1))]
                 if improved:  # every run's slice from one host copy, saves started together
                     logits = to_host(state.mask_logits)
@@ -258,7 +279,9 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
             directory.write_prompt_ranks(report.prompt_ranks, "test")
         summaries.append(dict(report.summary, history=history[v],
                               best_dev_macro_P1=best[v].score(),
-                              resumed_from=directory.resumes(), steps=setup.num_steps))
+                              resumed_from=directory.resumes(),
+                              config_changes=directory.recorded_config_changes(),
+                              steps=setup.num_steps))
     clock.lap("report")
     for directory, summary in zip(group.directories, summaries, strict=True):
         directory.write_metrics(dict(summary, resources=clock.resources()))
@@ -373,6 +396,20 @@ class GroupRuns:
         return [RankingResult.from_sums(setup.relations, DEFAULT_KS,
                                         {k: x[v] for k, x in sums.items()})
                 for v in range(len(self.configs))]
+
+
+def check_run_configs(group: Group, policy: str, resume_step: int | None
+                      ) -> list[dict[str, dict[str, Any]]]:
+    """Per run of the group, how its configuration differs from the one it trained under at
+    ``resume_step`` (train.py's check, :meth:`RunDirectory.check_config`); with ``policy``
+    "stop" any difference refuses the resume, naming every run's differences at once."""
+    changes = [d.config_changes_at(c, resume_step)
+               for d, c in zip(group.directories, group.configs, strict=True)]
+    if any(changes) and policy != "continue":
+        raise config_change_refused({d.path: c for d, c in zip(group.directories, changes,
+                                                                strict=True) if c},
+                                    resume_step)
+    return changes
 
 
 def check_state_dir(group: Group) -> None:
