@@ -17,7 +17,7 @@ from lamp_jax.config_checks import validate_config
 from lamp_jax.configs import default
 from lamp_jax.errors import UsageError
 from lamp_jax.loop import train_and_evaluate
-from lamp_jax.report import config_change_lines
+from lamp_jax.report import _index
 from lamp_jax.run_dir import RunDirectory
 from lamp_jax.workdir_lock import LOCK_NAME
 from tests.test_end_to_end import _config
@@ -114,8 +114,22 @@ def test_a_resume_under_another_learning_rate_is_refused_or_continued_and_record
     assert summary["config_changes"] == [{"step": 4, "changes": change}]
     assert json.loads((work / "metrics.json").read_text())["config_changes"] == [
         {"step": 4, "changes": change}]
-    assert config_change_lines(RunDirectory(work).recorded_config_changes())[2] == (
-        "- at step 4: config.optim.learning_rate: 0.5 before, 0.25 now")
+    index = _index(_SECTIONS, {}, RunDirectory(work).recorded_config_changes())
+    assert "\n- at step 4: config.optim.learning_rate: 0.5 before, 0.25 now\n" in index
+    assert "**The configuration changed during training**" not in _index(_SECTIONS, {}, [])
+
+
+# The sections of a report, with values that do not matter here (the report's own tests make
+# real ones, in tens of seconds): what the report's index says of the run's configuration.
+_SECTIONS = {
+    "findings": None, "kbc": {},
+    "specialization": {"own_mask_macro_P@1": 0.5, "other_masks_macro_P@1": 0.1,
+                       "full_model_macro_P@1": 0.2, "figure": "s.png"},
+    "combination": {"best": {"relations": ["IsA"], "method": "or", "score": 0.3},
+                    "full_model_dev_macro_P@1": 0.2, "search": [], "figure": "c.png"},
+    "representations": {"full model": {"silhouette": 0.1}, "own subnetwork": {"silhouette": 0.2},
+                        "figure": "r.png", "attention_figure": "a.png"},
+}
 
 
 def test_a_sweep_group_resume_is_checked_run_by_run_before_anything_loads(tmp_path):
