@@ -98,6 +98,15 @@ RESUME_FIELDS: dict[str, str] = {
 }
 
 
+# The fields that decide the model and the relation set, and so whether the checkpoints fit at
+# all: when one of them changed, a resume is first checked against the checkpoints' layout once
+# the model and data are loaded (RunDirectory.check_resumable, whose refusal cannot be
+# overridden), and only then for the trajectory.
+LAYOUT_SOURCES = ("model", "data.source", "data.lama_set", "data.prompts", "data.answers",
+                  "data.max_answer_tokens", "data.max_length",
+                  *(field for field, decision in RESUME_FIELDS.items() if decision == LAYOUT))
+
+
 def config_record(config: Any) -> dict[str, Any]:
     """A configuration (a ConfigDict or a dict) as ``run.json`` stores it: plain JSON values."""
     plain = config.to_dict() if hasattr(config, "to_dict") else config
@@ -127,6 +136,12 @@ def config_changes(before: Any, now: Any) -> dict[str, dict[str, Any]]:
         if old.get(field) != new.get(field):
             changes[field] = {"before": old.get(field), "now": new.get(field)}
     return changes
+
+
+def may_change_layout(before: Any, now: Any) -> bool:
+    """Whether a field of :data:`LAYOUT_SOURCES` differs between two configurations."""
+    old, new = flatten(config_record(before)), flatten(config_record(now))
+    return any(old.get(field) != new.get(field) for field in LAYOUT_SOURCES)
 
 
 def describe_changes(changes: dict[str, dict[str, Any]]) -> list[str]:

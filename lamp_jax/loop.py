@@ -67,9 +67,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 def _train_and_evaluate(config: ml_collections.ConfigDict, directory: RunDirectory, lock: Any,
                         log, clock: PhaseClock) -> dict[str, Any]:
     """:func:`train_and_evaluate` in a workdir this process holds (``lock``)."""
-    # A resume under another configuration is refused before the model loads.
+    # A resume under another configuration is refused before the model loads (unless the
+    # model or the relations may differ: then check_resumable speaks first).
     directory.check_config(config, config.on_config_change,
-                           max(saved_steps(directory.path / "checkpoints"), default=None))
+                           max(saved_steps(directory.path / "checkpoints"), default=None),
+                           before_loading=True)
     setup = setup_training(config, log, lap=clock.lap)
 
     # Restore or init. Nothing is written before a refused resume could stop the run.

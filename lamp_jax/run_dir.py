@@ -33,7 +33,12 @@ import ml_collections
 import numpy as np
 
 from lamp_jax.checkpoint import export_binary_masks, restore_best_masks, restore_latest_masks
-from lamp_jax.config_changes import config_changes, config_record, describe_changes
+from lamp_jax.config_changes import (
+    config_changes,
+    config_record,
+    describe_changes,
+    may_change_layout,
+)
 from lamp_jax.config_checks import with_defaults
 from lamp_jax.errors import MissingFileError, StorageError, UsageError
 from lamp_jax.hosts import append_text, is_main, sync, write_text
@@ -139,19 +144,23 @@ class RunDirectory:
         run = self.run_json()
         return run.get("config_history") or [{"step": 0, "config": run["config"]}]
 
-    def config_changes_at(self, config: Any, resume_step: int | None
-                          ) -> dict[str, dict[str, Any]]:
+    def config_changes_at(self, config: Any, resume_step: int | None,
+                          before_loading: bool = False) -> dict[str, dict[str, Any]]:
         """The trajectory fields in which ``config`` differs from the configuration the run
-        trained under at ``resume_step`` (None: not resuming, nothing to compare)."""
+        trained under at ``resume_step`` (None: not resuming, nothing to compare).
+        ``before_loading``: nothing yet when the model or the relation set may have changed
+        (:data:`~lamp_jax.config_changes.LAYOUT_SOURCES`): check_resumable speaks first."""
         history = [h for h in self.config_history()
                    if resume_step is not None and h["step"] <= resume_step]
-        return config_changes(history[-1]["config"], config) if history else {}
+        if not history or (before_loading and may_change_layout(history[-1]["config"], config)):
+            return {}
+        return config_changes(history[-1]["config"], config)
 
-    def check_config(self, config: Any, policy: str, resume_step: int | None
-                     ) -> dict[str, dict[str, Any]]:
+    def check_config(self, config: Any, policy: str, resume_step: int | None,
+                     before_loading: bool = False) -> dict[str, dict[str, Any]]:
         """:meth:`config_changes_at`; with ``policy`` "stop" a change raises UsageError listing
         every difference, with "continue" the changes are returned, to be recorded."""
-        changes = self.config_changes_at(config, resume_step)
+        changes = self.config_changes_at(config, resume_step, before_loading)
         if changes and policy != "continue":
             raise config_change_refused({self.path: changes}, resume_step)
         return changes

@@ -12,7 +12,8 @@ wait for the lock.
 
 * **A local workdir**: ``fcntl.flock`` on ``<workdir>/.lock``, which records the holder. The
   kernel drops the lock when the process ends, however it ends (``kill -9`` too), so a rerun
-  takes it over at once. The file stays (deleting it would let two runs lock two files).
+  takes it over at once. The holder deletes the file when it ends; a taker checks that the
+  file it locked is still the one at that path, so a file deleted under it is never held.
 * **A gs:// workdir**: the object ``<workdir>/.lock``, created only if it does not exist (a
   generation precondition, ``ifGenerationMatch=0``), rewritten by a heartbeat every
   :data:`HEARTBEAT_S` seconds (a background thread; each rewrite conditional on the holder's
@@ -116,17 +117,21 @@ class LocalLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            fd = storage_write(self.path, lambda: os.open(self.path, os.O_RDWR | os.O_CREAT,
-                                                          0o644))
-        except StorageError as err:
-            raise unwritable_workdir(self.workdir, err) from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 4096).decode(errors="replace")
-            os.close(fd)
-            raise _in_use(self.workdir, Holder.parse(text)) from None
+        while True:
+            try:
+                fd = storage_write(self.path, lambda: os.open(self.path,
+                                                              os.O_RDWR | os.O_CREAT, 0o644))
+            except StorageError as err:
+                raise unwritable_workdir(self.workdir, err) from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise _in_use(self.workdir, Holder.parse(text)) from None
+            if self._still_there(fd):
+                break
+            os.close(fd)  # its holder deleted it as we opened it: lock the file there now
 
         def record() -> None:
             os.ftruncate(fd, 0)
@@ -139,12 +144,23 @@ class LocalLock:
             raise unwritable_workdir(self.workdir, err) from err
         self._fd = fd
 
+    def _still_there(self, fd: int) -> bool:
+        """Whether the file ``fd`` locked is still ``.lock`` (a holder deletes it on release)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def check(self) -> None:
         """A local lock cannot be lost while its process lives."""
 
     def release(self) -> None:
+        """Deletes the lock file, then drops the lock: a workdir left behind holds no trace of
+        the run that held it (a run killed with ``kill -9`` leaves the file, unlocked)."""
         if self._fd is not None:
-            os.close(self._fd)  # drops the flock; the file stays
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self._fd)
             self._fd = None
 
 

@@ -19,7 +19,6 @@ from lamp_jax.errors import UsageError
 from lamp_jax.loop import train_and_evaluate
 from lamp_jax.report import _index
 from lamp_jax.run_dir import RunDirectory
-from lamp_jax.workdir_lock import LOCK_NAME
 from tests.test_end_to_end import _config
 
 QUIET = {"log": lambda *_: None}
@@ -70,7 +69,7 @@ def test_on_config_change_is_validated():
 
 def _snapshot(workdir):
     return {str(f.relative_to(workdir)): f.read_bytes() for f in sorted(workdir.rglob("*"))
-            if f.is_file() and f.name != LOCK_NAME}
+            if f.is_file()}
 
 
 def test_a_resume_under_another_learning_rate_is_refused_or_continued_and_recorded(
@@ -83,8 +82,10 @@ def test_a_resume_under_another_learning_rate_is_refused_or_continued_and_record
     # nothing written.
     changed = _config(tiny_model_dir, **{"optim.learning_rate": 0.25, "seed": 7,
                                          "relation_chunk": 2, "compile_cache_dir": ""})
+    said: list[str] = []
     with pytest.raises(UsageError) as refused:
-        train_and_evaluate(changed, work, **QUIET)
+        train_and_evaluate(changed, work, log=said.append)
+    assert not any(line.startswith("model: ") for line in said)  # before the model loads
     assert str(refused.value).splitlines()[1:3] == [
         "  config.optim.learning_rate: 0.5 before, 0.25 now", "  config.seed: 0 before, 7 now"]
     assert str(refused.value).startswith(f"{work} was trained to step 2 under another "
@@ -92,7 +93,7 @@ def test_a_resume_under_another_learning_rate_is_refused_or_continued_and_record
     assert "--config.on_config_change=continue" in str(refused.value)
     assert _snapshot(work) == before
     # Free fields alone never block: resumed, to step 4.
-    said: list[str] = []
+    said.clear()
     free = _config(tiny_model_dir, stop_after=2, plots=True, specialization=True,
                    cpu_devices=2, on_nonfinite="skip", compile_cache_dir="",
                    **{"controls.enabled": True})

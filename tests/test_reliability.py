@@ -18,7 +18,6 @@ from lamp_jax.loop import train_and_evaluate
 from lamp_jax.models import load_mlm, save_mlm
 from lamp_jax.placement import CPU_MALLOC_TUNABLES, allocator_hint
 from lamp_jax.run_dir import RunDirectory
-from lamp_jax.workdir_lock import LOCK_NAME
 from tests.conftest import EMBEDDED_RUN_ARGS
 from tests.test_end_to_end import FIXTURE, _config
 
@@ -170,10 +169,9 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def _snapshot(workdir: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file of the run under ``workdir``: its bytes and modification time (not the
-    workdir's lock, which names whoever trains there now: lamp_jax.workdir_lock)."""
+    """Every file under ``workdir``: its bytes and modification time."""
     return {str(f.relative_to(workdir)): (f.read_bytes(), f.stat().st_mtime_ns)
-            for f in sorted(workdir.rglob("*")) if f.is_file() and f.name != LOCK_NAME}
+            for f in sorted(workdir.rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")

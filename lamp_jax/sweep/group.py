@@ -163,7 +163,7 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
     # A resume under other settings is refused before the model loads, as train.py's.
     policy = base.on_config_change
     check_run_configs(group, policy, max(saved_steps(group.state_dir / "checkpoints"),
-                                         default=None))
+                                         default=None), before_loading=True)
     clock = PhaseClock()
     setup = setup_training(group.configs[0], log, lap=clock.lap)
     runs = GroupRuns.build(setup, group.configs, log)
@@ -398,12 +398,12 @@ class GroupRuns:
                 for v in range(len(self.configs))]
 
 
-def check_run_configs(group: Group, policy: str, resume_step: int | None
-                      ) -> list[dict[str, dict[str, Any]]]:
+def check_run_configs(group: Group, policy: str, resume_step: int | None,
+                      before_loading: bool = False) -> list[dict[str, dict[str, Any]]]:
     """Per run of the group, how its configuration differs from the one it trained under at
     ``resume_step`` (train.py's check, :meth:`RunDirectory.check_config`); with ``policy``
     "stop" any difference refuses the resume, naming every run's differences at once."""
-    changes = [d.config_changes_at(c, resume_step)
+    changes = [d.config_changes_at(c, resume_step, before_loading)
                for d, c in zip(group.directories, group.configs, strict=True)]
     if any(changes) and policy != "continue":
         raise config_change_refused({d.path: c for d, c in zip(group.directories, changes,
