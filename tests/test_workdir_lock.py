@@ -103,6 +103,33 @@ def test_a_local_lock_whose_holder_was_killed_is_taken_over_at_once(tmp_path):
     lock.release()
 
 
+def test_a_lock_file_deleted_by_its_releasing_holder_is_never_the_one_held(tmp_path,
+                                                                          monkeypatch):
+    """A holder deletes .lock when it ends. A taker that opened the file just before (and
+    locks it just after) must not hold that deleted file, or a third run would lock a new
+    .lock beside it: it locks the file at the path instead."""
+    import fcntl
+
+    import lamp_jax.workdir_lock as module
+
+    (tmp_path / LOCK_NAME).write_text(Holder.this_process().to_json())
+    real_flock, released = fcntl.flock, []
+
+    def flock_as_the_holder_releases(fd, operation):
+        if not released:
+            (tmp_path / LOCK_NAME).unlink()
+            released.append(fd)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(module.fcntl, "flock", flock_as_the_holder_releases)
+    lock = workdir_lock(tmp_path)
+    lock.acquire()
+    assert released and os.fstat(lock._fd).st_ino == (tmp_path / LOCK_NAME).stat().st_ino
+    assert Holder.parse((tmp_path / LOCK_NAME).read_text()).pid == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     from tests.test_workdir_url import FakeGcs
