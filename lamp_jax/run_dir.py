@@ -267,16 +267,16 @@ def config_change_refused(changes: dict[Any, dict[str, dict[str, Any]]], resume_
     runs = [(path, lines) for path, c in changes.items() if (lines := describe_changes(c))]
     if len(runs) == 1:
         path, lines = runs[0]
-        listed = "\n  ".join(lines)
-        head = f"{path} was trained to step {resume_step} under another configuration"
+        listed, it, was, trains = "\n  ".join(lines), "it", f"{path} was", "trains"
     else:
         listed = "\n  ".join(f"{path}:\n    " + "\n    ".join(lines) for path, lines in runs)
-        head = f"these runs were trained to step {resume_step} under another configuration"
+        it, was, trains = "they", "these runs were", "train"
     return UsageError(
-        f"{head}; resuming with this one would change how they train:\n  {listed}\nRerun with "
-        "the values they were trained with, or with --config.on_config_change=continue to "
-        "resume under the new ones (the change is recorded in metrics.jsonl, run.json and "
-        "metrics.json), or use another --workdir.")
+        f"{was} trained to step {resume_step} under another configuration; resuming with this "
+        f"one would change how {it} {trains}:\n  {listed}\nRerun with the values {it} trained "
+        "with, or with --config.on_config_change=continue to resume under the new ones (the "
+        "change is recorded in metrics.jsonl, run.json and metrics.json), or use another "
+        "--workdir.")
 
 
 def manifest(setup: Any, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
