@@ -45,9 +45,6 @@ ENV_HEARTBEAT = "LAMP_JAX_HEARTBEAT_TIMEOUT"
 PEER_LOST_EXIT = 75
 # Exit status of a run that answered a preemption notice with a checkpoint (EX_TEMPFAIL too).
 PREEMPTED_EXIT = 75
-# Exit status of a run stopped by a failed write to its storage (EX_TEMPFAIL: rerun once the
-# storage is fixed, and it resumes from its last committed checkpoint).
-STORAGE_FAILED_EXIT = 75
 # What JAX says when a collective or the coordination service loses a process. Not every
 # barrier error: "barrier ... already ongoing" is a bug in this process, and must say so.
 _PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "heartbeat",
