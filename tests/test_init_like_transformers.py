@@ -133,3 +133,20 @@ def test_the_same_key_gives_the_same_params(case):
     c = init_like_transformers(config, jax.random.key(8))
     differs = jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), a, c))
     assert any(differs)
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2", "qwen3"])
+def test_every_tensor_is_drawn_independently(case):
+    """No two random tensors of one shape are correlated (q, k and v, say, or one layer's and
+    the next's): |correlation| < 5 / sqrt(n)."""
+    _, config = _fresh(case, False)
+    flat = [np.asarray(leaf).ravel() for leaf in jax.tree.leaves(
+        init_like_transformers(config, jax.random.key(0)))]
+    random = [leaf for leaf in flat if leaf.std() > 0]
+    pairs = 0
+    for i, a in enumerate(random):
+        for b in random[i + 1:]:
+            if a.size == b.size:
+                assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
+                pairs += 1
+    assert pairs >= 10
