@@ -397,6 +397,23 @@ def test_bin_and_sharded_checkpoints_load(tmp_path, kind, fmt):
     assert _largest_gap(_ours(mlm, ids, mask), _torch_logits(model, ids, mask), mask) < 1e-4
 
 
+def test_a_bfloat16_checkpoint_loads(tmp_path):
+    """Qwen2.5, Llama 3.2, SmolLM2 and Qwen3 ship bfloat16 safetensors: they load (into
+    float32 here; safetensors.numpy reads bfloat16 as ml_dtypes registers it with numpy) and
+    give the logits of transformers' model with the same rounded weights."""
+    model = _torch_model("qwen2", num_key_value_heads=2, tie_word_embeddings=True)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    # The bf16-rounded weights computed in float32 (a fresh model: model.to(float32) would
+    # keep the rotary frequencies rounded to bfloat16).
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    mlm = load_mlm(tmp_path, load_tokenizer=False)
+    assert jax.tree.leaves(mlm.params)[0].dtype == jnp.float32
+    ids, mask = _padded_batch()
+    assert _largest_gap(_ours(mlm, ids, mask), _torch_logits(model, ids, mask), mask) < 1e-4
+
+
 DISTILGPT2_CONFIG = {  # distilgpt2's config.json, scaled down (n_embd, n_head, vocab, n_ctx)
     "_num_labels": 1, "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
     "attn_pdrop": 0.1, "bos_token_id": 1, "embd_pdrop": 0.1, "eos_token_id": 2,
