@@ -494,11 +494,16 @@ def _unit_scale_params(params, seed: int):
 
 
 def _greedy(params, config, prompt: np.ndarray, steps: int) -> np.ndarray:
-    ids = prompt
-    for _ in range(steps):
-        logits = mlm_forward(params, ids, np.ones_like(ids), config=config,
-                             output_positions=np.full(len(ids), ids.shape[1] - 1))["logits"]
-        ids = np.concatenate([ids, np.asarray(jnp.argmax(logits, -1))[:, None]], axis=1)
+    """Greedy decoding with our forward: the sequence so far, right-padded to its final length
+    (one compiled shape), the next token the argmax of the logits after its last token."""
+    batch, length = prompt.shape[0], prompt.shape[1] + steps
+    ids = np.full((batch, length), PAD, np.int64)
+    ids[:, :prompt.shape[1]] = prompt
+    logits_at = jax.jit(lambda ids, mask, at: mlm_forward(
+        params, ids, mask, config=config, output_positions=at)["logits"])
+    for t in range(prompt.shape[1], length):
+        mask = np.broadcast_to(np.arange(length) < t, ids.shape).astype(np.int32)
+        ids[:, t] = np.asarray(jnp.argmax(logits_at(ids, mask, np.full(batch, t - 1)), -1))
     return ids
 
 
