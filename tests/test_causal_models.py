@@ -633,18 +633,51 @@ def _byte_level_tokenizer(directory: Path, tokenizer_class: str) -> None:
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
 
-# (model_type, the class tokenizer_config.json names): the layouts of the hub checkpoints
-# lamp-jax targets (gpt2/distilgpt2; Llama 3.x; a Llama 3 repo naming LlamaTokenizerFast;
-# SmolLM2; Qwen2.5; Qwen3) and a Qwen2 naming a class transformers overrides.
-TOKENIZER_LAYOUTS = [("gpt2", "GPT2Tokenizer"), ("llama", "PreTrainedTokenizerFast"),
-                     ("llama", "LlamaTokenizerFast"), ("llama", "GPT2Tokenizer"),
-                     ("qwen2", "Qwen2Tokenizer"), ("qwen2", "PreTrainedTokenizerFast"),
-                     ("qwen3", "Qwen2Tokenizer")]
+def _metaspace_tokenizer(directory: Path, tokenizer_class: str) -> None:
+    """A SentencePiece-style BPE tokenizer.json (``▁`` for spaces: TinyLlama, Llama 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    merges = []
+    for char in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(char, len(vocab))
+    for word in ("cat", "sat", "on", "the", "mat"):
+        current = "▁"
+        for char in word:
+            if current + char not in vocab:
+                vocab[current + char] = len(vocab)
+                merges.append((current, char))
+            current += char
+    bpe = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
 
 
-@pytest.mark.parametrize("model_type,named", TOKENIZER_LAYOUTS)
-def test_the_tokenizer_is_the_one_autotokenizer_loads(tmp_path, model_type, named):
-    _byte_level_tokenizer(tmp_path, named)
+# (model_type, the class tokenizer_config.json names, its tokenizer.json): the layouts of the
+# hub checkpoints lamp-jax targets (gpt2/distilgpt2; Llama 3.x; a Llama 3 repo naming
+# LlamaTokenizerFast; TinyLlama; SmolLM2; Qwen2.5; Qwen3) and a Qwen2 naming a class
+# transformers overrides.
+TOKENIZER_LAYOUTS = [("gpt2", "GPT2Tokenizer", "byte-level"),
+                     ("llama", "PreTrainedTokenizerFast", "byte-level"),
+                     ("llama", "LlamaTokenizerFast", "byte-level"),
+                     ("llama", "LlamaTokenizer", "sentencepiece"),
+                     ("llama", "GPT2Tokenizer", "byte-level"),
+                     ("qwen2", "Qwen2Tokenizer", "byte-level"),
+                     ("qwen2", "PreTrainedTokenizerFast", "byte-level"),
+                     ("qwen3", "Qwen2Tokenizer", "byte-level")]
+
+
+@pytest.mark.parametrize("model_type,named,pieces", TOKENIZER_LAYOUTS)
+def test_the_tokenizer_is_the_one_autotokenizer_loads(tmp_path, model_type, named, pieces):
+    if pieces == "byte-level":
+        _byte_level_tokenizer(tmp_path, named)
+    else:
+        _metaspace_tokenizer(tmp_path, named)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **(
         {"n_embd": 32, "n_layer": 1, "n_head": 4} if model_type == "gpt2" else LLAMA_SMALL)}))
     ours = load_tokenizer_of(tmp_path)
