@@ -57,7 +57,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # the config.json ``model_type`` values it reads
     config_class: type  # has from_hf_dict / to_hf_dict, num_layers, hidden_size, vocab_size
-    # A causal LM (logits at t predict token t + 1, attention to positions <= t) or a masked one.
+    # A causal LM (logits at t predict token t + 1, attention to positions <= t; it reads an
+    # answer after a prefix, lamp_jax.data.answers) or a masked one (it reads masks).
     causal: bool
     forward: Callable[..., dict[str, Any]]
     encode_prefix: Callable[..., jax.Array]
@@ -69,8 +70,6 @@ class Family:
     # lists them by default.
     matrices: Mapping[str, tuple[str, ...]]
     tokenizer_classes: Mapping[str, str]  # model_type -> AutoTokenizer's default class
-    # A causal LM reads an answer after a prefix (lamp_jax.data.answers); a masked one at masks.
-    causal: bool = False
 
     @property
     def default_matrices(self) -> tuple[str, ...]:
