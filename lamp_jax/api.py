@@ -27,7 +27,7 @@ from lamp_jax.models import LoadedMLM, family_of, load_mlm, mlm_forward, save_ml
 from lamp_jax.paths import as_path
 from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
 from lamp_jax.run_dir import RunDirectory
-from lamp_jax.setup import DTYPES
+from lamp_jax.setup import DTYPES, with_weights
 
 
 @dataclasses.dataclass
@@ -186,7 +186,8 @@ def load_run(workdir: str | Path, model: str | None = None) -> Run:
     manifest = directory.manifest()
     source = model or manifest.model
     with progress(total=1, desc=f"loading the model ({Path(source).name})", unit="model") as bar:
-        mlm = load_mlm(source, dtype=DTYPES[manifest.dtype])
+        # A run on a random-weight model (config.model_weights) gets the same weights back.
+        mlm = with_weights(load_mlm(source, dtype=DTYPES[manifest.dtype]), manifest.config)
         bar.update()
     return Run(as_path(workdir), mlm, manifest.relations, manifest.spec, manifest.eval_mode,
                directory.best_masks(), directory.metrics(), manifest.labels)
