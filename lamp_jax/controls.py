@@ -112,6 +112,9 @@ def control_report(setup: Any, best: Any, split: str, full: RankingResult,
     summary = {
         "split": split, "protocol": setup.config.data.split,
         "subnetwork": setup.eval_mode.kind,
+        # What every ranking chooses among: the vocabulary (single tokens), whose typed variant
+        # is each relation's answers, or those answers themselves (answers of any length).
+        "ranking": "candidates" if setup.any_length else "vocabulary",
         "prior": controls["prior"].summary(),
         "full_typed": full.typed.summary(), "pruned_typed": pruned.typed.summary(),
         "magnitude_masks": controls["magnitude"].summary(),
