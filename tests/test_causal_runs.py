@@ -153,3 +153,30 @@ def test_a_causal_run_opens_and_predicts_in_a_fresh_process(trained):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert pruned[0][0] in cli.stdout
+
+
+def test_an_exported_causal_subnetwork_generates_what_our_forward_generates(trained, tmp_path):
+    """``export_subnetwork`` of a causal run: a checkpoint transformers opens as a causal LM,
+    whose greedy ``generate`` continues a prompt as a greedy loop over our forward with the
+    relation's mask applied, and that differs from the full model's weights."""
+    from lamp_jax import load_run
+    from tests.test_causal_models import _greedy
+
+    kind, model, _, workdir, _ = trained
+    run = load_run(workdir)
+    exported = run.export_subnetwork("P36", tmp_path / "P36")
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, attn_implementation="eager").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    prompt = np.asarray([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        theirs = torch_model.generate(torch.tensor(prompt), max_new_tokens=4, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id).numpy()
+    ours = _greedy(run.masked_params("P36"), run.mlm.config, prompt, 4)
+    np.testing.assert_array_equal(theirs, ours)
+    original = transformers.AutoModelForCausalLM.from_pretrained(model)
+    name = ("transformer.h.0.mlp.c_fc.weight" if kind == "gpt2"
+            else "model.layers.0.mlp.up_proj.weight")
+    pruned = dict(torch_model.named_parameters())[name].detach().numpy()
+    full = dict(original.named_parameters())[name].detach().numpy()
+    assert 0.05 < np.mean((pruned == 0) & (full != 0)) < 0.95  # the mask was applied
