@@ -8,9 +8,11 @@ Prompts, answers and ranking as configs/gpt2_trex.py. Masks: all seven matrices 
 ``key``, ``value``, ``attn_out``, ``ffn_gate``, ``ffn_in`` = up_proj, ``ffn_out`` = down_proj) of
 the upper half, layers 12..23: 14.9 M mask weights per layer, 179 M per relation. Weights and
 compute in bfloat16, Adam moments in bfloat16 (8 bytes per mask weight): 41 relations hold a
-58.7 GB training state, which fits an 80 GB device and not a 24 GB one; ``--config.data.
-relations=P19,P20,...`` trains fewer at once (each relation 1.43 GB), and
-``--config.relation_chunk`` bounds a step's transients (README, memory table).
+58.7 GB training state. By train.py's estimate (``python -m bench.memory_plan --model-config
+bench/model_configs/qwen2_5_0_5b.json --layers 12 23 --relations 41 --batch 16 --dtype
+bfloat16``) 37 of them fit at once in JAX's 75% of an 80 GB device, 8 in a 24 GB one, 3 in a
+16 GB one: train the others in a second run (``--config.data.relations=P19,P20,...``), or give
+JAX more of the card (``XLA_PYTHON_CLIENT_MEM_FRACTION``; README, memory table).
 """
 
 from lamp_jax.configs import gpt2_trex

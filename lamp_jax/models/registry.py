@@ -70,6 +70,9 @@ class Family:
     # lists them by default.
     matrices: Mapping[str, tuple[str, ...]]
     tokenizer_classes: Mapping[str, str]  # model_type -> AutoTokenizer's default class
+    # The FFN's widest activation is two intermediate widths (a gated MLP's input and gate:
+    # ModernBERT's GeGLU, Llama's SwiGLU): what a step's memory estimate counts.
+    gated_ffn: bool
 
     @property
     def default_matrices(self) -> tuple[str, ...]:
@@ -89,6 +92,7 @@ FAMILIES: dict[str, Family] = {
         key_table=bert_params.key_table,
         matrices=bert_modeling.MATRICES,
         tokenizer_classes=bert_params.TOKENIZER_CLASSES,
+        gated_ffn=False,
     ),
     "modernbert": Family(
         name="modernbert",
@@ -102,6 +106,7 @@ FAMILIES: dict[str, Family] = {
         key_table=modernbert_params.key_table,
         matrices=modernbert_modeling.MATRICES,
         tokenizer_classes=modernbert_params.TOKENIZER_CLASSES,
+        gated_ffn=True,
     ),
     "gpt2": Family(
         name="gpt2",
@@ -115,6 +120,7 @@ FAMILIES: dict[str, Family] = {
         key_table=gpt2_params.key_table,
         matrices=gpt2_modeling.MATRICES,
         tokenizer_classes=gpt2_params.TOKENIZER_CLASSES,
+        gated_ffn=False,
     ),
     "llama": Family(
         name="llama",
@@ -128,6 +134,7 @@ FAMILIES: dict[str, Family] = {
         key_table=llama_params.key_table,
         matrices=llama_modeling.MATRICES,
         tokenizer_classes=llama_params.TOKENIZER_CLASSES,
+        gated_ffn=True,
     ),
 }
 
