@@ -7,7 +7,7 @@ Needs internet (hub weights + the LAMA zip) and, practically, a GPU/TPU:
 A causal LM reads LAMA's template up to ``[Y]`` and predicts the object's tokens after it
 (``data.answers = "any_length"``: GPT-2's byte-level BPE splits most objects into several
 tokens); templates whose ``[Y]`` is not last are dropped and counted (``answer_not_last``,
-README: Causal LMs). Ranking orders each relation's objects by their tokens' summed
+README: Causal families). Ranking orders each relation's objects by their tokens' summed
 log-probability. Masks: GPT-2's four matrices (``qkv`` = c_attn, ``attn_out`` = attention
 c_proj, ``ffn_in`` = c_fc, ``ffn_out`` = mlp c_proj) of layers 6..11, the paper's upper half:
 42.5 M mask weights per relation, as bert-base's. The rest is configs/trex.py's recipe, with
