@@ -169,6 +169,53 @@ def fits_table(size: dict, relations: int, batch: int, length: int, dtype: str, 
                   f"  {'yes' if p['peak'] <= usable else 'NO'}")
 
 
+def state_table(model_config: str, first: int, last: int, matrices: list[str] | None,
+                relations: int, batch: int, length: int, dtype: str,
+                memories_gib: list[float]) -> None:
+    """Any family's training state from its ``config.json`` alone (``jax.eval_shape``: nothing
+    allocated): mask weights per relation, the state with float32 and bfloat16 moments, the
+    frozen weights, and for each device memory how many relations fit at once beside the
+    frozen weights and one relation's step transients (train.py's estimate,
+    :func:`lamp_jax.placement.step_transient_bytes`), in JAX's default 75% of the card."""
+    import json
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+
+    from lamp_jax.masks import MaskSpec
+    from lamp_jax.models.registry import config_from_hf_dict, family_of
+    from lamp_jax.placement import step_transient_bytes
+
+    config = config_from_hf_dict(json.loads(Path(model_config).read_text()))
+    family = family_of(config)
+    shapes = jax.eval_shape(lambda: family.init_params(config, jax.random.key(0), 8))
+    spec = MaskSpec.create(config, first, last, matrices)
+    mask_params = 0
+    for path in spec.paths():
+        leaf = shapes
+        for key in path:
+            leaf = leaf[key]
+        mask_params += math.prod(leaf.shape)
+    item = jnp.dtype(dtype).itemsize
+    frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) * item
+    transients = step_transient_bytes(config, batch, length, mask_params, jnp.dtype(dtype))
+    print(f"{Path(model_config).name} ({config.family}): masks on layers {first}..{last}, "
+          f"{', '.join(spec.matrices)}: {mask_params / 1e6:.1f} M mask weights per relation; "
+          f"frozen weights {frozen / 1e9:.2f} GB in {dtype}; one relation's step transients "
+          f"{transients / 1e9:.2f} GB (B={batch}, L={length})")
+    print(f"{'moments':>9} {'state/relation':>15} {f'state x {relations}':>12}  "
+          + "  ".join(f"{m:g} GB: relations at once" for m in memories_gib))
+    for moments, moment_bytes in (("float32", 4), ("bfloat16", 2)):
+        per_relation = mask_params * (4 + 2 * moment_bytes)
+        fits = [max(0, int((0.75 * m * 1e9 - frozen - transients) // per_relation))
+                for m in memories_gib]
+        print(f"{moments:>9} {per_relation / 1e9:>12.2f} GB {relations * per_relation / 1e9:>9.1f}"
+              " GB  " + "  ".join(f"{min(f, relations):>{len(f'{m:g} GB: relations at once')}}"
+                                   + ("" if f < relations else "")
+                                   for f, m in zip(fits, memories_gib, strict=True)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_step_arguments(parser)
@@ -179,11 +226,21 @@ def main() -> None:
                           help="new state reuses the old state's buffers (default: on "
                           "accelerators only, as jit_train_step does)")
     donation.add_argument("--no-donate", dest="donate", action="store_false")
+    parser.add_argument("--model-config", default=None,
+                        help="instead: any family's config.json (e.g. bench/model_configs/"
+                        "gpt2.json): its training state and what fits --devices")
+    parser.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"))
+    parser.add_argument("--matrices", nargs="+", default=None)
+    parser.add_argument("--devices", type=float, nargs="+", default=[16, 24, 80])
     parser.add_argument("--fits", type=float, nargs="+", metavar="GIB",
                         help="instead: for accelerators of these memories (e.g. 16 40 80), the "
                         "chunk train.py picks and the plan of the step with it, for float32 "
                         "and bfloat16 moments")
     args = parser.parse_args()
+    if args.model_config:
+        state_table(args.model_config, *args.layers, args.matrices, args.relations, args.batch,
+                    args.length, args.dtype, args.devices)
+        return
     size = SIZES[args.size]
     if args.fits:
         fits_table(size, args.relations, args.batch, args.length, args.dtype, args.mode,

@@ -27,7 +27,7 @@ from lamp_jax.models import LoadedMLM, family_of, load_mlm, mlm_forward, save_ml
 from lamp_jax.paths import as_path
 from lamp_jax.ranking import RankingResult, evaluate, make_rank_fn
 from lamp_jax.run_dir import RunDirectory
-from lamp_jax.setup import DTYPES
+from lamp_jax.setup import DTYPES, with_weights
 
 
 @dataclasses.dataclass
@@ -46,6 +46,7 @@ class Run:
     relation_labels: dict[str, str] = dataclasses.field(default_factory=dict)
     _batches: dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
     any_length: bool = False  # set once the batches are built (config.data.answers)
+    candidates: Any = None  # with answers of any length: each relation's candidate answers
 
     @property
     def shown_relations(self) -> tuple[str, ...]:
@@ -65,6 +66,7 @@ class Run:
             data = prepare_data(manifest.config, self.mlm.tokenizer, Path(manifest.data),
                                 log=lambda *_: None, causal=family_of(self.mlm.config).causal)
             self.any_length = data.candidates is not None
+            self.candidates = data.candidates
             for name, encoded in data.splits.items():
                 self._batches[name] = evaluation_batches(
                     manifest.config, self.mlm, data, encoded, {}, self.mlm.params, 0, None)
@@ -120,10 +122,20 @@ class Run:
         return apply_masks(self.mlm.params, logits_r, mode)
 
     def predict(self, prompt: str, relation: str | None = None, k: int = 5,
-                kind: str | None = None) -> list[tuple[str, float]]:
-        """Top-k tokens and probabilities at the prompt's ``[MASK]`` (write ``[MASK]`` for any
-        tokenizer). ``relation=None`` uses the full, unpruned model."""
+                kind: str | None = None, among: str | None = None) -> list[tuple[str, float]]:
+        """Top-k answers at the prompt's ``[MASK]`` (write ``[MASK]`` for any tokenizer) and
+        their probabilities. ``relation=None`` uses the full, unpruned model.
+
+        A run of single-token answers ranks the vocabulary at the mask. A run of answers of any
+        length (``config.data.answers``; every causal LM's) ranks the candidates of relation
+        ``among`` (default: ``relation``) by their tokens' summed log-probability, as its
+        evaluation does, and gives each its share of the candidates' probability mass; for a
+        causal LM ``[MASK]`` must end the prompt (punctuation aside)."""
         check_prompt(prompt)
+        params = self.mlm.params if relation is None else self.masked_params(relation, kind)
+        self.eval_batches("test")  # tells which ranking the run's data takes
+        if self.any_length:
+            return self._predict_candidates(prompt, params, among or relation, k)
         tokenizer = self.mlm.tokenizer
         text = prompt.replace("[MASK]", tokenizer.mask_token)
         encoded = tokenizer([text], return_tensors="np")
@@ -131,13 +143,39 @@ class Run:
         if len(positions) != 1:  # the tokenizer's own mask token was written too
             raise UsageError(f"the prompt must contain exactly one [MASK], and no "
                              f"{tokenizer.mask_token}: {prompt!r}")
-        params = self.mlm.params if relation is None else self.masked_params(relation, kind)
         logits = mlm_forward(params, encoded["input_ids"], encoded["attention_mask"],
                              config=self.mlm.config, output_positions=positions[:1],
                              dtype=self.mlm.dtype)["logits"][0]
         probs = jax.nn.softmax(logits)
         top = np.argsort(-np.asarray(probs))[:k]
         return [(tokenizer.convert_ids_to_tokens(int(t)), float(probs[t])) for t in top]
+
+    def _predict_candidates(self, prompt: str, params: Any, among: str | None, k: int
+                            ) -> list[tuple[str, float]]:
+        from lamp_jax.answer_ranking import make_candidate_fn, scoring_batches
+        from lamp_jax.data.answers import prompt_rows
+
+        if among is None:
+            raise UsageError("this run ranks each relation's candidate answers: name the "
+                             "relation whose candidates to rank (relation=... or among=...)")
+        r = self.relation_index(among)
+        causal = family_of(self.mlm.config).causal
+        rows = prompt_rows(prompt, r, len(self.relations), self.mlm.tokenizer,
+                           self.candidates, causal)
+        batches = scoring_batches(rows, self.candidates, np.zeros(1, np.int64),
+                                  len(self.relations), 1)
+        score = make_candidate_fn(self.mlm.config, self.mode, dtype=self.mlm.dtype)
+        scores = np.full(self.candidates.length.shape[1], -np.inf)
+        for batch in batches:
+            device = {key: v for key, v in batch.items()
+                      if key not in ("index", "prompt", "cand", "gold")}
+            got = np.asarray(score(None, params, device)["scores"])[r, 0]
+            own = batch["cand"][r, 0]
+            scores[own[own >= 0]] = got[own >= 0]
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        top = np.argsort(-scores)[:min(k, int(np.sum(np.isfinite(scores))))]
+        return [(self.candidates.texts[r][c], float(probs[c])) for c in top]
 
     def export_subnetwork(self, relation: str, directory: str | Path,
                           kind: str = "threshold") -> Path:
@@ -186,7 +224,8 @@ def load_run(workdir: str | Path, model: str | None = None) -> Run:
     manifest = directory.manifest()
     source = model or manifest.model
     with progress(total=1, desc=f"loading the model ({Path(source).name})", unit="model") as bar:
-        mlm = load_mlm(source, dtype=DTYPES[manifest.dtype])
+        # A run on a random-weight model (config.model_weights) gets the same weights back.
+        mlm = with_weights(load_mlm(source, dtype=DTYPES[manifest.dtype]), manifest.config)
         bar.update()
     return Run(as_path(workdir), mlm, manifest.relations, manifest.spec, manifest.eval_mode,
                directory.best_masks(), directory.metrics(), manifest.labels)

@@ -22,6 +22,7 @@ of independent random sets of the same sizes (:mod:`lamp_jax.analysis.stability`
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -29,13 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lamp_jax.analysis.baselines import object_fact_counts, prior_ranks
-from lamp_jax.analysis.control_masks import magnitude_masks, random_masks
+from lamp_jax.analysis.control_masks import magnitude_masks, pruned_counts, random_subset_mask
 from lamp_jax.analysis.evidence import paired_bootstrap
 from lamp_jax.analysis.stability import overlap_between_relations
 from lamp_jax.data.answers import gold_candidates
-from lamp_jax.hosts import to_host
+from lamp_jax.hosts import put_global, to_host
 from lamp_jax.masks import logit
-from lamp_jax.placement import shard_relations
+from lamp_jax.placement import relation_sharding
 from lamp_jax.ranking import DEFAULT_KS, RankingResult
 
 
@@ -47,21 +48,41 @@ def as_mask_logits(multipliers: Any, threshold: float) -> Any:
         np.float32), multipliers)
 
 
+def random_mask_logits(rng: np.random.Generator, best: Any, threshold: float,
+                       mesh: jax.sharding.Mesh) -> Any:
+    """One draw of random masks at the learned pruned count per (relation, matrix)
+    (:func:`~lamp_jax.analysis.control_masks.random_subset_mask`), as mask logits on the mesh.
+    Drawn and placed one leaf at a time: the host holds one leaf, not a copy of the masks
+    (Qwen2.5-0.5B's 179 M weights per relation: 0.7 GB per relation as float32)."""
+    counts = to_host(pruned_counts(best, threshold))
+
+    def leaf(g, k):
+        n = int(np.prod(g.shape[1:]))
+        host = np.stack([random_subset_mask(rng, n, int(k_r)).reshape(g.shape[1:])
+                         for k_r in k])
+        return put_global(as_mask_logits(host, threshold), relation_sharding(mesh))
+
+    return jax.tree.map(leaf, best, counts)
+
+
+@partial(jax.jit, static_argnames="threshold")
+def magnitude_mask_logits(frozen_params: Any, best: Any, threshold: float) -> Any:
+    """Magnitude masks at the learned pruned count, as mask logits, in one program (no copy of
+    the 0/1 masks beside them)."""
+    return as_mask_logits(magnitude_masks(frozen_params, best, threshold), threshold)
+
+
 def control_rankings(setup: Any, best: Any, split: str, draws: int, seed: int
                      ) -> dict[str, RankingResult | list[RankingResult]]:
     """The rankings of the control masks on ``split``: ``random`` (``draws`` of them, drawn on
     the host from ``seed``) and ``magnitude``, each at the learned binary masks' pruned count
     per (relation, matrix); and the ``prior``'s, which needs no model."""
     threshold = setup.mode.threshold
-
-    def score(multipliers):
-        logits = shard_relations(as_mask_logits(multipliers, threshold), setup.mesh)
-        return setup.scores(logits, split, "threshold")
-
     rng = np.random.default_rng((seed, 7))
-    host = to_host(best)
-    random = [score(random_masks(rng, host, threshold)) for _ in range(draws)]
-    magnitude = score(magnitude_masks(setup.frozen, best, threshold))
+    random = [setup.scores(random_mask_logits(rng, best, threshold, setup.mesh), split,
+                           "threshold") for _ in range(draws)]
+    magnitude = setup.scores(magnitude_mask_logits(setup.frozen, best, threshold), split,
+                             "threshold")
     train, held = setup.data.splits["train"], setup.data.splits[split]
     # The prior ranks what the run ranks: the vocabulary, or each relation's candidates.
     candidates = setup.data.candidates
@@ -106,12 +127,15 @@ def control_report(setup: Any, best: Any, split: str, full: RankingResult,
                  "pruned - magnitude": interval(ranks["magnitude"] == 1)}
     if random:
         intervals["pruned - random"] = interval(np.mean(ranks["random"] == 1, axis=0))
-    own = jax.tree.map(lambda g: g[:len(relations)], to_host(best))  # inert slots left out
-    overlap = overlap_between_relations(own, setup.spec, setup.mode.threshold)["total"]
+    overlap = overlap_between_relations(best, setup.spec, setup.mode.threshold,
+                                        len(relations))["total"]  # inert slots left out
     off = ~np.eye(len(relations), dtype=bool)
     summary = {
         "split": split, "protocol": setup.config.data.split,
         "subnetwork": setup.eval_mode.kind,
+        # What every ranking chooses among: the vocabulary (single tokens), whose typed variant
+        # is each relation's answers, or those answers themselves (answers of any length).
+        "ranking": "candidates" if setup.any_length else "vocabulary",
         "prior": controls["prior"].summary(),
         "full_typed": full.typed.summary(), "pruned_typed": pruned.typed.summary(),
         "magnitude_masks": controls["magnitude"].summary(),

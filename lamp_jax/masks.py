@@ -32,8 +32,8 @@ from lamp_jax.models import FAMILIES, ModelConfig, ModernBertConfig, family_of, 
 
 # Every family's maskable matrices: short name -> path inside a layer's params (each family's
 # ``MATRICES`` in its modeling.py, gathered by the model registry). A name means the same path
-# in every family that has it, so a spec's names need no family: BERT's query/key/value,
-# ModernBERT's fused qkv, and attn_out, ffn_in, ffn_out in both.
+# in every family that has it, so a spec's names need no family: query/key/value (BERT, Llama),
+# the fused qkv (ModernBERT, GPT-2), ffn_gate (Llama), and attn_out, ffn_in, ffn_out in all.
 MATRIX_PATHS: dict[str, tuple[str, ...]] = matrix_paths()
 # A MaskSpec's matrices when none are named: the BERT family's, the paper's.
 DEFAULT_MATRICES: tuple[str, ...] = FAMILIES["bert"].default_matrices

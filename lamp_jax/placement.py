@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lamp_jax.hosts import put_global
+from lamp_jax.models import family_of
 from lamp_jax.step import TrainState, init_train_state
 
 RELATION, DATA = "relation", "data"
@@ -277,8 +278,7 @@ def step_transient_bytes(model_config: Any, batch_size: int, length: int, mask_p
     """One relation's transients in a training step (:func:`transient_bytes_per_relation`)
     for batches of ``batch_size`` prompts padded to ``length`` tokens (every split of a run
     shares it) and ``mask_params`` mask weights per relation."""
-    # ModernBERT's fused Wi gives [input | gate]: twice the FFN width.
-    width = model_config.intermediate_size * (2 if model_config.family == "modernbert" else 1)
+    width = model_config.intermediate_size * (2 if family_of(model_config).gated_ffn else 1)
     size = activation_bytes(batch_size * length, width, model_config.hidden_size, dtype)
     return transient_bytes_per_relation(mask_params, size, model_config.num_layers)
 

@@ -40,6 +40,7 @@ from lamp_jax.data import Triple, read_ckbc
 from lamp_jax.errors import MissingFileError, UsageError
 from lamp_jax.hosts import is_main, main_log, progress, write_text
 from lamp_jax.masks import multiply_masks
+from lamp_jax.models import family_of
 from lamp_jax.paths import as_path, save_figure
 from lamp_jax.ranking import specialization_matrix
 from lamp_jax.run_dir import RunDirectory
@@ -202,6 +203,9 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
 
     def kbc_results() -> dict[str, Any]:
         results = {}
+        if run.any_length:  # it ranks single-token tails with a masked LM
+            return {"not computed": "knowledge-base completion ranks single-token tails with "
+                                    "a masked LM; this run ranks answers of any length"}
         if config.model == "embedded":
             triples, templates = world_triples()
             results["embedded world facts"] = kbc.knowledge_base_completion(
@@ -212,7 +216,10 @@ def write_report(workdir: str | os.PathLike, ckbc: str | None = None, max_size: 
         return results
 
     section("kbc", kbc_results)
-    if qa_file:
+    if qa_file and family_of(run.mlm.config).causal:
+        section("qa", lambda: {"not computed": "zero-shot QA scores choices by a masked LM's "
+                                               "pseudo-log-likelihood; this is a causal LM"})
+    elif qa_file:
         section("qa", lambda: qa_section(run, qa_file, qa_format, list(qa_relations), qa_method))
     bar.close()
     for name, result in sections.items():

@@ -120,6 +120,8 @@ def control_lines(controls: dict[str, Any]) -> str:
              "interval over held-out facts):"]
     for key, interval in controls["intervals"].items():
         other = key.removeprefix("pruned - ")
+        if other == "full_typed" and controls.get("ranking") == "candidates":
+            continue  # ranking each relation's answers, the typed ranking is the ranking
         macro = interval["macro"]
         score = f"{scores[other]:.3f}, " if scores.get(other) is not None else ""
         lines.append(f"  {names[other]:<18} {score}difference {macro['observed']:+.3f} "

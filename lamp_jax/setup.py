@@ -217,6 +217,18 @@ def noise_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1)
 
 
+def with_weights(mlm: LoadedMLM, config: ml_collections.ConfigDict) -> LoadedMLM:
+    """``mlm`` with the weights ``config.model_weights`` asks for: its own (``"pretrained"``),
+    or ``"random"``: the same architecture drawn as transformers initialises it
+    (:func:`lamp_jax.models.init_like_transformers`, the family's own rules), from
+    ``config.seed``: the control of a model that knows nothing."""
+    if config.get("model_weights", "pretrained") == "pretrained":
+        return mlm
+    params = family_of(mlm.config).random_params(
+        mlm.config, jax.random.fold_in(jax.random.key(config.seed), 2))
+    return dataclasses.replace(mlm, params=jax.tree.map(lambda x: x.astype(mlm.dtype), params))
+
+
 def load_model_and_data(config: ml_collections.ConfigDict, log=print, *,
                         sources: tuple[str, Path] | None = None, mlm: LoadedMLM | None = None,
                         data: PreparedData | None = None
@@ -229,10 +241,11 @@ def load_model_and_data(config: ml_collections.ConfigDict, log=print, *,
     if mlm is None:
         with progress(total=1, desc=f"loading the model ({Path(model_source).name})",
                       unit="model") as bar:
-            mlm = load_mlm(model_source, dtype=DTYPES[config.dtype])
+            mlm = with_weights(load_mlm(model_source, dtype=DTYPES[config.dtype]), config)
             bar.update()
     log(f"model: {model_source} ({mlm.config.family}, {mlm.config.num_layers} layers, "
-        f"hidden {mlm.config.hidden_size}); data: {data_path}")
+        f"hidden {mlm.config.hidden_size}, {config.get('model_weights', 'pretrained')} "
+        f"weights); data: {data_path}")
     if data is None:
         data = prepare_data(config, mlm.tokenizer, data_path, log,
                             causal=family_of(mlm.config).causal)

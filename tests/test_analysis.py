@@ -226,8 +226,8 @@ def test_report_sections_agree_with_independent_computations(run_dir, run, world
                        qa_relations=qa_relations, qa_method="soft")
     index = (out / "index.md").read_text()
     figures = sorted(p.name for p in out.glob("*.png"))
-    assert figures == ["attention.png", "combination.png", "representations.png",
-                       "specialization.png"]
+    assert figures == ["attention.png", "combination.png", "overlap.png", "representations.png",
+                       "sparsity_curve.png", "specialization.png"]
     assert sorted(re.findall(r"\]\(([^)]+\.png)\)", index)) == figures
     assert "Zero-shot multiple-choice QA" in index
     section = {name: json.loads((out / f"{name}.json").read_text())

@@ -301,11 +301,12 @@ def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_a_missing_file(tmp_
 def test_an_unsupported_model_type_names_it_and_the_supported_ones(tmp_path):
     _save(_hf_model("bert"), tmp_path, "safetensors")
     hf = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
-    with pytest.raises(UsageError, match="model_type 'gpt2' is not supported") as err:
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "t5"}))
+    with pytest.raises(UsageError, match="model_type 't5' is not supported") as err:
         load_mlm(tmp_path, load_tokenizer=False)
     assert str(tmp_path / "config.json") in str(err.value)
-    for model_type in ("bert", "roberta", "distilbert", "modernbert"):
+    for model_type in ("bert", "roberta", "distilbert", "modernbert", "gpt2", "llama", "qwen2",
+                       "qwen3"):
         assert model_type in str(err.value).split("lamp-jax reads ")[1].split(", ")
 
 

@@ -123,6 +123,32 @@ def make_modernbert_tokenizer(
     return tokenizer
 
 
+def make_causal_tokenizer(
+    tmp_dir: str | os.PathLike[str], words: Iterable[str], bos: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Byte-level BPE in a causal LM's layout: GPT-2's (no special tokens added, ``bos=None``)
+    or Llama 3's (``bos="<|begin_of_text|>"`` starts every text). Each listed word after a
+    space is one token; anything else (a word at the start, a word not listed) splits into
+    bytes, so objects of several tokens occur as they do with real BPE vocabularies."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    end = "<|endoftext|>"
+    vocab, merges = _byte_level_bpe(words, (end,) + ((bos,) if bos else ()))
+    bpe = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos or end,
+                                        eos_token=end, unk_token=None, pad_token=end)
+    tokenizer.save_pretrained(str(tmp_dir))
+    return tokenizer
+
+
 def _byte_level_bpe(words: Iterable[str], specials: Iterable[str]
                     ) -> tuple[dict[str, int], list[str]]:
     """``specials``, the 256 byte symbols, then ``Ġ<word>`` for every word, built by merges."""

@@ -40,21 +40,31 @@ def pca_2d(points: np.ndarray) -> np.ndarray:
     return centered @ vt[:2].T
 
 
+def answer_positions(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """``[R, B]`` where each prompt's answer is predicted: its [MASK] (the first of an answer's
+    masks), or for a causal LM the last token before the answer."""
+    positions = batch["mask_pos"] if "mask_pos" in batch else batch["positions"]
+    return positions if positions.ndim == 2 else positions[..., 0]
+
+
 def mask_states(mlm: Any, batch: dict[str, np.ndarray], mask_logits: Any | None,
                 mode: MaskMode) -> tuple[np.ndarray, np.ndarray]:
     """Last-layer [MASK] states ``[R, B, H]`` and [MASK]'s last-layer attention (head mean)
-    ``[R, B, L]``; with ``mask_logits`` each relation's prompts use that relation's subnetwork."""
+    ``[R, B, L]`` (for answers of several tokens, at the first of them; for a causal LM at the
+    token before the answer); with ``mask_logits`` each relation's prompts use that relation's
+    subnetwork."""
 
     def one(g, b):
         params = mlm.params if g is None else apply_masks(mlm.params, g, mode)
         out = mlm_forward(params, b["input_ids"], b["attention_mask"], config=mlm.config,
                           output_hidden_states=True, output_attentions=True, dtype=mlm.dtype)
         rows = jnp.arange(b["input_ids"].shape[0])
-        state = out["hidden_states"][-1][rows, b["mask_pos"]]
-        attention = out["attentions"][-1].mean(axis=1)[rows, b["mask_pos"]]
+        state = out["hidden_states"][-1][rows, b["position"]]
+        attention = out["attentions"][-1].mean(axis=1)[rows, b["position"]]
         return state, attention
 
-    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "index"}
+    arrays = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask")}
+    arrays["position"] = jnp.asarray(answer_positions(batch))
     if mask_logits is None:
         states, attention = jax.vmap(lambda b: one(None, b))(arrays)
     else:

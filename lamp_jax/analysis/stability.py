@@ -49,11 +49,14 @@ class Overlap:
     ratio: np.ndarray
 
 
-def pruned_sets(mask_logits: Mapping[str, Any], spec: MaskSpec, threshold: float = 0.5
-                ) -> dict[str, np.ndarray]:
+def pruned_sets(mask_logits: Mapping[str, Any], spec: MaskSpec, threshold: float = 0.5,
+                relations: int | None = None) -> dict[str, np.ndarray]:
     """``{"layer_<i>/<matrix>": [R, n] bool}``: the entries each relation's binary mask
-    prunes (``G <= logit(threshold)``, as :func:`lamp_jax.masks.sparsity_stats`)."""
-    return {f"layer_{i}/{m}": (to_host(leaf) <= logit(threshold)).reshape(leaf.shape[0], -1)
+    prunes (``G <= logit(threshold)``, as :func:`lamp_jax.masks.sparsity_stats`), for the
+    first ``relations`` of the leading axis (default: all; a run's inert slots left out). One
+    leaf at a time comes to the host, as 1 byte per weight."""
+    return {f"layer_{i}/{m}": (to_host(leaf)[:relations] <= logit(threshold)).reshape(
+                min(relations or leaf.shape[0], leaf.shape[0]), -1)
             for i, m, leaf in iter_masks(mask_logits, spec)}
 
 
@@ -122,10 +125,11 @@ def _pairwise(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray],
 
 
 def overlap_between_relations(mask_logits: Mapping[str, Any], spec: MaskSpec,
-                              threshold: float = 0.5) -> dict[str, Overlap]:
+                              threshold: float = 0.5, relations: int | None = None
+                              ) -> dict[str, Overlap]:
     """Per matrix and ``total``: ``[R, R]`` overlaps of relation a's and relation b's pruned
-    sets in one run (symmetric)."""
-    sets = pruned_sets(mask_logits, spec, threshold)
+    sets in one run (symmetric), for the first ``relations`` (default: all)."""
+    sets = pruned_sets(mask_logits, spec, threshold, relations)
     num = next(iter(sets.values())).shape[0]
     pairs = list(itertools.combinations_with_replacement(range(num), 2))
     flat = _pairwise(sets, sets, pairs)

@@ -306,3 +306,26 @@ def scoring_rows(encoded: EncodedPrompts, tokenizer: Any, candidates: Candidates
                                np.asarray([r for *_, r, _ in rows], np.int32),
                                np.asarray([p for *_, p in rows], np.int32)))
     return out
+
+
+def prompt_rows(prompt: str, relation: int, num_relations: int, tokenizer: Any,
+                candidates: Candidates, causal: bool) -> list[ScoringRows]:
+    """:func:`scoring_rows` of one prompt (``[MASK]`` where the answer goes) against relation
+    ``relation``'s candidates: what ``load_run(...).predict`` ranks. A causal LM reads the text
+    before ``[MASK]``, which must end it (punctuation aside)."""
+    from lamp_jax.errors import UsageError
+
+    text = prompt
+    if causal:
+        before, after = prompt.split(MASK)
+        if not _TRAILING_PUNCTUATION.match(after):
+            raise UsageError(f"a causal LM reads the answer after the prompt: [MASK] must end "
+                             f"it (punctuation aside): {prompt!r}")
+        text = before.rstrip()
+    one = EncodedPrompts(
+        input_ids=np.zeros((1, 8), np.int32), attention_mask=np.zeros((1, 8), np.int32),
+        mask_pos=np.zeros((1, candidates.ids.shape[2]), np.int32),
+        obj_id=np.zeros((1, candidates.ids.shape[2]), np.int32),
+        relation=np.asarray([relation], np.int32), fact_index=np.zeros(1, np.int32),
+        relations=tuple(str(i) for i in range(num_relations)), texts=(text,))
+    return scoring_rows(one, tokenizer, candidates, causal)

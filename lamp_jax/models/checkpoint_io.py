@@ -247,7 +247,8 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedMLM:
-    """A loaded masked LM: params pytree, architecture, tokenizer and where it came from."""
+    """A loaded model (masked or causal LM): params pytree, architecture, tokenizer and where
+    it came from."""
 
     params: Any
     config: Any  # the family's config class
@@ -269,13 +270,15 @@ def load_mlm(
     strict: bool = True,
     load_tokenizer: bool = True,
 ) -> LoadedMLM:
-    """Loads a BERT / RoBERTa / DistilBERT / ModernBERT masked LM from the hub or a local
-    directory.
+    """Loads a model of any family from the hub or a local directory: a BERT / RoBERTa /
+    DistilBERT / ModernBERT masked LM, or a GPT-2 / Llama / Qwen2 / Qwen3 causal LM
+    (``FAMILIES[family_of(mlm.config).name].causal`` says which kind it is).
 
     Args:
-      name_or_path: hub id (``"bert-base-uncased"``, ``"answerdotai/ModernBERT-base"``) or a
-        directory with ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin`` (torch
-        is not needed for either).
+      name_or_path: hub id (``"bert-base-uncased"``, ``"answerdotai/ModernBERT-base"``,
+        ``"distilgpt2"``, ``"Qwen/Qwen2.5-0.5B"``) or a directory with ``config.json`` and
+        ``model.safetensors``, ``pytorch_model.bin`` or their sharded form with an
+        ``*.index.json`` (torch is not needed for any).
       dtype: dtype of params and compute (``jnp.bfloat16`` halves memory; logits stay float32).
       strict: refuse checkpoints carrying tensors the model does not use (known extras such
         as BERT's pooler and next-sentence head are always accepted).
@@ -298,28 +301,67 @@ def load_mlm(
 
 # The tokenizer class transformers' AutoTokenizer gives each model type's checkpoint when
 # neither tokenizer_config.json nor config.json names one (its TOKENIZER_MAPPING_NAMES; a test
-# holds the two equal), from every family's params.py.
+# holds the two equal), from every family's params.py. A model type it has none for gets
+# TokenizersBackend.
 TOKENIZER_CLASSES = tokenizer_classes()
+# The model types lamp-jax reads whose hub checkpoints AutoTokenizer knows to name a wrong class
+# (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS; a test holds the two equal): they get
+# TOKENIZER_CLASSES' class whatever they name.
+HUB_CLASS_IGNORED = frozenset({"modernbert", "qwen2"})
+# Classes that stand for transformers' generic tokenizer over a tokenizer.json.
+_GENERIC = ("TokenizersBackend", "PythonBackend", "PreTrainedTokenizerFast")
+
+
+def tokenizer_class_name(directory: str | Path, hf_config: dict[str, Any]) -> str:
+    """The name of the tokenizer class ``AutoTokenizer`` (transformers 5) picks for a checkpoint
+    directory, by its rules for the model types lamp-jax reads:
+
+    1. a ``LlamaTokenizer(Fast)`` named over a byte-level ``tokenizer.json`` (Llama 3 style)
+       is ``TokenizersBackend`` (``LlamaTokenizer`` would pre-tokenise as SentencePiece);
+    2. a class named that differs from the model type's own one (:data:`TOKENIZER_CLASSES`):
+       the model type's when :data:`HUB_CLASS_IGNORED` lists it, else the one named, and
+       ``TokenizersBackend`` where that is generic;
+    3. else the class ``tokenizer_config.json`` names, else ``config.json``'s, else the model
+       type's own, else ``TokenizersBackend``.
+    """
+    directory = Path(directory)
+    tokenizer_config = directory / "tokenizer_config.json"
+    named_in_tokenizer = (json.loads(tokenizer_config.read_text()).get("tokenizer_class")
+                          if tokenizer_config.exists() else None)
+    named = named_in_tokenizer or hf_config.get("tokenizer_class")
+    model_type = hf_config.get("model_type")
+    registered = TOKENIZER_CLASSES.get(model_type)
+    if named and named.removesuffix("Fast") == "LlamaTokenizer" and (
+            model_type not in HUB_CLASS_IGNORED and _byte_level(directory / "tokenizer.json")):
+        return "TokenizersBackend"
+    if named and registered and named.removesuffix("Fast") != registered.removesuffix("Fast"):
+        if registered in _GENERIC:
+            return "TokenizersBackend"
+        chosen = registered if model_type in HUB_CLASS_IGNORED else named
+        return "TokenizersBackend" if chosen in _GENERIC else chosen
+    return named or registered or "TokenizersBackend"
+
+
+def _byte_level(tokenizer_json: Path) -> bool:
+    """Whether a ``tokenizer.json`` declares a ByteLevel pre-tokeniser or decoder, asked as
+    transformers' ``TokenizersBackend._tokenizer_json_has_byte_level`` asks it."""
+    return tokenizer_json.exists() and '"ByteLevel"' in tokenizer_json.read_text(
+        encoding="utf-8")
 
 
 def load_tokenizer_of(directory: str | Path, hf_config: dict[str, Any] | None = None) -> Any:
-    """The transformers tokenizer of a checkpoint directory, the one ``AutoTokenizer`` picks:
-    the class its ``tokenizer_config.json`` names, else its ``config.json``, else the family's
-    (:data:`TOKENIZER_CLASSES`), imported alone. ``AutoTokenizer`` itself imports transformers'
-    model code and, where torch is installed, torch: 1.6 s and 190 MB more in every process
-    (measured on the embedded model), for a tokenizer that needs neither. ``hf_config``: the
-    directory's ``config.json``, when the caller has read it already."""
+    """The transformers tokenizer of a checkpoint directory, the one ``AutoTokenizer`` picks
+    (:func:`tokenizer_class_name`), imported alone. ``AutoTokenizer`` itself imports
+    transformers' model code and, where torch is installed, torch: 1.6 s and 190 MB more in
+    every process (measured on the embedded model), for a tokenizer that needs neither.
+    ``hf_config``: the directory's ``config.json``, when the caller has read it already."""
     import transformers
 
     directory = Path(directory)
     if hf_config is None:
         hf_config = json.loads((directory / "config.json").read_text())
-    named = [hf_config.get("tokenizer_class"), TOKENIZER_CLASSES.get(hf_config.get("model_type"))]
-    tokenizer_config = directory / "tokenizer_config.json"
-    if tokenizer_config.exists():
-        named.insert(0, json.loads(tokenizer_config.read_text()).get("tokenizer_class"))
-    name = next((n for n in named if n), None)
-    cls = getattr(transformers, name, None) if name else None
+    name = tokenizer_class_name(directory, hf_config)
+    cls = getattr(transformers, name, None)
     if cls is None:  # a class this transformers does not export by name: let it resolve
         cls = transformers.AutoTokenizer
     return cls.from_pretrained(str(directory))
@@ -330,7 +372,9 @@ def save_mlm(
 ) -> Path:
     """Saves our params as a Hugging Face checkpoint (config.json + model.safetensors).
 
-    The result loads with :func:`load_mlm` and with transformers' ``AutoModelForMaskedLM``.
+    The result loads with :func:`load_mlm` and with transformers: a masked family's with
+    ``AutoModelForMaskedLM``, a causal family's (``FAMILIES[...].causal``) with
+    ``AutoModelForCausalLM``.
     """
     from safetensors.numpy import save_file
 

@@ -51,16 +51,17 @@ class KeyTable:
 
 
 def layer_rows(encoder_rows: Iterable[Row], head_rows: Iterable[Row], prefix: str,
-               num_layers: int, tie_word_embeddings: bool, decoder_weight: str) -> list[Row]:
+               num_layers: int, tie_word_embeddings: bool, decoder_weight: str,
+               decoder_path: str = "mlm_head/decoder/kernel") -> list[Row]:
     """A family's table written once per layer (``{i}`` in both names) made concrete: the
     encoder rows for every layer under ``prefix``, then the head's, then the untied decoder's
-    kernel when there is one."""
+    kernel (our ``decoder_path``, a linear layer's weight) when there is one."""
     rows = [(ours.format(i=i), f"{prefix}.{theirs.format(i=i)}", kind)
             for ours, theirs, kind in encoder_rows
             for i in (range(num_layers) if "{i}" in ours else [None])]
     rows += list(head_rows)
     if not tie_word_embeddings:
-        rows.append(("mlm_head/decoder/kernel", decoder_weight, LINEAR))
+        rows.append((decoder_path, decoder_weight, LINEAR))
     return rows
 
 

@@ -3,8 +3,9 @@
 * :class:`DenseParams` and :func:`dense`: a dense layer whose params are ``nn.Dense``'s and
   whose matmul runs on rows, so several kernels can be applied as one;
 * :func:`activation`: the activations by their transformers names, GELU as PyTorch's exact erf;
-* :func:`rotary_tables` / :func:`apply_rotary`: rotary position embeddings (the ``rotate_half``
-  convention of transformers' BERT-style encoders and of its Llama-style decoders);
+* :func:`rotary_tables` / :func:`rotary_tables_of` / :func:`apply_rotary`: rotary position
+  embeddings (the ``rotate_half`` convention of transformers' BERT-style encoders and of its
+  Llama-style decoders; the scaled variants' frequencies are in ``lamp_jax.models.rope``);
 * :func:`additive_bias`: an attention bias from a boolean "may attend" array;
 * :func:`run_layers` and :func:`rows_at`: the layer loop every ``mlm_forward`` shares, which can
   start from a cached hidden state, stop early (the frozen prefix) and compute the model's last
@@ -37,6 +38,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu
+    if name in ("silu", "swish"):
+        return jax.nn.silu
     raise ValueError(f"unsupported activation {name!r}")
 
 
@@ -70,9 +73,13 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Any,
         return y if bias is None else y + bias.astype(dtype)
 
 
-def concat_dense(*layers: tuple[jax.Array, jax.Array | None]) -> tuple[jax.Array, jax.Array]:
-    """Kernels side by side [in, sum(out)], biases likewise (the layers must all have biases)."""
+def concat_dense(*layers: tuple[jax.Array, jax.Array | None]
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    """Kernels side by side [in, sum(out)], biases likewise; the layers must all have biases,
+    or none (then the bias is None)."""
     kernels, biases = zip(*layers, strict=True)
+    if all(b is None for b in biases):
+        return jnp.concatenate(kernels, axis=-1), None
     return jnp.concatenate(kernels, axis=-1), jnp.concatenate(biases, axis=-1)
 
 
@@ -81,18 +88,34 @@ def take_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, positions[..., None], axis=1)
 
 
+def default_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """Rotary inverse frequencies ``1 / theta^(2j / d)``, ``j < d / 2``, in float32 as
+    transformers computes them."""
+    return 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                        / np.float32(head_dim)))
+
+
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float
                   ) -> tuple[jax.Array, jax.Array]:
-    """``cos``, ``sin`` ``[..., head_dim]`` (float32) for integer ``positions`` ``[...]``.
+    """``cos``, ``sin`` ``[..., head_dim]`` (float32) for integer ``positions`` ``[...]``, with
+    the default inverse frequencies (:func:`default_inverse_frequencies`)."""
+    return rotary_tables_of(positions, default_inverse_frequencies(head_dim, theta))
 
-    As transformers: inverse frequencies ``1 / theta^(2j / d)`` in float32, each angle used for
-    both halves of the head (the ``rotate_half`` convention, not interleaved pairs).
+
+def rotary_tables_of(positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0
+                     ) -> tuple[jax.Array, jax.Array]:
+    """``cos``, ``sin`` ``[..., 2 * len(inv_freq)]`` (float32) for integer ``positions``.
+
+    As transformers: each angle ``position * inv_freq[j]`` is used for both halves of the head
+    (the ``rotate_half`` convention, not interleaved pairs); ``scaling`` multiplies both tables
+    (the ``attention_scaling`` of YaRN, 1 for every other rotary variant).
     """
-    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                            / np.float32(head_dim)))
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scaling != 1.0:
+        cos, sin = cos * jnp.float32(scaling), sin * jnp.float32(scaling)
+    return cos, sin
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -269,26 +269,34 @@ def train_group(base: ml_collections.ConfigDict, workdir: Any, fixed: dict[str, 
 
     # Reports, run by run, as train.py makes them: the group's state is gone by now.
     del state, metrics, pending
-    full = setup.scores(None, "test")
+    write_reports(group, setup, history, [b.score() for b in best], clock)
+    states.close()
+    for b in best:
+        b.close()
+    return {"steps": setup.num_steps, "phase_seconds": dict(clock.seconds)}
+
+
+def write_reports(group: Group, setup: TrainSetup, history: Sequence[list[dict[str, Any]]],
+                  best_scores: Sequence[float | None], clock: PhaseClock) -> None:
+    """Each run's final files, as train.py writes its own: masks.npz, the controls' per-prompt
+    ranks and metrics.json (its final report, history, best dev score, resumes, changes of
+    configuration)."""
+    full = setup.scores(None, "test")  # the same for every run: computed once
     summaries = []
     for v, directory in enumerate(group.directories):
         best_masks = directory.best_masks(setup.mask_layout)
         report = final_report(setup, best_masks, "test", full=full)
-        directory.write_masks(best_masks, setup.spec, relations, setup.mode.threshold)
+        directory.write_masks(best_masks, setup.spec, setup.relations, setup.mode.threshold)
         if report.prompt_ranks is not None:
             directory.write_prompt_ranks(report.prompt_ranks, "test")
         summaries.append(dict(report.summary, history=history[v],
-                              best_dev_macro_P1=best[v].score(),
+                              best_dev_macro_P1=best_scores[v],
                               resumed_from=directory.resumes(),
                               config_changes=directory.recorded_config_changes(),
                               steps=setup.num_steps))
     clock.lap("report")
     for directory, summary in zip(group.directories, summaries, strict=True):
         directory.write_metrics(dict(summary, resources=clock.resources()))
-    states.close()
-    for b in best:
-        b.close()
-    return {"steps": setup.num_steps, "phase_seconds": dict(clock.seconds)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,6 +82,7 @@ class BertConfig:
     pad_token_id: int = 0
     hidden_act: str = "gelu"
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02  # the std of transformers' random init
 
     def __post_init__(self) -> None:
         if self.family not in VARIANTS:
@@ -113,6 +114,7 @@ class BertConfig:
                 pad_token_id=hf.get("pad_token_id", 0),
                 hidden_act=hf.get("activation", "gelu"),
                 tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                initializer_range=hf.get("initializer_range", 0.02),
             )
         if model_type in ("roberta", "xlm-roberta", "camembert"):
             family = "roberta"
@@ -136,10 +138,19 @@ class BertConfig:
             pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
             hidden_act=hf.get("hidden_act", "gelu"),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            initializer_range=hf.get("initializer_range", 0.02),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The inverse of :meth:`from_hf_dict` (used when we save our own models)."""
+        """The inverse of :meth:`from_hf_dict` (used when we save our own models).
+        ``initializer_range`` is written only when it is not transformers' default 0.02, so
+        that a default model's config.json (and a run's manifest) stays as it was."""
+        hf = self._hf_dict()
+        if self.initializer_range != 0.02:
+            hf["initializer_range"] = self.initializer_range
+        return hf
+
+    def _hf_dict(self) -> dict[str, Any]:
         if self.family == "distilbert":
             return {
                 "model_type": "distilbert",

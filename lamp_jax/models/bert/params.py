@@ -107,6 +107,7 @@ _LEGACY_RENAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"),
 # The tokenizer class transformers' AutoTokenizer gives each model type's checkpoint when
 # neither tokenizer_config.json nor config.json names one (its TOKENIZER_MAPPING_NAMES).
 TOKENIZER_CLASSES = {"bert": "BertTokenizer", "roberta": "RobertaTokenizer",
+                     "xlm-roberta": "XLMRobertaTokenizer", "camembert": "CamembertTokenizer",
                      "distilbert": "BertTokenizer"}
 
 

@@ -107,6 +107,8 @@ class ModernBertConfig:
     hidden_act: str = "gelu"  # the MLP's activation (transformers: hidden_activation)
     classifier_act: str = "gelu"  # the head's activation (classifier_activation)
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02  # transformers' random init: truncated normals of this std
+    initializer_cutoff_factor: float | None = 2.0  # ... cut at this many stds (None: 3)
     pad_token_id: int = 50283
     bos_token_id: int | None = 50281
     eos_token_id: int | None = 50282
@@ -182,6 +184,8 @@ class ModernBertConfig:
             hidden_act=hf.get("hidden_activation", "gelu"),
             classifier_act=hf.get("classifier_activation", "gelu"),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            initializer_range=hf.get("initializer_range", 0.02),
+            initializer_cutoff_factor=hf.get("initializer_cutoff_factor", 2.0),
             pad_token_id=hf.get("pad_token_id", 50283),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
@@ -191,7 +195,16 @@ class ModernBertConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """transformers 5's ``config.json`` for this model (the inverse of
-        :meth:`from_hf_dict`; dropout and initialiser settings take transformers' defaults)."""
+        :meth:`from_hf_dict`; dropouts take transformers' defaults, and so do the initialiser
+        settings where they have them: those are written only when they differ, so that a
+        default model's config.json (and a run's manifest) stays as it was)."""
+        hf = self._hf_dict()
+        for name, default in (("initializer_range", 0.02), ("initializer_cutoff_factor", 2.0)):
+            if getattr(self, name) != default:
+                hf[name] = getattr(self, name)
+        return hf
+
+    def _hf_dict(self) -> dict[str, Any]:
         return {
             "model_type": "modernbert",
             "architectures": ["ModernBertForMaskedLM"],
