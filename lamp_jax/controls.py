@@ -162,8 +162,9 @@ def _draws_summary(results: list[RankingResult]) -> dict[str, Any]:
         out[key] = float(np.mean(values))
         out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         out[f"{key}_per_draw"] = values
-    per_relation = np.nanmean([r.precision_at(1) for r in results], axis=0)
-    out["per_relation_P@1"] = {rel: float(p) for rel, p in zip(results[0].relations,
-                                                                per_relation, strict=True)
-                               if not np.isnan(p)}
+    # A relation without held-out prompts has NaN in every draw: it is left out, not averaged.
+    per_draw = np.asarray([r.precision_at(1) for r in results])
+    out["per_relation_P@1"] = {rel: float(column.mean()) for rel, column in
+                               zip(results[0].relations, per_draw.T, strict=True)
+                               if not np.isnan(column).all()}
     return out

@@ -49,6 +49,9 @@ PREEMPTED_EXIT = 75
 # barrier error: "barrier ... already ongoing" is a bug in this process, and must say so.
 _PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "heartbeat",
                        "task is set to error", "unavailable:", "tasks have crashed")
+# How the runtime's status text begins when another library re-raises it as its own type.
+_RUNTIME_STATUS_PREFIXES = ("unknown:", "internal:", "unavailable:", "aborted:",
+                            "deadline_exceeded:")
 
 
 def distributed_requested(flag: bool, environ: dict[str, str] | None = None) -> bool:
@@ -253,11 +256,23 @@ def return_free_memory() -> bool:
 
 def is_peer_failure(err: BaseException) -> bool:
     """Whether ``err`` says that another process of the run is gone (a collective or barrier
-    lost its peer), as opposed to a bug or bad input in this process."""
-    if not isinstance(err, jax.errors.JaxRuntimeError):
-        return False
-    text = str(err).lower()
-    return any(sign in text for sign in _PEER_FAILURE_SIGNS)
+    lost its peer), as opposed to a bug or bad input in this process.
+
+    The runtime's error may reach us wrapped: a checkpoint write that was in a collective when
+    the peer died is a :class:`~lamp_jax.errors.StorageError` whose cause is what the checkpoint
+    library re-raised (a ``ValueError`` carrying the runtime's ``UNKNOWN: Gloo ...`` text). So
+    the whole chain is read; a plain Python error counts only with the runtime's status prefix
+    and a peer sign in its text."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err).lower()
+        runtime_status = isinstance(err, jax.errors.JaxRuntimeError) or \
+            text.lstrip().startswith(_RUNTIME_STATUS_PREFIXES)
+        if runtime_status and any(sign in text for sign in _PEER_FAILURE_SIGNS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # The ids this process passes to JAX's preemption sync point, one per call, increasing over the

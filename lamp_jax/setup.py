@@ -260,7 +260,7 @@ def setup_evaluation(config: ml_collections.ConfigDict, log=print, *,
     """Everything ranking masks of ``config``'s run needs, for ``splits``. ``state_bytes``:
     the training state the caller will hold on the devices beside a step (default: the mask
     logits alone); the relation chunk is sized to the memory left. ``lap`` is told when the
-    "load" and "prefix" phases end (:class:`lamp_jax.loop.PhaseClock`); ``sources``, ``mlm``
+    "load" and "prefix" phases end (:class:`lamp_jax.phase_clock.PhaseClock`); ``sources``, ``mlm``
     and ``data`` as :func:`load_model_and_data` takes them. The configuration is taken as
     valid: callers check it first, before they write anything
     (:func:`lamp_jax.config_checks.validate_config`)."""

@@ -71,7 +71,8 @@ def embedded_run_dir(tmp_path_factory) -> Path:
 
 # A short run of the embedded default (9 steps, checkpoints at 3, 6 and 9): the uninterrupted
 # reference of the storage-fault and workdir-lock drills.
-SHORT_RUN_ARGS = ("--config.epochs=3", "--config.plots=False", "--config.specialization=False")
+SHORT_RUN_ARGS = ("--config.epochs=3", "--config.plots=False", "--config.specialization=False",
+                  "--config.controls.enabled=False")
 
 
 @pytest.fixture(scope="session")

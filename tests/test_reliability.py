@@ -61,7 +61,7 @@ def test_malformed_line_stops_with_file_and_line_or_is_skipped_and_counted(
     said = []
     summary = train_and_evaluate(
         _config(model_dir, **{"data.source": str(data), "data.on_error": "skip",
-                              "specialization": False, "plots": False}),
+                              "specialization": False, "plots": False, "controls.enabled": False}),
         tmp_path / "b", log=said.append)
     assert "malformed lines skipped 1" in said[1]
     assert summary["test"]["full"]["count"] > 0
@@ -91,7 +91,8 @@ def test_a_relation_losing_every_prompt_is_skipped_and_counted_when_none_were_li
     data = _write(tmp_path / "data.jsonl", _fixture_lines() + made_of)
     said = []
     summary = train_and_evaluate(_config(model_dir, **{"data.source": str(data),
-                                                       "specialization": False, "plots": False}),
+                                                       "specialization": False, "plots": False,
+                                                       "controls.enabled": False}),
                                  tmp_path / "w", log=said.append)
     assert "MadeOf" not in summary["relations"] and "AtLocation" in summary["relations"]
     assert any("relations skipped: 1 (MadeOf): every prompt was dropped at encoding" in line
@@ -101,7 +102,8 @@ def test_a_relation_losing_every_prompt_is_skipped_and_counted_when_none_were_li
 def test_relations_not_requested_are_counted_not_trained(model_dir, tmp_path):
     said = []
     config = _config(model_dir, **{"data.relations": ("AtLocation", "IsA"),
-                                   "specialization": False, "plots": False})
+                                   "specialization": False, "plots": False,
+                                   "controls.enabled": False})
     summary = train_and_evaluate(config, tmp_path, log=said.append)
     assert summary["relations"] == ["AtLocation", "IsA"]
     assert "facts of unrequested relations skipped: CapableOf=" in said[1]
@@ -143,7 +145,8 @@ def test_nan_stops_with_step_and_relation_or_is_skipped(model_dir, tmp_path):
         train_and_evaluate(_config(model_dir, model=str(broken)), tmp_path / "a", **QUIET)
     said = []
     train_and_evaluate(_config(model_dir, model=str(broken), on_nonfinite="skip",
-                               specialization=False, plots=False), tmp_path / "b",
+                               specialization=False, plots=False,
+                               **{"controls.enabled": False}), tmp_path / "b",
                        log=said.append)
     assert any("non-finite loss" in line for line in said)
     masks = RunDirectory(tmp_path / "b").best_masks()
@@ -182,7 +185,7 @@ def reference_run(tiny_run) -> dict:
 
 def test_damaged_latest_checkpoint_falls_back_to_an_older_one(model_dir, reference_run,
                                                               tmp_path):
-    quick = {"specialization": False, "plots": False}
+    quick = {"specialization": False, "plots": False, "controls.enabled": False}
     work = tmp_path / "run"
     train_and_evaluate(_config(model_dir, stop_after=5, **quick), work, **QUIET)
     steps = _checkpoint_steps(work)
@@ -201,7 +204,7 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_changes_nothing(
         model_dir, reference_run, tmp_path):
     """No silent restart: a fresh start would push the old checkpoints out. Starting over is
     the explicit config.on_unreadable_checkpoints="start_over"."""
-    quick = {"specialization": False, "plots": False}
+    quick = {"specialization": False, "plots": False, "controls.enabled": False}
     work = tmp_path / "run"
     train_and_evaluate(_config(model_dir, stop_after=5, **quick), work, **QUIET)
     steps = _checkpoint_steps(work)

@@ -293,7 +293,8 @@ def test_a_sigterm_stops_the_sweep_command_with_status_75_after_saving(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "lamp_jax.sweep", "--grid", "optim.learning_rate=0.5,1.0",
          "--seeds", "1", f"--workdir={tmp_path / 'sweep'}", "--config.epochs=20",
-         "--config.plots=False", "--config.specialization=False"],
+         "--config.plots=False", "--config.specialization=False",
+         "--config.controls.enabled=False"],
         cwd=repo, stdout=log.open("w"), stderr=subprocess.STDOUT)
     records = tmp_path / "sweep" / "runs" / "optim.learning_rate=0.5,seed=0" / "metrics.jsonl"
     deadline = time.time() + 180

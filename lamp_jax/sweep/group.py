@@ -45,7 +45,6 @@ from lamp_jax.hosts import (
     write_text,
 )
 from lamp_jax.loop import (
-    PhaseClock,
     check_finite,
     checkpoint_fields,
     evaluation_record,
@@ -55,6 +54,7 @@ from lamp_jax.loop import (
 from lamp_jax.masks import pruned_fraction
 from lamp_jax.optim import make_optimizer
 from lamp_jax.paths import absolute
+from lamp_jax.phase_clock import PhaseClock
 from lamp_jax.ranking import DEFAULT_KS, RankingResult, sum_rank_stats
 from lamp_jax.results import final_report
 from lamp_jax.run_dir import RunDirectory, config_change_refused, manifest
