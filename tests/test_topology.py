@@ -47,6 +47,7 @@ TRAIN_ARGS = [f"--config.epochs={EPOCHS}", "--config.plots=False",
               f"--config.data.relations={','.join(RELATIONS)}"]
 TOPOLOGIES = ("1 device", "2 devices", "8 devices", "2 processes")
 SLOTS = {"1 device": 6, "2 devices": 6, "8 devices": 8, "2 processes": 6}
+REPORTERS = ("1 device", "2 processes")  # the openers that also write a report
 
 pytestmark = pytest.mark.slow
 
@@ -143,9 +144,11 @@ def reference(runs) -> Path:
 @pytest.fixture(scope="module")
 def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
     """Every interrupted run opened on every topology (tests/topology_probe.py), each opener
-    on its own copies; each opener writes the report of one run, trained on the next
-    topology. Two openers at a time: one alone leaves a core idle while it compiles, and all
-    four at once compile everything four times before the cache has any of it."""
+    on its own copies. The openers of :data:`REPORTERS` also write the report of one run,
+    trained on the next topology (a report took 20-40 s on 2 busy cores: two of them say
+    that reports agree across topologies, one of them on 2 processes). Two openers at a time:
+    one alone leaves a core idle while it compiles, and all four at once compile everything four
+    times before the cache has any of it."""
     results, running = {}, []
     for i, opener in enumerate(TOPOLOGIES):
         base = tmp_path_factory.mktemp("opened_on_" + opener.replace(" ", "_"))
@@ -153,7 +156,7 @@ def opened(runs, tmp_path_factory) -> dict[str, tuple[dict, dict[str, Path]]]:
         for trained, copy in copies.items():
             shutil.copytree(runs[trained], copy)
         out = base / "probe.json"
-        reported = TOPOLOGIES[(i + 1) % len(TOPOLOGIES)]
+        reported = TOPOLOGIES[(i + 1) % len(TOPOLOGIES)] if opener in REPORTERS else "-"
         proc = _start(opener, ["tests/topology_probe.py", str(out), reported,
                                *(f"{name}={path}" for name, path in copies.items())])
         running.append((opener, proc, out, copies))
@@ -199,7 +202,7 @@ def test_two_processes_train_what_one_process_trains(reference, tmp_path):
 @pytest.mark.parametrize("opener", TOPOLOGIES)
 def test_a_run_opens_and_resumes_on_any_topology(opener, opened, reference):
     """One cell per (trained on, opened on): load_run + predict, evaluate, resume; one
-    report per opener."""
+    report per opener of REPORTERS."""
     probe, copies = opened[opener]
     want_devices = {"1 device": 1, "2 devices": 2, "8 devices": 8, "2 processes": 2}[opener]
     assert (probe["devices"], probe["processes"]) == (want_devices,
@@ -217,7 +220,7 @@ def test_a_run_opens_and_resumes_on_any_topology(opener, opened, reference):
         _assert_same_masks(reference, copies[trained])
         assert _test_metrics(copies[trained]) == _test_metrics(reference)
         assert resume["test"] == _test_metrics(reference)
-    assert sum("report" in cell for cell in probe["runs"].values()) == 1
+    assert sum("report" in cell for cell in probe["runs"].values()) == (opener in REPORTERS)
 
 
 def test_every_cell_sees_the_same_subnetworks(opened, runs):
@@ -243,7 +246,7 @@ def test_every_cell_sees_the_same_subnetworks(opened, runs):
         np.testing.assert_allclose(got["sparsity"], predictions["sparsity"], err_msg=where)
         assert cell["evaluate"]["value"] == evaluation, where
     reports = [cell["report"]["value"] for _, _, cell in cells if "report" in cell]
-    assert len(reports) == 4
+    assert len(reports) == len(REPORTERS)
     for report in reports[1:]:
         np.testing.assert_allclose(report["specialization"]["matrix"],
                                    reports[0]["specialization"]["matrix"])
