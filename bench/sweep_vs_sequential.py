@@ -56,8 +56,11 @@ def main() -> None:
         swept = json.loads((workdir / "sweep" / row["run_dir"] / "metrics.json").read_text())
         same = ((alone / "masks.npz").read_bytes()
                 == (workdir / "sweep" / row["run_dir"] / "masks.npz").read_bytes()
-                and all(swept[k] == summary[k] for k in ("test", "dev", "sparsity",
-                                                          "best_dev_macro_P1", "controls")
+                # Through JSON, as both are written: NaN (a mask that prunes nothing has no
+                # overlap) then equals NaN.
+                and all(json.dumps(swept[k], sort_keys=True) == json.dumps(summary[k],
+                                                                           sort_keys=True)
+                        for k in ("test", "dev", "sparsity", "best_dev_macro_P1", "controls")
                         if k in swept))
         identical += same
     sequential_s = time.perf_counter() - start

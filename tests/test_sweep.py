@@ -175,6 +175,10 @@ def test_a_sweep_equals_the_same_runs_made_one_by_one_with_train_py(swept):
                 for d in (workdir / "runs" / name, alone))
         for key in ("test", "dev", "sparsity", "best_dev_macro_P1", "relations"):
             assert a[key] == b[key], (name, key)
+        # The controls too: each run's seed draws its random masks and bootstrap resamples
+        # (NaN, where a mask prunes nothing, equals NaN here).
+        assert json.dumps(a["controls"], sort_keys=True) == json.dumps(b["controls"],
+                                                                       sort_keys=True), name
         assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
     saved = json.loads((workdir / "sweep.json").read_text())
     assert len(saved["table"]) == 2 and saved["table"][0]["seeds"] == [0, 1]

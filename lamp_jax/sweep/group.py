@@ -285,7 +285,10 @@ def write_reports(group: Group, setup: TrainSetup, history: Sequence[list[dict[s
     summaries = []
     for v, directory in enumerate(group.directories):
         best_masks = directory.best_masks(setup.mask_layout)
-        report = final_report(setup, best_masks, "test", full=full)
+        # The run's own configuration: its seed draws its random control masks and bootstrap
+        # resamples, as train.py's does (the group's setup carries the first run's).
+        run_setup = dataclasses.replace(setup, config=group.configs[v])
+        report = final_report(run_setup, best_masks, "test", full=full)
         directory.write_masks(best_masks, setup.spec, setup.relations, setup.mode.threshold)
         if report.prompt_ranks is not None:
             directory.write_prompt_ranks(report.prompt_ranks, "test")

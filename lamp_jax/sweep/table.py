@@ -102,9 +102,10 @@ def seed_evidence(records: Sequence[dict[str, Any]], workdir: Any, resamples: in
             as_logits = [jax.tree.map(lambda m: 2.0 * m - 1.0, tree) for tree, _, _ in masks]
             _, overlap = overlap_across_seeds(as_logits, masks[0][1], 0.5)
             total = overlap["total"]
-            found["seed_overlap"] = {"jaccard": float(np.nanmean(total.jaccard)),
-                                     "chance": float(np.nanmean(total.expected)),
-                                     "ratio": float(np.nanmean(total.ratio))}
+            # Masks that prune nothing have no overlap to compare: NaN, said in the table.
+            found["seed_overlap"] = {key: _mean_of_defined(getattr(total, field)) for key, field
+                                     in (("jaccard", "jaccard"), ("chance", "expected"),
+                                         ("ratio", "ratio"))}
         out[label] = found
     return out
 
@@ -166,3 +167,8 @@ def plot(rows: Sequence[dict[str, Any]], full: float, path) -> None:
     save_figure(fig, path)
 
 
+def _mean_of_defined(values: np.ndarray) -> float:
+    """The mean of the values that are not NaN; NaN (without numpy's warning) if none is."""
+    values = np.asarray(values, np.float64)
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
